@@ -1,0 +1,120 @@
+"""Configuration: a small tree of frozen dataclasses, validated on construction.
+
+Each field's ``help`` metadata is its one-line documentation and the CLI's help text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from shardserve.planner.memory import parse_bytes
+from shardserve.planner.specs import TransformerSpec, canonical_dtype
+
+_CONVERT_HINT = (
+    "shardserve loads safetensors only (a pickle file can run code when loaded). Convert it once "
+    "where you trust the file, e.g. `AutoModelForCausalLM.from_pretrained(dir)"
+    ".save_pretrained(dir, safe_serialization=True)`"
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = field(metadata={"help": "model folder in Hugging Face layout (config.json, "
+                                        "*.safetensors, optional tokenizer.json)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights and compute dtype: auto (the checkpoint's), float32, bfloat16, float16"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest sequence (prompt + output) served; default: the model's context"})
+
+    def __post_init__(self) -> None:
+        folder = Path(self.path)
+        if not folder.is_dir():
+            raise ValueError(f"model folder {self.path!r} does not exist")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model folder {self.path!r} has no config.json; a model folder "
+                             "holds config.json and *.safetensors in Hugging Face layout")
+        if not self.weight_files:
+            if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+                raise ValueError(f"model folder {self.path!r} holds only pickle weights "
+                                 f"(*.bin / *.pt). {_CONVERT_HINT}")
+            raise ValueError(f"model folder {self.path!r} has no *.safetensors weights")
+        if self.dtype != "auto":
+            canonical_dtype(self.dtype)
+        if self.max_model_len is not None and not (
+                0 < self.max_model_len <= self.spec.max_position):
+            raise ValueError(f"max_model_len={self.max_model_len} must be in "
+                             f"1..{self.spec.max_position} (the model's max_position_embeddings)")
+
+    @cached_property
+    def hf_config(self) -> dict[str, Any]:
+        try:
+            with open(Path(self.path) / "config.json") as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}/config.json is not valid JSON: {e}") from None
+
+    @cached_property
+    def spec(self) -> TransformerSpec:
+        if not self.hf_config.get("architectures"):
+            raise ValueError(f"{self.path}/config.json has no 'architectures' list")
+        return TransformerSpec.from_hf(self.hf_config)
+
+    @cached_property
+    def weight_files(self) -> list[str]:
+        return sorted(str(p) for p in Path(self.path).glob("*.safetensors"))
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return self.spec.dtype if self.dtype == "auto" else canonical_dtype(self.dtype)
+
+    @property
+    def context_len(self) -> int:
+        return self.max_model_len or self.spec.max_position
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        p = Path(self.path) / "tokenizer.json"
+        return str(p) if p.is_file() else None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "devices one model is split across (tensor parallel)"})
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+
+    def check_model(self, spec: TransformerSpec) -> None:
+        """Refuse a tp the model's heads cannot be split by, naming the sizes that work."""
+        tp = self.tensor_parallel_size
+        if not spec.tp_ok(tp):
+            ok = [t for t in range(1, spec.num_heads + 1) if spec.tp_ok(t)]
+            raise ValueError(
+                f"tensor_parallel_size={tp} does not divide the model's {spec.num_heads} "
+                f"attention heads ({spec.num_kv_heads} KV heads, intermediate size "
+                f"{spec.intermediate_size}); valid sizes: {ok}")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    devices: str = field(default="cpu:1", metadata={
+        "help": "devices to use: cpu:N (N worker processes sharing the cores) or cuda "
+                "(every visible GPU)"})
+    device_memory: str | None = field(default=None, metadata={
+        "help": "memory budget per device, e.g. 2GiB; default: host memory / N (cpu) or the "
+                "GPU's memory (cuda)"})
+
+    def __post_init__(self) -> None:
+        if self.device_memory is not None:
+            parse_bytes(self.device_memory)  # raises a ValueError that names the string
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.device_memory is None else parse_bytes(self.device_memory)
+

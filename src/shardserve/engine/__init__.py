@@ -1,0 +1,1 @@
+"""Scheduling: no torch.distributed and no processes here."""

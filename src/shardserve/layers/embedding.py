@@ -1,0 +1,51 @@
+"""Vocabulary-parallel embedding and LM head.
+
+The vocabulary splits into ``ceil(V / tp)`` rows per rank (the last rank's tail is zero
+padding). Embedding: each rank looks up the ids it owns, zeroes the rest, and an all-reduce
+sums the partial rows. LM head: each rank scores its vocabulary slice and an all-gather
+concatenates the slices into full logits on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardserve.planner.memory import shard
+from shardserve.runtime.group import Group
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, group: Group) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        self.per_rank = shard(vocab_size, group.size)
+        self.start = group.rank * self.per_rank
+        self.stop = min(self.start + self.per_rank, vocab_size)  # rows that hold real tokens
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
+        n = max(0, self.stop - self.start)
+        param.data[n:].zero_()
+        if n:
+            param.data[:n].copy_(src.read(0, self.start, self.stop))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, H)
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        owned = (ids >= self.start) & (ids < self.stop)
+        y = F.embedding((ids - self.start) * owned, self.weight)
+        y.mul_(owned.unsqueeze(-1).to(y.dtype))
+        return self.group.all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over the full vocabulary, gathered on every rank. Shares the embedding's
+    partition, so tying the two is sharing one parameter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
+        logits = self.group.all_gather(F.linear(x, self.weight), dim=-1)
+        return logits[..., :self.vocab_size]

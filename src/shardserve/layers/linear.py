@@ -1,0 +1,128 @@
+"""Tensor-parallel linear layers (Megatron-style).
+
+Column-parallel splits the output features: rank r holds rows ``[r*n/tp, (r+1)*n/tp)`` of the
+weight and produces its slice of the output, with no communication. Row-parallel splits the
+input features: each rank multiplies its slice of the input by its columns of the weight and an
+all-reduce sums the partial outputs. A column layer feeding a row layer (QKV -> O, gate/up ->
+down) therefore needs one all-reduce per pair.
+
+Every parameter has ``weight_loader(param, src, shard_id=None)`` where ``src`` is a lazy
+checkpoint tensor (``models.loader.LazyTensor``) read with ``src.read(dim, start, stop)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardserve.planner.memory import local_kv_heads
+from shardserve.runtime.group import Group
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel_size={tp}")
+    return n // tp
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y[..., shard] = x @ W[shard].T``: the output stays split across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, group: Group,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.group = group
+        self.out_local = _divide(out_features, group.size, "output features")
+        self.weight = nn.Parameter(torch.empty(self.out_local, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_local), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
+        start = self.group.rank * self.out_local
+        param.data.copy_(src.read(0, start, start + self.out_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up projections). Shard ``i`` of
+    the checkpoint fills this rank's slice of output block ``i``."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], group: Group,
+                 bias: bool = False) -> None:
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes), group, bias)
+        self.local_sizes = [_divide(n, group.size, "output features") for n in out_sizes]
+
+    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
+        size = self.local_sizes[shard_id]
+        offset = sum(self.local_sizes[:shard_id])
+        start = self.group.rank * size
+        param.data[offset:offset + size].copy_(src.read(0, start, start + size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Query, key and value projections in one matmul, split by heads. With grouped-query
+    attention and tp > KV heads, each KV head is replicated on ``tp / num_kv_heads`` ranks,
+    the ones whose query heads attend to it."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 group: Group, bias: bool = False) -> None:
+        tp = group.size
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp, "attention heads")
+        self.num_kv_heads = local_kv_heads(num_kv_heads, tp)
+        if (tp > num_kv_heads and tp % num_kv_heads) or (tp <= num_kv_heads and num_kv_heads % tp):
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split or replicated evenly "
+                             f"over tensor_parallel_size={tp}")
+        # First KV head of this rank: split when there are enough, else the replica it needs.
+        r = group.rank
+        self.kv_start = r * self.num_kv_heads if tp <= num_kv_heads else r // (tp // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden, out, group, bias)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
+        hd = self.head_dim
+        if shard_id == "q":
+            dst, start = 0, self.group.rank * self.q_size
+            size = self.q_size
+        else:
+            dst = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            start, size = self.kv_start * hd, self.kv_size
+        param.data[dst:dst + size].copy_(src.read(0, start, start + size))
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x[..., shard] @ W[:, shard].T) + b``: input split, output whole."""
+
+    def __init__(self, in_features: int, out_features: int, group: Group,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.group = group
+        self.in_local = _divide(in_features, group.size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:  # whole on every rank, added once after the reduction
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+
+    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
+        start = self.group.rank * self.in_local
+        param.data.copy_(src.read(1, start, start + self.in_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.group.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,124 @@
+"""The Llama family: Llama (1-3.x), Mistral and Qwen2 share one decoder.
+
+Differences are data in ``TransformerSpec``: Qwen2's QKV bias, Mistral's sliding window,
+Llama-3's RoPE scaling, tied embeddings, grouped-query attention. No rank arithmetic here:
+the parallel layers own their sharding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardserve.layers.attention import Attention, AttentionMetadata
+from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardserve.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from shardserve.layers.norm import RMSNorm
+from shardserve.layers.rotary import RotaryEmbedding
+from shardserve.planner.specs import TransformerSpec
+from shardserve.runtime.group import Group
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: TransformerSpec, layer: int, rotary: RotaryEmbedding,
+                 group: Group) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads,
+                                          spec.num_kv_heads, group, bias=spec.qkv_bias)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, group)
+        self.rotary = rotary
+        qkv = self.qkv_proj
+        self.attn = Attention(qkv.num_heads, qkv.num_kv_heads, spec.head_dim,
+                              spec.sliding_windows[layer])
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj
+        q, k, v = qkv(x).split([qkv.q_size, qkv.kv_size, qkv.kv_size], dim=-1)
+        n, hd = x.shape[0], qkv.head_dim
+        q, k = self.rotary(positions, q.view(n, -1, hd), k.view(n, -1, hd))
+        return self.o_proj(self.attn(q, k, v.view(n, -1, hd), meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: TransformerSpec, group: Group) -> None:
+        super().__init__()
+        i = spec.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [i, i], group)
+        self.down_proj = RowParallelLinear(i, spec.hidden_size, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: TransformerSpec, layer: int, rotary: RotaryEmbedding,
+                 group: Group) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(spec, layer, rotary, group)
+        self.mlp = LlamaMLP(spec, group)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: TransformerSpec, max_len: int, group: Group) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, group)
+        rotary = RotaryEmbedding(spec.head_dim, max_len, spec.rope)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(spec, i, rotary, group) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """ids, positions: (N,) -> hidden states (N, H)."""
+        x, residual = self.embed_tokens(ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name part -> (our merged parameter, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    ignored_weights = ("rotary_emb.inv_freq",)
+
+    def __init__(self, spec: TransformerSpec, max_len: int, group: Group) -> None:
+        super().__init__()
+        self.model = LlamaModel(spec, max_len, group)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, group)
+        self.tied_weights: dict[str, str] = {}
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (B, V) on every rank."""
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

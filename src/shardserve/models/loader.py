@@ -1,0 +1,116 @@
+"""One loader for every family: walk the checkpoint's tensors, map each name to a parameter,
+and let the parameter's ``weight_loader`` read its slice.
+
+Reads go through ``safe_open(...).get_slice(name)[...]``, which reads only the requested rows
+or columns from the file, so a rank never materialises a full tensor it does not own.
+``LoadStats`` counts the bytes read, which a test compares with the bytes the rank holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+@dataclass
+class LoadStats:
+    bytes_read: int = 0  # checkpoint bytes read from disk (in the file's dtype)
+    largest_read: int = 0  # largest single read, in bytes
+    tensors: int = 0
+
+
+@dataclass
+class LazyTensor:
+    """A checkpoint tensor not yet read; ``read`` fetches a slice along one dim, cast to dtype."""
+
+    name: str
+    slice_: object
+    dtype: torch.dtype
+    stats: LoadStats = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.slice_.get_shape())
+
+    def read(self, dim: int | None = None, start: int = 0, stop: int | None = None
+             ) -> torch.Tensor:
+        if dim is None:
+            t = self.slice_[:]
+        elif dim == 0:
+            t = self.slice_[start:stop]
+        elif dim == 1:
+            t = self.slice_[:, start:stop]
+        else:
+            raise ValueError(f"slicing dim {dim} of {self.name} is not supported")
+        nbytes = t.numel() * t.element_size()
+        self.stats.bytes_read += nbytes
+        self.stats.largest_read = max(self.stats.largest_read, nbytes)
+        return t.to(self.dtype)
+
+
+def _default_loader(param: nn.Parameter, src: LazyTensor, shard_id=None) -> None:
+    if tuple(param.shape) != src.shape:
+        raise ValueError(f"{src.name}: checkpoint shape {src.shape} != model shape "
+                         f"{tuple(param.shape)}")
+    param.data.copy_(src.read())
+
+
+def checkpoint_files(folder: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index when there is one."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: str(Path(folder) / f) for name, f in weight_map.items()}
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: str(path) for name in f})
+    return out
+
+
+def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats:
+    """Fill every parameter of ``model`` from the checkpoint in ``folder``; raise on a missing
+    or unexpected tensor."""
+    stats = LoadStats()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {})
+    ignored = getattr(model, "ignored_weights", ())
+    loaded: set[str] = set()
+    by_file: dict[str, list[str]] = {}
+    for name, path in checkpoint_files(folder).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                if any(s in name for s in ignored):
+                    continue
+                target, shard_id = _map_name(name, packed)
+                if target not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} ({Path(path).name}) matches no "
+                                     f"parameter of {type(model).__name__}")
+                param = params[target]
+                loader = getattr(param, "weight_loader", _default_loader)
+                loader(param, LazyTensor(name, f.get_slice(name), dtype, stats), shard_id)
+                stats.tensors += 1
+                loaded.add(target)
+    missing = [n for n in params if n not in loaded and not _is_tied(model, n, loaded)]
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:5])}")
+    return stats
+
+
+def _map_name(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    for part, (merged, shard_id) in packed.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{merged}."), shard_id
+    return name, None
+
+
+def _is_tied(model: nn.Module, name: str, loaded: set[str]) -> bool:
+    tied = getattr(model, "tied_weights", {})
+    return name in tied and tied[name] in loaded

@@ -1,0 +1,90 @@
+"""Memory arithmetic: byte strings, and the bytes a model's shard needs on each device.
+
+The counts mirror exactly what ``shardserve.layers`` allocates (a test checks the two agree):
+column-parallel outputs and vocab rows split ``ceil(n / tp)`` ways, KV heads replicated when
+tp exceeds their number, norms replicated.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shardserve.planner.specs import DTYPE_BYTES, TransformerSpec
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"2GiB"`` -> 2147483648; ``"500MB"`` -> 500000000; a bare number is bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. '2GiB', '512MiB' or '3GB'")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return value
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size: 3.1 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def shard(n: int, tp: int) -> int:
+    """Rows one rank holds when ``n`` rows split ``tp`` ways (the last rank may hold padding)."""
+    return -(-n // tp)
+
+
+def local_kv_heads(num_kv_heads: int, tp: int) -> int:
+    """KV heads per rank: split when there are enough, else each rank keeps one replica."""
+    return max(1, num_kv_heads // tp)
+
+
+def weight_params_per_device(spec: TransformerSpec, tp: int) -> int:
+    """Parameter count one tensor-parallel rank holds."""
+    h, hd = spec.hidden_size, spec.head_dim
+    q = spec.num_heads // tp * hd
+    kv = local_kv_heads(spec.num_kv_heads, tp) * hd
+    attn = (q + 2 * kv) * h + h * q + (q + 2 * kv if spec.qkv_bias else 0)
+    mlp = 3 * shard(spec.intermediate_size, tp) * h
+    norms = 2 * h
+    vocab = shard(spec.vocab_size, tp) * h
+    lm_head = 0 if spec.tie_word_embeddings else vocab
+    return spec.num_layers * (attn + mlp + norms) + vocab + lm_head + h
+
+
+def weight_bytes_per_device(spec: TransformerSpec, tp: int, dtype: str) -> int:
+    return weight_params_per_device(spec, tp) * DTYPE_BYTES[dtype]
+
+
+def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str) -> int:
+    """KV-cache bytes one token costs on one rank, over all layers."""
+    kv = local_kv_heads(spec.num_kv_heads, tp) * spec.head_dim
+    return 2 * spec.num_layers * kv * DTYPE_BYTES[dtype]
+
+
+def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: int) -> int:
+    """Weight bytes per device at ``tp``; ``ValueError`` naming the need and a fix if too big."""
+    need = weight_bytes_per_device(spec, tp, dtype)
+    if need <= budget:
+        return need
+    fits = [t for t in range(tp + 1, spec.num_heads + 1)
+            if spec.tp_ok(t) and weight_bytes_per_device(spec, t, dtype) <= budget]
+    hint = "no tensor-parallel size makes it fit"
+    if fits:
+        per = format_bytes(weight_bytes_per_device(spec, fits[0], dtype))
+        hint = f"use tp>={fits[0]} (needs {per} per device)"
+    if fits and fits[0] > max_tp:
+        hint += f" with at least {fits[0]} devices (you have {max_tp})"
+    raise ValueError(
+        f"model needs {format_bytes(need)} ({need} bytes) of {dtype} weights per device at "
+        f"tp={tp}; the device budget is {format_bytes(budget)} ({budget} bytes); {hint}, "
+        "or raise --device-memory")

@@ -1,0 +1,132 @@
+"""Specs the planner reasons about, read from a Hugging Face ``config.json`` alone (no weights).
+
+The model files build their modules from the same spec, so the planner's byte counts and the
+bytes a worker actually allocates come from one description of the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "half": "float16"}
+
+
+def canonical_dtype(name: str) -> str:
+    """``"bf16"`` -> ``"bfloat16"``; raises ``ValueError`` for dtypes we do not serve."""
+    name = _DTYPE_ALIASES.get(name, name).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding parameters, normalised from either transformers v4 or v5 keys."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any]) -> RopeSpec:
+        params = dict(hf.get("rope_parameters") or {})  # transformers v5
+        scaling = hf.get("rope_scaling") or {}  # transformers v4
+        params.update({k: v for k, v in scaling.items() if v is not None})
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; "
+                             "supported: 'default', 'llama3'")
+        if rope_type == "default":
+            return RopeSpec(theta=float(theta))
+        return RopeSpec(
+            theta=float(theta), rope_type=rope_type, factor=float(params["factor"]),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """A decoder-only transformer of the Llama family, as far as sizes and shapes go."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position: int
+    rms_norm_eps: float
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    sliding_windows: tuple[int | None, ...]  # one per layer; None = full attention
+    dtype: str  # the checkpoint's dtype
+    eos_token_ids: tuple[int, ...]
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any]) -> TransformerSpec:
+        try:
+            arch = hf["architectures"][0]
+            heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            layers = int(hf["num_hidden_layers"])
+            spec = TransformerSpec(
+                architecture=arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                intermediate_size=int(hf["intermediate_size"]),
+                max_position=int(hf.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope=RopeSpec.from_hf(hf),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+                sliding_windows=_sliding_windows(hf, arch, layers),
+                dtype=canonical_dtype(str(hf.get("torch_dtype") or hf.get("dtype") or "float32")),
+                eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({heads}) is not a multiple of "
+                             f"num_key_value_heads ({spec.num_kv_heads})")
+        return spec
+
+    def tp_ok(self, tp: int) -> bool:
+        """Whether heads and MLP split evenly over ``tp`` ranks (KV heads may replicate)."""
+        kv = self.num_kv_heads
+        kv_ok = kv % tp == 0 if tp <= kv else tp % kv == 0
+        return self.num_heads % tp == 0 and kv_ok and self.intermediate_size % tp == 0
+
+
+def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def _sliding_windows(hf: dict[str, Any], arch: str, layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    if arch == "Qwen2ForCausalLM":
+        # Qwen2 slides only when asked, and only from max_window_layers on (as transformers does).
+        if not hf.get("use_sliding_window", False) or window is None:
+            return (None,) * layers
+        first = int(hf.get("max_window_layers", layers))
+        return tuple(int(window) if i >= first else None for i in range(layers))
+    if arch == "LlamaForCausalLM":
+        return (None,) * layers
+    return (int(window) if window else None,) * layers

@@ -1,0 +1,1 @@
+"""Every side effect: processes, ranks, collectives."""

@@ -1,0 +1,69 @@
+"""Device slots: ``cpu:N`` (worker processes with a share of the cores each) or ``cuda``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from shardserve.planner.memory import parse_bytes
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator slot that one worker process drives."""
+
+    kind: str  # "cpu" or "cuda"
+    index: int
+    cores: tuple[int, ...]  # CPU cores the worker is pinned to
+    memory_budget: int  # bytes for weights + KV cache + activations
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.index}"
+
+    @property
+    def torch_device(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+def parse_devices(text: str, device_memory: str | int | None = None) -> list[Device]:
+    """``"cpu:4"`` -> four CPU devices splitting this process's cores; ``"cuda"`` -> every GPU."""
+    kind, _, count = text.partition(":")
+    if kind == "cpu":
+        try:
+            n = int(count or 1)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--devices {text!r}: write cpu:N with N >= 1, e.g. cpu:2")
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = parse_bytes(device_memory) if device_memory is not None else host // n
+        return [Device("cpu", i, c, budget) for i, c in enumerate(split_cores(n))]
+    if kind == "cuda":
+        return _cuda_devices(count, device_memory)
+    raise ValueError(f"--devices {text!r}: expected cpu:N or cuda")
+
+
+def split_cores(n: int) -> list[tuple[int, ...]]:
+    """Share this process's cores among ``n`` workers: disjoint when there are enough, else
+    round-robin (4 workers on 2 cores share them two by two)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if n <= len(cores):
+        per = len(cores) // n
+        return [tuple(cores[i * per:(i + 1) * per]) for i in range(n)]
+    return [(cores[i % len(cores)],) for i in range(n)]
+
+
+def _cuda_devices(count: str, device_memory: str | int | None) -> list[Device]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--devices cuda: no CUDA device is visible; use cpu:N")
+    n = torch.cuda.device_count() if not count else int(count)
+    cores = split_cores(n)
+    out = []
+    for i in range(n):
+        total = torch.cuda.get_device_properties(i).total_memory
+        budget = parse_bytes(device_memory) if device_memory is not None else total
+        out.append(Device("cuda", i, cores[i], min(budget, total)))
+    return out

@@ -1,0 +1,126 @@
+"""A worker process: one device, one rank of one deployment's group.
+
+Started by the executor as ``python -m shardserve.runtime.worker FD_IN FD_OUT``; it reads a
+``WorkerInit`` from its pipe, pins itself to its cores, joins the group over loopback, loads
+its shard, and then serves steps and control calls until told to stop or its parent goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+from shardserve.runtime.messages import Call, Error, Reply, Shutdown, StepInput, WorkerInit
+from shardserve.runtime.messages import decode as _decode
+from shardserve.runtime.messages import encode as _encode
+
+# The only methods a Call may name.
+_CALLS = ("allocate_cache", "free_cache", "stats", "prompt_logits")
+
+
+def _die_with_parent() -> None:
+    """Exit when the parent does: the kernel's parent-death signal, and a watchdog thread for
+    the case where the parent thread that spawned us is not the one that dies last."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError):  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _setup_device(init: WorkerInit):
+    import torch
+
+    os.sched_setaffinity(0, init.cores)
+    torch.set_num_threads(len(init.cores))
+    if init.device_kind == "cuda":
+        torch.cuda.set_device(init.device_index)
+        return torch.device("cuda", init.device_index)
+    return torch.device("cpu")
+
+
+def _join_group(init: WorkerInit):
+    import torch.distributed as dist
+
+    from shardserve.runtime.group import TorchGroup
+
+    if init.world_size > 1:
+        store = dist.TCPStore("127.0.0.1", init.store_port, is_master=False,
+                              timeout=timedelta(seconds=60))
+        backend = "nccl" if init.device_kind == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=init.rank,
+                                world_size=init.world_size, timeout=timedelta(minutes=5))
+        return TorchGroup(dist.group.WORLD, init.rank, init.world_size)
+    return TorchGroup(None, 0, 1)
+
+
+def serve(conn_in: Connection, conn_out: Connection) -> None:
+    init: WorkerInit = _decode(conn_in.recv_bytes())
+    try:
+        from shardserve.config import ModelConfig
+        from shardserve.runtime.model_runner import ModelRunner
+
+        device = _setup_device(init)
+        group = _join_group(init)
+        config = ModelConfig(init.model_path, init.dtype, init.max_model_len)
+        runner = ModelRunner(config, group, device, init.memory_budget)
+    except Exception as e:  # report why we could not start, then exit
+        conn_out.send_bytes(_encode(Error(_describe(e))))
+        return
+    conn_out.send_bytes(_encode(Reply(runner.stats())))
+    while True:
+        try:
+            msg = _decode(conn_in.recv_bytes())
+        except EOFError:  # the executor is gone
+            return
+        if isinstance(msg, Shutdown):
+            return
+        try:
+            if isinstance(msg, StepInput):
+                out = runner.step(msg)
+                if out is not None:
+                    conn_out.send_bytes(_encode(out))
+            elif isinstance(msg, Call) and msg.method in _CALLS:
+                conn_out.send_bytes(_encode(Reply(getattr(runner, msg.method)(**msg.kwargs))))
+            else:
+                conn_out.send_bytes(_encode(Error(f"unknown message {type(msg).__name__}")))
+        except Exception as e:
+            conn_out.send_bytes(_encode(Error(_describe(e))))
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ValueError | MemoryError):
+        return f"{type(e).__name__}: {e}"
+    return "".join(traceback.format_exception(e))
+
+
+def main() -> None:
+    _die_with_parent()
+    fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
+    conn_in = Connection(fd_in, writable=False)
+    conn_out = Connection(fd_out, readable=False)
+    try:
+        serve(conn_in, conn_out)
+    finally:
+        conn_out.close()
+        os._exit(0)  # skip interpreter teardown: gloo threads may still hold the group
+
+
+if __name__ == "__main__":
+    main()

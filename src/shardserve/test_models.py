@@ -1,0 +1,154 @@
+"""Deterministic random-weight checkpoints of real architectures, in Hugging Face layout.
+
+No model can be downloaded at run time, so tests and benchmarks write their own: the real
+architectures' ``config.json`` at small sizes, weights drawn from a seeded generator under the
+names transformers uses, and a small byte-level BPE ``tokenizer.json`` trained by the
+``tokenizers`` library on ``data/corpus.txt``. ``shardserve make-test-model`` calls ``write``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# Shapes of the sizes we name. Head counts keep tp = 1, 2 and 4 valid.
+SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=1001,
+                 max_position_embeddings=1024),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, intermediate_size=704, vocab_size=2003,
+                  max_position_embeddings=2048),
+    "llama-110m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, intermediate_size=2048, vocab_size=32000,
+                       max_position_embeddings=2048),
+    "tinyllama": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+                      max_position_embeddings=2048),
+}
+
+# What distinguishes each family, as its config.json says it.
+ARCHS = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                    high_freq_factor=4.0, original_max_position_embeddings=256),
+                  tie_word_embeddings=False, rms_norm_eps=1e-5, attention_bias=False),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral",
+                    rope_theta=10000.0, sliding_window=32, tie_word_embeddings=False,
+                    rms_norm_eps=1e-5),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
+                  tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False),
+}
+
+BOS, EOS = "<s>", "</s>"
+
+
+def hf_config(arch: str, size: str, dtype: str = "float32") -> dict:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    cfg = {**ARCHS[arch], **SIZES[size], "hidden_act": "silu", "torch_dtype": dtype,
+           "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}
+    if size in ("llama-110m", "tinyllama"):  # the shapes benchmarks use, without extras
+        cfg.pop("rope_scaling", None)
+        cfg["sliding_window"] = None
+        cfg["tie_word_embeddings"] = False
+    return cfg
+
+
+def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes exactly as transformers saves this architecture."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // nh
+    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        for name, out in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+            shapes[p + f"self_attn.{name}.weight"] = (out, h)
+            if bias:
+                shapes[p + f"self_attn.{name}.bias"] = (out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, nh * hd)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (i, h)
+        shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0,
+          dtype: str = "float32", max_shard_bytes: int | None = None,
+          tokenizer: bool = True) -> Path:
+    """Write a checkpoint folder; split into several files with an index past
+    ``max_shard_bytes``. Same arguments, same bytes."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config(arch, size, dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2}, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+    std = cfg["initializer_range"]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size_now = 0
+    for name, shape in weight_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            t = std * torch.randn(shape, generator=gen)
+        t = t.to(getattr(torch, dtype))
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size_now + nbytes > max_shard_bytes:
+            shards.append({})
+            size_now = 0
+        shards[-1][name] = t
+        size_now += nbytes
+    _save_shards(out, shards)
+    if tokenizer:
+        write_tokenizer(out, cfg["vocab_size"])
+    return out
+
+
+def _save_shards(out: Path, shards: list[dict[str, torch.Tensor]]) -> None:
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on the shipped corpus; ``<s>`` is prepended on encode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 4096), special_tokens=["<unk>", BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = Path(__file__).parent / "data" / "corpus.txt"
+    tok.train([str(corpus)], trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": "<unk>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
