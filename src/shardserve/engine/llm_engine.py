@@ -35,9 +35,9 @@ class LLMEngine:
         if tp > len(devices):
             raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; --devices "
                              f"{device.devices!r} has {len(devices)}")
-        devices = devices[:tp]
         self.weight_bytes = check_fits(spec, tp, model.torch_dtype_name,
                                        devices[0].memory_budget, len(devices))
+        devices = devices[:tp]
         self.config, self.max_len = model, model.context_len
         self.num_slots = self._cache_slots(model, tp, devices[0].memory_budget, max_num_seqs)
         self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_len)

@@ -69,7 +69,7 @@ def checkpoint_files(folder: str) -> dict[str, str]:
     out = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            out.update({name: str(path) for name in f})
+            out.update({name: str(path) for name in f.keys()})  # noqa: SIM118
     return out
 
 

@@ -78,13 +78,12 @@ def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: 
         return need
     fits = [t for t in range(tp + 1, spec.num_heads + 1)
             if spec.tp_ok(t) and weight_bytes_per_device(spec, t, dtype) <= budget]
-    hint = "no tensor-parallel size makes it fit"
+    hint = "no tensor-parallel size makes it fit; raise --device-memory"
     if fits:
         per = format_bytes(weight_bytes_per_device(spec, fits[0], dtype))
-        hint = f"use tp>={fits[0]} (needs {per} per device)"
+        hint = f"use tp>={fits[0]} (needs {per} per device) or raise --device-memory"
     if fits and fits[0] > max_tp:
-        hint += f" with at least {fits[0]} devices (you have {max_tp})"
+        hint += f"; tp={fits[0]} needs {fits[0]} devices (you have {max_tp})"
     raise ValueError(
         f"model needs {format_bytes(need)} ({need} bytes) of {dtype} weights per device at "
-        f"tp={tp}; the device budget is {format_bytes(budget)} ({budget} bytes); {hint}, "
-        "or raise --device-memory")
+        f"tp={tp}; the device budget is {format_bytes(budget)} ({budget} bytes); {hint}")

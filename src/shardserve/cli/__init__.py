@@ -1,0 +1,1 @@
+"""Command line: shardserve generate | plan | make-test-model."""

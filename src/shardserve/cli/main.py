@@ -1,0 +1,132 @@
+"""``shardserve`` command line. Flags for config fields come from the dataclasses' fields and
+their ``help`` metadata, so defaults and docs live in one place (``shardserve.config``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+
+_SHORT = {"tensor_parallel_size": "--tp"}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] + ([_SHORT[f.name]] if f.name in _SHORT else [])
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # "int | None" -> int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        required = f.default is dataclasses.MISSING
+        parser.add_argument(*names, dest=f.name, type=kind, required=required,
+                            default=None if required else f.default, help=f.metadata.get("help"))
+
+
+def _build(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(args, f.name)})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text offline from one or more prompts")
+    g.add_argument("--model", dest="path", required=True, help=ModelConfig.__dataclass_fields__[
+        "path"].metadata["help"])
+    _add_fields(g, ModelConfig, skip=("path",))
+    _add_fields(g, ParallelConfig)
+    _add_fields(g, DeviceConfig)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+
+    pl = sub.add_parser("plan", help="bytes per device for a model at a tp, from config.json")
+    pl.add_argument("--model", dest="path", required=True)
+    _add_fields(pl, ModelConfig, skip=("path", "max_model_len"))
+    _add_fields(pl, ParallelConfig)
+    _add_fields(pl, DeviceConfig)
+
+    m = sub.add_parser("make-test-model", help="write a random-weight checkpoint of a real "
+                                               "architecture (deterministic from --seed)")
+    m.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    m.add_argument("--size", default="tiny",
+                   choices=["tiny", "small", "llama-110m", "tinyllama"])
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--max-shard-size", default=None, help="split into files of this size")
+    m.add_argument("--skip-existing", action="store_true",
+                   help="do nothing if --out already holds a config.json")
+    return p
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from shardserve.llm import LLM
+    from shardserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed, ignore_eos=args.ignore_eos)
+    with LLM(args.path, args.tensor_parallel_size, args.devices, args.device_memory, args.dtype,
+             args.max_model_len) as llm:
+        for out in llm.generate(args.prompt, params):
+            print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
+                              "token_ids": out.outputs[0].token_ids,
+                              "finish_reason": out.outputs[0].finish_reason}))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from shardserve.planner.memory import format_bytes, weight_bytes_per_device
+    from shardserve.runtime.devices import parse_devices
+
+    model = _build(ModelConfig, args)
+    parallel = _build(ParallelConfig, args)
+    parallel.check_model(model.spec)
+    devices = parse_devices(args.devices, args.device_memory)
+    tp, dtype = parallel.tensor_parallel_size, model.torch_dtype_name
+    need = weight_bytes_per_device(model.spec, tp, dtype)
+    budget = devices[0].memory_budget
+    print(json.dumps({"model": model.path, "architecture": model.spec.architecture,
+                      "tp": tp, "dtype": dtype, "weight_bytes_per_device": need,
+                      "weights_per_device": format_bytes(need), "budget_per_device": budget,
+                      "devices": [d.name for d in devices[:tp]], "fits": need <= budget},
+                     indent=2))
+
+
+def _make_test_model(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from shardserve import test_models
+    from shardserve.planner.memory import parse_bytes
+
+    if args.skip_existing and (Path(args.out) / "config.json").is_file():
+        print(f"{args.out} exists; kept")
+        return
+    shard = parse_bytes(args.max_shard_size) if args.max_shard_size else None
+    out = test_models.write(args.out, args.arch, args.size, args.seed, args.dtype, shard)
+    print(f"wrote {args.arch}/{args.size} (random weights, seed {args.seed}) to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"generate": _generate, "plan": _plan, "make-test-model": _make_test_model}[
+            args.command](args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
