@@ -1,0 +1,42 @@
+"""A checkpoint split over several files with an index loads the same as one file, and a
+bfloat16 checkpoint serves too."""
+
+import numpy as np
+import pytest
+
+from shardserve import LLM, SamplingParams, test_models
+from shardserve.planner.memory import weight_bytes_per_device
+
+pytestmark = pytest.mark.slow
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def _run(path, tp):
+    with LLM(str(path), tensor_parallel_size=tp) as llm:
+        out = llm.generate(prompt_token_ids=[[1, 9, 40, 7]], sampling_params=GREEDY)
+        logits = llm.engine.executor.collective_rpc("prompt_logits", token_ids=[1, 9, 40, 7])[0]
+    return out[0].outputs[0].token_ids, logits
+
+
+def test_sharded_index_equals_single_file(tmp_path):
+    one = test_models.write(tmp_path / "one", "qwen2", "tiny", seed=3)
+    many = test_models.write(tmp_path / "many", "qwen2", "tiny", seed=3,
+                             max_shard_bytes=64 * 1024)
+    assert (many / "model.safetensors.index.json").is_file()
+    assert len(list(many.glob("*.safetensors"))) > 2
+    tokens_one, logits_one = _run(one, 2)
+    tokens_many, logits_many = _run(many, 2)
+    assert tokens_one == tokens_many
+    np.testing.assert_array_equal(logits_one, logits_many)
+
+
+def test_bfloat16_checkpoint_serves(tmp_path):
+    path = test_models.write(tmp_path / "bf16", "llama", "tiny", dtype="bfloat16")
+    with LLM(str(path), tensor_parallel_size=2) as llm:
+        assert llm.model_config.torch_dtype_name == "bfloat16"
+        out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=GREEDY)
+        stats = llm.engine.executor.collective_rpc("stats")
+    assert len(out[0].outputs[0].token_ids) == 12
+    spec = llm.model_config.spec
+    assert stats[0]["weight_bytes"] == weight_bytes_per_device(spec, 2, "bfloat16")
+    assert stats[0]["bytes_read"] == stats[0]["weight_bytes"]  # read as stored, in bf16

@@ -1,0 +1,48 @@
+"""The command line as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "shardserve.cli.main", *args],
+                          capture_output=True, text=True, timeout=240, check=check)
+
+
+def test_make_test_model_then_generate_at_tp2(tmp_path):
+    model = tmp_path / "m"
+    _cli("make-test-model", "--arch", "mistral", "--out", str(model), "--seed", "4")
+    out = _cli("generate", "--model", str(model), "--tp", "2", "--devices", "cpu:2",
+               "--prompt", "The quick brown fox", "--prompt", "Hello", "--max-tokens", "6",
+               "--ignore-eos")
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["The quick brown fox", "Hello"]
+    assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" for r in rows)
+    assert all(isinstance(r["text"], str) for r in rows)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        _cli("make-test-model", "--arch", "qwen2", "--out", str(tmp_path / name), "--seed", "7")
+    assert ((tmp_path / "a/model.safetensors").read_bytes()
+            == (tmp_path / "b/model.safetensors").read_bytes())
+    assert ((tmp_path / "a/tokenizer.json").read_bytes()
+            == (tmp_path / "b/tokenizer.json").read_bytes())
+
+
+def test_plan_and_clear_errors(tmp_path):
+    model = tmp_path / "m"
+    _cli("make-test-model", "--arch", "llama", "--out", str(model))
+    plan = json.loads(_cli("plan", "--model", str(model), "--tp", "2", "--devices",
+                           "cpu:2").stdout)
+    assert plan["tp"] == 2 and plan["fits"] and plan["weight_bytes_per_device"] > 0
+    bad = _cli("generate", "--model", str(model), "--device-memory", "lots", "--prompt", "x",
+               check=False)
+    assert bad.returncode == 2 and "cannot read 'lots' as a size" in bad.stderr
+    bad = _cli("generate", "--model", str(tmp_path), "--prompt", "x", check=False)
+    assert bad.returncode == 2 and "has no config.json" in bad.stderr

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from shardserve import test_models
+from shardserve.config import ModelConfig
+from shardserve.models.llama import LlamaForCausalLM
+from shardserve.planner.memory import (
+    check_fits,
+    format_bytes,
+    parse_bytes,
+    weight_bytes_per_device,
+)
+from shardserve.planner.specs import TransformerSpec
+from shardserve.runtime.group import FakeGroup
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("3GB", 3 * 10**9), ("1.5GiB", 3 * 2**29),
+    ("1024", 1024), (" 4 kib ", 4096), (77, 77),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2XB", "GiB", "-1GiB", "", "two gigs", "0"])
+def test_parse_bytes_rejects_with_a_hint(text):
+    with pytest.raises(ValueError, match="write e.g. '2GiB'|must be positive"):
+        parse_bytes(text)
+
+
+def test_format_bytes():
+    assert format_bytes(3 * 2**30 + 2**29) == "3.5 GiB"
+    assert format_bytes(512) == "512 B"
+
+
+@pytest.mark.parametrize("arch", sorted(test_models.ARCHS))
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_planner_bytes_equal_what_every_rank_allocates(arch, size, tp):
+    spec = TransformerSpec.from_hf(test_models.hf_config(arch, size))
+    for group in FakeGroup.make(tp):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(spec, 64, group)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert held == weight_bytes_per_device(spec, tp, "float32")
+
+
+def test_tinyllama_shape_is_about_4_4_gb():
+    spec = TransformerSpec.from_hf(test_models.hf_config("llama", "tinyllama"))
+    assert 4.3e9 < weight_bytes_per_device(spec, 1, "float32") < 4.5e9
+    assert weight_bytes_per_device(spec, 1, "bfloat16") * 2 == weight_bytes_per_device(
+        spec, 1, "float32")
+
+
+def test_refusal_names_need_budget_and_smallest_tp():
+    spec = TransformerSpec.from_hf(test_models.hf_config("llama", "small"))
+    need1 = weight_bytes_per_device(spec, 1, "float32")
+    budget = int(need1 / 2.5)
+    with pytest.raises(ValueError) as e:
+        check_fits(spec, 1, "float32", budget, max_tp=4)
+    msg = str(e.value)
+    assert f"{need1} bytes" in msg and f"{budget} bytes" in msg and "tp>=4" in msg
+    assert check_fits(spec, 4, "float32", budget, max_tp=4) <= budget
+
+
+def test_model_config_reads_sizes_without_weights(tmp_path):
+    test_models.write(tmp_path, "qwen2", "tiny")
+    spec = ModelConfig(str(tmp_path)).spec
+    assert (spec.architecture, spec.num_kv_heads, spec.qkv_bias, spec.tie_word_embeddings) == (
+        "Qwen2ForCausalLM", 2, True, True)
