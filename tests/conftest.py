@@ -10,6 +10,8 @@ import pytest
 
 from shardserve import test_models
 
+SHM_CHECK = Path("/dev/shm").is_dir()
+
 
 def worker_pids() -> list[int]:
     """Live shardserve worker processes that are children of this test process."""
@@ -38,6 +40,8 @@ def no_leftover_workers():
     gc.collect()  # executors dropped without close() are stopped by their finalizers
     left = worker_pids()
     assert not left, f"worker processes left running: {left}"
+    stale = list(Path("/dev/shm").glob(f"shardserve-{os.getpid()}-*")) if SHM_CHECK else []
+    assert not stale, f"shared-memory files left behind: {stale}"
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ and reaps them: no orphans.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from shardserve.config import ModelConfig
+from shardserve.runtime import shm
 from shardserve.runtime.devices import Device
 from shardserve.runtime.messages import (
     Call,
@@ -68,28 +70,34 @@ class _Worker:
 class Executor:
     """The processes of one device group. ``collective_rpc`` is the one control verb."""
 
-    def __init__(self, config: ModelConfig, devices: list[Device]) -> None:
+    def __init__(self, config: ModelConfig, devices: list[Device],
+                 shm_slot_bytes: int = 8 << 20) -> None:
         import torch.distributed as dist
 
         self.config = config
         self.devices = devices
         # The rendezvous store lives in this process, on loopback, on a port the OS picks.
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        shm_path = None
+        if len(devices) > 1 and devices[0].kind == "cpu" and shm.supported():
+            shm_path = shm.create(len(devices), shm_slot_bytes)
         self.workers = [_Worker(rank, d) for rank, d in enumerate(devices)]
-        self._finalizer = weakref.finalize(self, _stop, list(self.workers))
+        self._finalizer = weakref.finalize(self, _stop, list(self.workers), shm_path)
         for w in self.workers:
             w.send(WorkerInit(
                 rank=w.rank, world_size=len(devices), store_port=self._store.port,
                 device_kind=w.device.kind, device_index=w.device.index,
                 cores=list(w.device.cores), memory_budget=w.device.memory_budget,
                 model_path=config.path, dtype=config.torch_dtype_name,
-                max_model_len=config.context_len))
+                max_model_len=config.context_len, shm_path=shm_path,
+                shm_slot_bytes=shm_slot_bytes))
         try:
             self.load_stats = [r.value for r in self._gather_all()]
         except BaseException:
-            _stop(self.workers, graceful=False)  # the others may be stuck joining the group
             self._finalizer.detach()
+            _stop(self.workers, shm_path, graceful=False)  # others may be stuck joining
             raise
+        _unlink(shm_path)  # every rank has it mapped now; nothing else may open it
 
     def collective_rpc(self, method: str, **kwargs: Any) -> list[Any]:
         """Run an allowed worker method on every rank; one result per rank."""
@@ -128,7 +136,14 @@ class Executor:
         return self._finalizer.alive
 
 
-def _stop(workers: list[_Worker], graceful: bool = True) -> None:
+def _unlink(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _stop(workers: list[_Worker], shm_path: str | None, graceful: bool = True) -> None:
+    _unlink(shm_path)
     for w in workers:
         try:
             if graceful:

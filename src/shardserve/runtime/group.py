@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from shardserve.runtime.shm import ShmExchange
+
 
 class Group(Protocol):
     rank: int
@@ -25,32 +27,43 @@ class Group(Protocol):
 
 
 class TorchGroup:
-    """One ``torch.distributed`` group. Sum all-reduce happens in place and returns ``x``."""
+    """One ``torch.distributed`` group. Sum all-reduce happens in place and returns ``x``.
+    With ``shm`` (CPU ranks on one host), tensors that fit a slot skip gloo."""
 
-    def __init__(self, pg: object, rank: int, size: int) -> None:
-        self.pg, self.rank, self.size = pg, rank, size
+    def __init__(self, pg: object, rank: int, size: int, shm: ShmExchange | None = None) -> None:
+        self.pg, self.rank, self.size, self.shm = pg, rank, size, shm
         self.comm_seconds = 0.0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
-        dist.all_reduce(x, group=self.pg)
+        if self.shm is not None and self.shm.fits(x):
+            parts = self.shm.exchange(x)
+            x.copy_(parts[0])
+            for p in parts[1:]:
+                x.add_(p)
+        else:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.pg)
         self.comm_seconds += time.perf_counter() - t0
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
             return x
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.pg)
+        if self.shm is not None and self.shm.fits(x):
+            out = torch.cat(self.shm.exchange(x), dim=dim)
+        else:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.all_gather(parts, x.contiguous(), group=self.pg)
+            out = torch.cat(parts, dim=dim)
         self.comm_seconds += time.perf_counter() - t0
-        return torch.cat(parts, dim=dim)
+        return out
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -52,6 +52,8 @@ class WorkerInit:
     model_path: str
     dtype: str
     max_model_len: int
+    shm_path: str | None = None  # shared-memory collectives file (CPU groups on one host)
+    shm_slot_bytes: int = 0
 
 
 @dataclass

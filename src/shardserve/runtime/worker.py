@@ -59,6 +59,7 @@ def _join_group(init: WorkerInit):
     import torch.distributed as dist
 
     from shardserve.runtime.group import TorchGroup
+    from shardserve.runtime.shm import ShmExchange
 
     if init.world_size > 1:
         store = dist.TCPStore("127.0.0.1", init.store_port, is_master=False,
@@ -66,7 +67,10 @@ def _join_group(init: WorkerInit):
         backend = "nccl" if init.device_kind == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=init.rank,
                                 world_size=init.world_size, timeout=timedelta(minutes=5))
-        return TorchGroup(dist.group.WORLD, init.rank, init.world_size)
+        shm = None
+        if init.shm_path:
+            shm = ShmExchange(init.shm_path, init.rank, init.world_size, init.shm_slot_bytes)
+        return TorchGroup(dist.group.WORLD, init.rank, init.world_size, shm)
     return TorchGroup(None, 0, 1)
 
 
