@@ -53,7 +53,11 @@ class _Worker:
         self.conn_in = Connection(self_in, writable=False)
 
     def send(self, msg: Any) -> None:
-        self.conn_out.send_bytes(encode(msg))
+        try:
+            self.conn_out.send_bytes(encode(msg))
+        except OSError:  # broken pipe: the process is gone
+            raise WorkerError(f"worker rank {self.rank} ({self.device.name}) died "
+                              f"(exit code {self.proc.poll()})") from None
 
     def recv(self) -> Any:
         try:
@@ -101,14 +105,34 @@ class Executor:
 
     def collective_rpc(self, method: str, **kwargs: Any) -> list[Any]:
         """Run an allowed worker method on every rank; one result per rank."""
-        for w in self.workers:
-            w.send(Call(method, kwargs))
-        return [r.value for r in self._gather_all()]
+        with self._fail_whole_group():
+            for w in self.workers:
+                w.send(Call(method, kwargs))
+            return [r.value for r in self._gather_all()]
 
     def execute_step(self, step: StepInput) -> StepOutput:
-        for w in self.workers:
-            w.send(step)
-        return self._wait_rank0()
+        with self._fail_whole_group():
+            for w in self.workers:
+                w.send(step)
+            return self._wait_rank0()
+
+    @contextlib.contextmanager
+    def _fail_whole_group(self):
+        """A rank that died or failed leaves its peers mid-collective: stop them all at once
+        rather than let them wait on it."""
+        if not self.alive:
+            raise WorkerError("this deployment's workers were stopped after a failure; "
+                              "create it again")
+        dead = [w for w in self.workers if w.proc.poll() is not None]
+        try:
+            if dead:
+                raise WorkerError(f"worker rank {dead[0].rank} ({dead[0].device.name}) died "
+                                  f"(exit code {dead[0].proc.returncode})")
+            yield
+        except WorkerError:
+            self._finalizer.detach()
+            _stop(self.workers, None, graceful=False)
+            raise
 
     def _gather_all(self) -> list[Reply]:
         out: dict[int, Reply] = {}
