@@ -118,3 +118,33 @@ class DeviceConfig:
     def budget_bytes(self) -> int | None:
         return None if self.device_memory is None else parse_bytes(self.device_memory)
 
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    num_blocks: int | None = field(default=None, metadata={
+        "help": "KV-cache blocks per device; default: as many as the budget holds after "
+                "weights and activations, up to what max_num_seqs full-length sequences need"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV blocks of a prompt prefix seen before"})
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = field(default=64, metadata={
+        "help": "most sequences running at once"})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "most tokens in one step; longer prompts are prefilled in chunks"})
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")

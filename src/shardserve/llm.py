@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+import itertools
+
+from shardserve.config import (
+    CacheConfig,
+    DeviceConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from shardserve.engine.llm_engine import LLMEngine
-from shardserve.engine.sequence import Sequence
-from shardserve.outputs import CompletionOutput, RequestOutput
+from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
 
 
+def load_tokenizer(config: ModelConfig):
+    if config.tokenizer_path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(config.tokenizer_path)
+
+
 class LLM:
-    """A model sharded over ``tensor_parallel_size`` devices, generating in batches.
+    """A model sharded over ``tensor_parallel_size`` devices, generating with continuous
+    batching over a paged KV cache.
 
     ``devices`` defaults to one CPU device per rank (``cpu:{tensor_parallel_size}``);
     ``device_memory`` is each device's budget (``"2GiB"``; default host memory / devices).
@@ -18,16 +34,17 @@ class LLM:
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, devices: str | None = None,
                  device_memory: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 64) -> None:
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, block_size: int = 16,
+                 num_blocks: int | None = None, enable_prefix_caching: bool = True) -> None:
         self.model_config = ModelConfig(model, dtype, max_model_len)
-        parallel = ParallelConfig(tensor_parallel_size)
-        device = DeviceConfig(devices or f"cpu:{tensor_parallel_size}", device_memory)
-        self.engine = LLMEngine(self.model_config, parallel, device, max_num_seqs)
-        self.tokenizer = None
-        if self.model_config.tokenizer_path:
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(self.model_config.tokenizer_path)
+        self.tokenizer = load_tokenizer(self.model_config)
+        self.engine = LLMEngine(
+            self.model_config, ParallelConfig(tensor_parallel_size),
+            DeviceConfig(devices or f"cpu:{tensor_parallel_size}", device_memory),
+            CacheConfig(block_size, num_blocks, enable_prefix_caching),
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.tokenizer)
+        self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -40,12 +57,19 @@ class LLM:
         if len(params) != len(token_lists):
             raise ValueError(f"got {len(params)} sampling_params for {len(token_lists)} prompts;"
                              " give one, or one per prompt")
-        ids = [self.engine.add_request(t, p, text)
-               for t, p, text in zip(token_lists, params, texts, strict=True)]
-        finished: dict[str, Sequence] = {}
-        while self.engine.has_unfinished():
-            finished.update((s.req_id, s) for s in self.engine.step())
-        return [self._output(finished[i]) for i in ids]
+        ids = []
+        try:
+            for tokens, p, text in zip(token_lists, params, texts, strict=True):
+                ids.append(str(next(self._ids)))
+                self.engine.add_request(ids[-1], tokens, p, text)
+            finished: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished():
+                finished.update((o.request_id, o) for o in self.engine.step())
+        except BaseException:
+            for request_id in ids:  # nothing of a failed call stays queued
+                self.engine.abort_request(request_id)
+            raise
+        return [finished[i] for i in ids]
 
     def _inputs(self, prompts, prompt_token_ids) -> tuple[list[list[int]], list[str | None]]:
         if (prompts is None) == (prompt_token_ids is None):
@@ -59,14 +83,6 @@ class LLM:
                              "prompt_token_ids instead of text prompts")
         return [e.ids for e in self.tokenizer.encode_batch(list(prompts))], list(prompts)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids,
-                                         skip_special_tokens=seq.params.skip_special_tokens)
-        out = CompletionOutput(0, text, list(seq.output_token_ids), seq.finish_reason)
-        return RequestOutput(seq.req_id, seq.prompt, seq.prompt_token_ids, [out], True)
-
     def close(self) -> None:
         self.engine.shutdown()
 
@@ -75,4 +91,3 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

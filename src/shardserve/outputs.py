@@ -10,7 +10,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS or a stop token), "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length", "abort"
+    logprobs: list[dict[int, float]] | None = None  # per token: sampled and top-k log-probs
 
 
 @dataclass
@@ -20,3 +21,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

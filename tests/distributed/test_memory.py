@@ -36,7 +36,7 @@ def test_refused_at_tp1_before_any_weight_is_read(big, monkeypatch):
 def test_tp4_loads_and_generates_within_budget(big):
     path, full, budget = big
     with LLM(str(path), tensor_parallel_size=4, devices="cpu:4", device_memory=str(budget),
-             max_model_len=512) as llm:
+             max_model_len=512, max_num_batched_tokens=128, max_num_seqs=4) as llm:
         out = llm.generate(prompt_token_ids=[[1, 2, 3, 4]], sampling_params=SamplingParams(
             max_tokens=8, temperature=0, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 8

@@ -6,15 +6,16 @@ from shardserve.runtime.messages import NewRequest, StepInput, StepOutput, decod
 
 
 def test_step_roundtrip_keeps_types_and_buffers():
-    step = StepInput(new_requests=[NewRequest("a", [1, 2, 3], {"temperature": 0.0})],
-                     decode_ids=["b"], decode_tokens=np.array([7], dtype=np.int64),
-                     finished_ids=["c"])
+    step = StepInput(new_requests=[NewRequest("a", [1, 2, 3], 3, [4], 0, {"temperature": 0.0})],
+                     cached_ids=["b"], cached_new_tokens=[[7]], cached_new_blocks=[[]],
+                     req_ids=["a", "b"], num_tokens=[3, 1], finished_ids=["c"])
     back = decode(encode(step))
-    assert isinstance(back, StepInput) and isinstance(back.new_requests[0], NewRequest)
-    assert back.new_requests[0].token_ids == [1, 2, 3]
-    np.testing.assert_array_equal(back.decode_tokens, step.decode_tokens)
-    out = StepOutput(["a"], np.array([5]), np.ones((1, 3), np.float32))
-    assert decode(encode(out)).logits.dtype == np.float32
+    assert back == step
+    assert isinstance(back.new_requests[0], NewRequest)
+    out = StepOutput(["a"], np.array([5]), np.ones(1, np.float32))
+    back = decode(encode(out))
+    np.testing.assert_array_equal(back.token_ids, out.token_ids)
+    assert back.logprobs.dtype == np.float32 and back.top_ids is None
 
 
 def test_unknown_message_type_is_refused():

@@ -1,29 +1,58 @@
 import torch
 
-from shardserve.layers.sampler import Sampler, SamplingTensors
+from shardserve.layers.sampler import RowState, Sampler
+from shardserve.sampling_params import SamplingParams
 
 
-def _st(n, temperature=1.0, top_k=0, top_p=1.0, seed=None):
-    gens = [torch.Generator().manual_seed(seed) if seed is not None else None for _ in range(n)]
-    return SamplingTensors([temperature] * n, [top_k] * n, [top_p] * n, gens)
+def _rows(n, tokens=(1, 2), prompt_len=1, seed=None, **kw):
+    params = SamplingParams(**kw).to_wire()
+    return [RowState(params, torch.Generator().manual_seed(seed) if seed is not None else None,
+                     list(tokens), prompt_len) for _ in range(n)]
 
 
 def test_greedy_is_argmax():
     logits = torch.randn(4, 50)
-    assert torch.equal(Sampler()(logits, _st(4, temperature=0.0)), logits.argmax(-1))
+    assert torch.equal(Sampler()(logits, _rows(4, temperature=0.0)).token_ids,
+                       logits.argmax(-1))
 
 
 def test_seeded_rows_reproduce_and_top_k_one_is_greedy():
     logits = torch.randn(3, 50)
-    a = Sampler()(logits, _st(3, seed=11))
-    b = Sampler()(logits, _st(3, seed=11))
+    a = Sampler()(logits, _rows(3, seed=11)).token_ids
+    b = Sampler()(logits, _rows(3, seed=11)).token_ids
     assert torch.equal(a, b)
-    assert torch.equal(Sampler()(logits, _st(3, top_k=1, seed=1)), logits.argmax(-1))
+    assert torch.equal(Sampler()(logits, _rows(3, top_k=1, seed=1)).token_ids,
+                       logits.argmax(-1))
 
 
-def test_top_p_keeps_only_the_nucleus():
+def test_top_p_and_min_p_keep_only_the_likely_tokens():
     logits = torch.tensor([[10.0, 9.0, -5.0, -5.0, -5.0]])
-    draws = {int(Sampler()(logits, _st(1, top_p=0.5, seed=s))[0]) for s in range(30)}
+    draws = {int(Sampler()(logits, _rows(1, top_p=0.5, seed=s)).token_ids[0])
+             for s in range(30)}
     assert draws == {0}
-    draws = {int(Sampler()(logits, _st(1, top_p=0.99, seed=s))[0]) for s in range(60)}
+    draws = {int(Sampler()(logits, _rows(1, top_p=0.99, seed=s)).token_ids[0])
+             for s in range(60)}
     assert draws == {0, 1}
+    draws = {int(Sampler()(logits, _rows(1, min_p=0.5, seed=s)).token_ids[0])
+             for s in range(30)}
+    assert draws == {0}  # token 1 has e^-1 = 0.37 of token 0's probability
+
+
+def test_penalties_change_the_greedy_choice():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    # token 0 was generated (output = tokens after the prompt): presence penalty pushes it down
+    rows = _rows(1, tokens=(2, 0), prompt_len=1, temperature=0.0, presence_penalty=0.5)
+    assert int(Sampler()(logits.clone(), rows).token_ids[0]) == 1
+    rows = _rows(1, tokens=(2, 0, 0), prompt_len=1, temperature=0.0, frequency_penalty=0.06)
+    assert int(Sampler()(logits.clone(), rows).token_ids[0]) == 1  # 2.0 - 2*0.06 < 1.9
+    rows = _rows(1, tokens=(0,), prompt_len=1, temperature=0.0, repetition_penalty=1.2)
+    assert int(Sampler()(logits.clone(), rows).token_ids[0]) == 1  # 2.0/1.2 < 1.9
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.randn(2, 10)
+    res = Sampler()(logits.clone(), _rows(2, temperature=0.0, logprobs=3,
+                                          repetition_penalty=1.5))
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(res.logprobs, logp.gather(1, res.token_ids[:, None])[:, 0])
+    torch.testing.assert_close(res.top_logprobs, logp.topk(3, -1).values)

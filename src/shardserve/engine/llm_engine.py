@@ -1,33 +1,94 @@
-"""The LLM engine: requests in, one batch per step, finished sequences out.
+"""The LLM engine: requests in, one batch per step, outputs out.
 
-Note on the algorithm (first cut): each running sequence owns one contiguous KV-cache row of
-``max_model_len`` tokens on every rank; as many rows as the device budget allows after the
-weights. A step either prefills newly admitted prompts (up to a token budget) or decodes one
-token for every running sequence; sequences leave as soon as they finish and waiting ones
-take their rows. The paged engine replaces the cache layout behind the same interface.
+``step()`` is schedule -> execute -> postprocess. The scheduler decides which sequences run
+and how many tokens each computes; the executor runs that on every rank; postprocessing
+appends the sampled tokens, applies the stop conditions, frees what finished and releases a
+request's other ``n - 1`` completions once its prompt is in the cache (they then take the
+prompt's blocks from the prefix cache instead of computing them again).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections import deque
+import time
+from dataclasses import dataclass, field
 
-import numpy as np
-
-from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+from shardserve.config import (
+    CacheConfig,
+    DeviceConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.sequence import Sequence
-from shardserve.models.registry import check_architecture
-from shardserve.planner.memory import check_fits, format_bytes, kv_bytes_per_token
+from shardserve.outputs import CompletionOutput, RequestOutput
+from shardserve.planner.memory import (
+    activation_bytes,
+    check_fits,
+    format_bytes,
+    kv_blocks,
+    kv_bytes_per_token,
+)
 from shardserve.runtime.devices import parse_devices
 from shardserve.runtime.executor import Executor
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
 from shardserve.sampling_params import SamplingParams
 
 
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    pending: list[Sequence] = field(default_factory=list)  # siblings waiting for the prompt
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_seconds: float = 0.0  # wall time of execute_step, engine side
+    worker_seconds: float = 0.0  # rank 0's time inside the step
+    comm_seconds: float = 0.0  # rank 0's time in collectives
+    schedule_seconds: float = 0.0  # scheduling + building the step + postprocessing
+    prompt_tokens_computed: int = 0  # prompt tokens that went through the model
+    generation_tokens: int = 0
+
+
 class LLMEngine:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, device: DeviceConfig,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192) -> None:
-        spec = model.spec
+                 cache: CacheConfig | None = None,
+                 scheduler: SchedulerConfig | None = None, tokenizer=None) -> None:
+        cache, scheduler = cache or CacheConfig(), scheduler or SchedulerConfig()
+        self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
+        self.eos_ids = model.spec.eos_token_ids
+        num_blocks, devices = self._plan(model, parallel, device, cache, scheduler)
+        self.executor = Executor(model, devices)
+        try:
+            self.executor.collective_rpc("allocate_kv_cache", num_blocks=num_blocks,
+                                         block_size=cache.block_size)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler, self.blocks)
+        self.requests: dict[str, _Request] = {}
+        self.seqs: dict[str, Sequence] = {}
+        self._known: dict[str, int] = {}  # seq id -> tokens the workers have (if running)
+        self._on_workers: set[str] = set()  # seq ids workers hold any state for (RNG too)
+        self._finished_ids: list[str] = []  # to tell the workers with the next step
+        self._arrivals = 0
+        self.stats = EngineStats()
+        self.stream = False  # build outputs for every updated request, not only finished ones
+
+    def _plan(self, model: ModelConfig, parallel: ParallelConfig, device: DeviceConfig,
+              cache: CacheConfig, sched: SchedulerConfig):
+        """Check everything fits before any worker starts; returns (num_blocks, devices)."""
+        from shardserve.models.registry import check_architecture
+
+        spec, dtype = model.spec, model.torch_dtype_name
         check_architecture(spec.architecture)
         parallel.check_model(spec)
         tp = parallel.tensor_parallel_size
@@ -35,90 +96,197 @@ class LLMEngine:
         if tp > len(devices):
             raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; --devices "
                              f"{device.devices!r} has {len(devices)}")
-        self.weight_bytes = check_fits(spec, tp, model.torch_dtype_name,
-                                       devices[0].memory_budget, len(devices))
-        devices = devices[:tp]
-        self.config, self.max_len = model, model.context_len
-        self.num_slots = self._cache_slots(model, tp, devices[0].memory_budget, max_num_seqs)
-        self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_len)
-        self.eos_ids = spec.eos_token_ids
-        self.executor = Executor(model, devices)
-        try:
-            self.executor.collective_rpc("allocate_cache", num_slots=self.num_slots,
-                                         max_len=self.max_len)
-        except BaseException:
-            self.executor.shutdown()
-            raise
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[str, Sequence] = {}
-        self._released: list[str] = []
-        self._ids = itertools.count()
-        self.comm_seconds = 0.0
-
-    def _cache_slots(self, model: ModelConfig, tp: int, budget: int, max_num_seqs: int) -> int:
-        per_seq = kv_bytes_per_token(model.spec, tp, model.torch_dtype_name) * self.max_len
-        slots = min(max_num_seqs, (budget - self.weight_bytes) // per_seq)
-        if slots < 1:
+        budget = devices[0].memory_budget
+        weights = check_fits(spec, tp, dtype, budget, len(devices))
+        act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)
+        free = budget - weights - act
+        per_seq_blocks = -(-self.max_len // cache.block_size)
+        fit = kv_blocks(spec, tp, dtype, cache.block_size, free)
+        if cache.num_blocks is not None and cache.num_blocks > fit:
+            raise ValueError(f"num_blocks={cache.num_blocks} does not fit: {fit} blocks fit in "
+                             f"the {format_bytes(max(free, 0))} left per device")
+        num_blocks = cache.num_blocks or min(fit, sched.max_num_seqs * per_seq_blocks)
+        if cache.num_blocks is None and num_blocks < per_seq_blocks:
+            need = per_seq_blocks * cache.block_size * kv_bytes_per_token(spec, tp, dtype)
             raise ValueError(
-                f"the KV cache of one {self.max_len}-token sequence needs "
-                f"{format_bytes(per_seq)} per device, but only "
-                f"{format_bytes(budget - self.weight_bytes)} is left after weights; "
-                "lower --max-model-len or raise --device-memory")
-        return slots
+                f"the KV cache of one {self.max_len}-token sequence needs {format_bytes(need)} "
+                f"per device, but {format_bytes(max(free, 0))} is left after "
+                f"{format_bytes(weights)} of weights and {format_bytes(act)} of activations; "
+                "lower --max-model-len or --max-num-batched-tokens, or raise --device-memory")
+        return num_blocks, devices[:tp]
 
     # -- requests --------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, req_id: str | None = None) -> str:
-        n = len(prompt_token_ids)
-        if n == 0:
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, prompt: str | None = None) -> None:
+        self._validate(request_id, prompt_token_ids, params)
+        req = _Request(request_id, prompt, list(prompt_token_ids), params, [])
+        for i in range(params.n):
+            seq = Sequence(f"{request_id}/{i}", request_id, i, list(prompt_token_ids), params,
+                           self._arrivals)
+            self._arrivals += 1
+            req.seqs.append(seq)
+            self.seqs[seq.seq_id] = seq
+        req.pending = req.seqs[1:]
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
+
+    def _validate(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if not ids:
             raise ValueError("prompt is empty: give at least one token")
-        if n >= self.max_len:
-            raise ValueError(f"prompt has {n} tokens; the model's context is {self.max_len} "
-                             "tokens, and at least one must be left to generate")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
+                             f"{self.max_len} tokens and at least one must be left to generate")
         vocab = self.config.spec.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+        if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
-        req_id = req_id if req_id is not None else str(next(self._ids))
-        self.waiting.append(Sequence(req_id, list(prompt_token_ids), params, prompt))
-        return req_id
+        need = self.blocks.blocks_needed(min(len(ids) + params.max_tokens, self.max_len))
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {need} KV blocks; the cache has "
+                             f"{self.blocks.num_blocks}: lower max_tokens or the prompt")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now: its blocks are free when this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                self._forget(seq)
+        return self._output(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
 
     # -- the loop --------------------------------------------------------------------------
-    def step(self) -> list[Sequence]:
-        """Schedule, execute, postprocess: one batch; returns the sequences that finished."""
-        inp = self._schedule()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute, postprocess: one batch. Returns the finished requests' outputs
+        (and, with ``stream``, every updated request's)."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        inp = self._step_input(sched)
+        t1 = time.perf_counter()
         out = self.executor.execute_step(inp)
-        return self._postprocess(out)
+        t2 = time.perf_counter()
+        outputs = self._postprocess(sched, out)
+        s = self.stats
+        s.steps += 1
+        s.step_seconds += t2 - t1
+        s.worker_seconds += out.worker_seconds
+        s.comm_seconds += out.comm_seconds
+        s.schedule_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        return outputs
 
-    def _schedule(self) -> StepInput:
-        """Prefill admitted prompts if any fit, else decode every running sequence."""
-        released, self._released = self._released, []
-        new, tokens = [], 0
-        while (self.waiting and len(self.running) < self.num_slots
-               and (not new or tokens + len(self.waiting[0].prompt_token_ids)
-                    <= self.max_num_batched_tokens)):
-            seq = self.waiting.popleft()
-            self.running[seq.req_id] = seq
-            tokens += len(seq.prompt_token_ids)
-            new.append(NewRequest(seq.req_id, seq.prompt_token_ids, seq.params.to_wire()))
-        if new:
-            return StepInput(new_requests=new, finished_ids=released)
-        ids = list(self.running)
-        last = np.array([self.running[r].output_token_ids[-1] for r in ids], dtype=np.int64)
-        return StepInput(decode_ids=ids, decode_tokens=last, finished_ids=released)
+    def _step_input(self, sched: SchedulerOutput) -> StepInput:
+        inp = StepInput(finished_ids=self._finished_ids,
+                        preempted_ids=[s.seq_id for s in sched.preempted])
+        self._finished_ids = []
+        for seq in sched.preempted:
+            self._known.pop(seq.seq_id, None)
+        for item in sched.scheduled:
+            seq = item.seq
+            if item.is_new:
+                self._on_workers.add(seq.seq_id)
+                inp.new_requests.append(NewRequest(
+                    seq.seq_id, seq.token_ids, len(seq.prompt_token_ids),
+                    self.blocks.block_ids(seq.seq_id), seq.num_computed, self._wire(seq)))
+            else:
+                inp.cached_ids.append(seq.seq_id)
+                inp.cached_new_tokens.append(seq.token_ids[self._known[seq.seq_id]:])
+                inp.cached_new_blocks.append(item.new_blocks)
+            self._known[seq.seq_id] = seq.num_tokens
+            inp.req_ids.append(seq.seq_id)
+            inp.num_tokens.append(item.num_tokens)
+            prompt_left = len(seq.prompt_token_ids) - seq.num_computed
+            self.stats.prompt_tokens_computed += max(0, min(item.num_tokens, prompt_left))
+        return inp
 
-    def _postprocess(self, out: StepOutput) -> list[Sequence]:
-        self.comm_seconds += out.comm_seconds
-        done = []
-        for req_id, token in zip(out.req_ids, out.token_ids.tolist(), strict=True):
-            seq = self.running[req_id]
-            seq.append(token, self.eos_ids, self.max_len)
-            if seq.finished:
-                done.append(self.running.pop(req_id))
-                self._released.append(req_id)
-        return done
+    @staticmethod
+    def _wire(seq: Sequence) -> dict:
+        seed = seq.params.seed
+        return seq.params.to_wire(None if seed is None else seed + seq.index)
+
+    def _postprocess(self, sched: SchedulerOutput, out: StepOutput) -> list[RequestOutput]:
+        for item in sched.scheduled:
+            item.seq.num_computed += item.num_tokens
+            self.blocks.commit(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed)
+        updated: dict[str, _Request] = {}
+        for row, (seq_id, token) in enumerate(zip(out.req_ids, out.token_ids.tolist(),
+                                                  strict=True)):
+            seq = self.seqs[seq_id]
+            req = self.requests[seq.request_id]
+            self._append(seq, token, out, row)
+            if req.pending:  # the prompt is cached now: its siblings can start
+                for sib in reversed(req.pending):
+                    self.scheduler.add(sib, front=True)
+                req.pending = []
+            updated[req.request_id] = req
+        self.stats.generation_tokens += len(out.req_ids)
+        outputs = []
+        for req in updated.values():
+            done = all(s.finished for s in req.seqs)
+            if done:
+                del self.requests[req.request_id]
+            if done or self.stream:
+                outputs.append(self._output(req))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, out: StepOutput, row: int) -> None:
+        seq.output_token_ids.append(token)
+        k = seq.params.logprobs
+        if k is not None:
+            entry = {token: float(out.logprobs[row])}
+            if k:
+                entry.update(zip(out.top_ids[row, :k].tolist(),
+                                 out.top_logprobs[row, :k].tolist(), strict=True))
+            seq.logprobs.append(entry)
+        seq.check_stop(token, self.eos_ids, self.max_len)
+        if seq.finish_reason is None and seq.params.stop:
+            self._check_stop_strings(seq)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq, seq.finish_reason)
+            self._forget(seq)
+
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        if self.tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer.json")
+        text = self.tokenizer.decode(seq.output_token_ids,
+                                     skip_special_tokens=seq.params.skip_special_tokens)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.finish_reason, seq.stop_text_len = "stop", min(hits)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._known.pop(seq.seq_id, None)
+        if seq.seq_id in self._on_workers:
+            self._on_workers.discard(seq.seq_id)
+            self._finished_ids.append(seq.seq_id)
+        self.seqs.pop(seq.seq_id, None)
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, self._text(s), list(s.output_token_ids),
+                                 s.finish_reason if s.finished else None,
+                                 list(s.logprobs) if s.params.logprobs is not None else None)
+                for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             all(s.finished for s in req.seqs),
+                             sum(s.num_cached_prompt for s in req.seqs))
+
+    def _text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids,
+                                     skip_special_tokens=seq.params.skip_special_tokens)
+        if seq.stop_text_len is not None:
+            return text[:seq.stop_text_len]
+        if not seq.finished:  # hold back a partly decoded multi-byte character
+            text = text.rstrip("\ufffd")
+        return text
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -1,20 +1,40 @@
-"""A sequence: one request's prompt, its generated tokens, and why it stopped."""
+"""A sequence: one completion's tokens, how many of them are in the KV cache, and why it
+stopped. A request with ``n`` > 1 has n sequences sharing one prompt."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from shardserve.sampling_params import SamplingParams
 
 
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
 @dataclass
 class Sequence:
-    req_id: str
+    seq_id: str
+    request_id: str
+    index: int  # which of the request's n completions
     prompt_token_ids: list[int]
     params: SamplingParams
-    prompt: str | None = None
+    arrival: int  # arrival order, for first-come-first-served
     output_token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose KV is in the cache
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_text_len: int | None = None  # output text is cut here when a stop string matched
+    num_preemptions: int = 0
+    num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
@@ -22,11 +42,10 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status is Status.FINISHED
 
-    def append(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> None:
-        """Add a sampled token and decide whether the sequence is done."""
-        self.output_token_ids.append(token)
+    def check_stop(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> None:
+        """After appending ``token``: finish on EOS, a stop token, max_tokens or context."""
         p = self.params
         if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
             self.finish_reason = "stop"

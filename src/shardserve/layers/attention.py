@@ -1,15 +1,17 @@
-"""Attention over a KV cache, in plain PyTorch (``scaled_dot_product_attention``).
+"""Attention over a paged KV cache, in plain PyTorch (``scaled_dot_product_attention``).
 
-The cache of one layer on one rank is two tensors ``(num_slots, max_len, kv_heads, head_dim)``:
-one contiguous row per running sequence. A step carries a flat batch of tokens from several
-sequences; ``AttentionMetadata`` says which slot and position each token has. New keys and
-values are written into the cache first, then each query attends to its sequence's cache up to
-and including its own position (causal), within the sliding window if the layer has one.
+The cache of one layer on one rank is two tensors ``(num_blocks, block_size, kv_heads,
+head_dim)``. A step carries a flat batch of tokens: first the sequences with one new token
+(decodes), then prefill chunks. New keys and values are scattered into their slots first;
+then decodes attend in one padded SDPA call over their gathered blocks, and each prefill chunk
+attends causally to its sequence's cached prefix plus itself. Writing every token's K/V before
+any read also makes it correct for a sequence to read blocks another one fills in the same
+step. ``AttentionMetadata`` is built once per step and shared by every layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +19,33 @@ from torch import nn
 
 
 @dataclass
+class PrefillChunk:
+    block_ids: torch.Tensor  # (nb,) blocks covering the context
+    start: int  # first row of this chunk in the flat batch
+    num_tokens: int
+    context_len: int  # cached tokens after this chunk
+
+
+@dataclass
 class AttentionMetadata:
-    """Per-step layout of the flat token batch; built once per step, shared by every layer."""
+    slot_mapping: torch.Tensor  # (N,) cache slot (block * block_size + offset) of each token
+    num_decodes: int  # the first D tokens are one-token sequences
+    decode_tables: torch.Tensor | None  # (D, max_blocks) padded block tables
+    decode_context: torch.Tensor | None  # (D,) context length of each decode
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    token_slots: torch.Tensor  # (N,) cache slot of each token
-    positions: torch.Tensor  # (N,) position of each token in its sequence
-    slots: torch.Tensor  # (B,) cache slot of each sequence
-    query_lens: list[int]  # (B,) new tokens of each sequence in this step
-    context_lens: list[int]  # (B,) cached length after this step's tokens are written
-    is_decode: bool  # every sequence has exactly one new token
-
-    @property
-    def max_context(self) -> int:
-        return max(self.context_lens)
+    def decode_mask(self, block_size: int, window: int | None) -> torch.Tensor:
+        """(D, 1, 1, L) keys each decode may see; computed once per step per window size."""
+        if window not in self._masks:
+            L = self.decode_tables.shape[1] * block_size
+            pos = torch.arange(L, device=self.decode_context.device)[None, :]
+            ctx = self.decode_context[:, None]
+            mask = pos < ctx
+            if window is not None:
+                mask &= pos > ctx - 1 - window
+            self._masks[window] = mask[:, None, None, :]
+        return self._masks[window]
 
 
 class Attention(nn.Module):
@@ -39,50 +55,51 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.window = sliding_window
-        self.k_cache: torch.Tensor | None = None  # (S, L, nkv, hd), set by the model runner
+        self.k_cache: torch.Tensor | None = None  # (num_blocks, bs, nkv, hd), set by the runner
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: (N, nh, hd); k, v: (N, nkv, hd) -> (N, nh * hd)."""
-        self.k_cache[meta.token_slots, meta.positions] = k
-        self.v_cache[meta.token_slots, meta.positions] = v
-        out = self._decode(q, meta) if meta.is_decode else self._prefill(q, meta)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+        out = q.new_empty(q.shape)
+        if meta.num_decodes:
+            out[:meta.num_decodes] = self._decode(q[:meta.num_decodes], meta)
+        for chunk in meta.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+            out[rows] = self._prefill(q[rows], chunk)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """(..., nb) block ids -> (..., nkv, nb * bs, hd) keys or values in order."""
+        x = cache[tables]  # (..., nb, bs, nkv, hd)
+        x = x.flatten(-4, -3)  # (..., L, nkv, hd)
+        return x.transpose(-3, -2)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One query per sequence: all sequences in one padded SDPA call."""
-        L = meta.max_context
-        k = self.k_cache[meta.slots, :L].transpose(1, 2)  # (B, nkv, L, hd)
-        v = self.v_cache[meta.slots, :L].transpose(1, 2)
-        key_pos = torch.arange(L, device=q.device)
-        ctx = torch.tensor(meta.context_lens, device=q.device)
-        mask = key_pos[None, :] < ctx[:, None]  # (B, L)
-        if self.window is not None:
-            mask &= key_pos[None, :] > (ctx[:, None] - 1 - self.window)
+        k = self._gather(self.k_cache, meta.decode_tables)  # (D, nkv, L, hd)
+        v = self._gather(self.v_cache, meta.decode_tables)
+        mask = meta.decode_mask(self.k_cache.shape[1], self.window)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)  # (B, nh, 1, hd)
+            q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)  # (D, nh, 1, hd)
         return out.squeeze(2)
 
-    def _prefill(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Sequences one by one; each query attends causally to its cached prefix."""
-        outs, start = [], 0
-        for slot, n, ctx in zip(meta.slots.tolist(), meta.query_lens, meta.context_lens,
-                                strict=True):
-            qi = q[start:start + n].transpose(0, 1)  # (nh, n, hd)
-            k = self.k_cache[slot, :ctx].transpose(0, 1)  # (nkv, ctx, hd)
-            v = self.v_cache[slot, :ctx].transpose(0, 1)
-            mask = None
-            if n != ctx or self.window is not None:
-                q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-                k_pos = torch.arange(ctx, device=q.device)[None, :]
-                mask = k_pos <= q_pos
-                if self.window is not None:
-                    mask &= k_pos > q_pos - self.window
-            out = F.scaled_dot_product_attention(
-                qi, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads)  # (nh, n, hd)
-            outs.append(out.transpose(0, 1))
-            start += n
-        return torch.cat(outs)
+    def _prefill(self, q: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        n, ctx = chunk.num_tokens, chunk.context_len
+        k = self._gather(self.k_cache, chunk.block_ids)[:, :ctx]  # (nkv, ctx, hd)
+        v = self._gather(self.v_cache, chunk.block_ids)[:, :ctx]
+        mask = None
+        if n != ctx or self.window is not None:
+            q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            k_pos = torch.arange(ctx, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.window is not None:
+                mask &= k_pos > q_pos - self.window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)  # (nh, n, hd)
+        return out.transpose(0, 1)

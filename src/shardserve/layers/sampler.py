@@ -1,6 +1,12 @@
-"""Token sampling on the batch: greedy rows take the argmax; the others sample from
-temperature-scaled, top-k / top-p filtered probabilities. A row with a seed draws from its own
-generator, so its tokens do not depend on what else is in the batch."""
+"""Token sampling on the batch, in the worker.
+
+Order of operations, per row: penalties on the logits (repetition over prompt and output,
+presence and frequency over the output), then greedy rows take the argmax; the others divide
+by their temperature, softmax, drop tokens below ``min_p`` x the top probability, keep the
+top-k / top-p nucleus, and draw. A row with a seed draws from its own generator, so its tokens
+do not depend on what else is in the batch. Log-probabilities are those of the model's raw
+distribution (before penalties and temperature), as vLLM returns them by default.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +16,72 @@ import torch
 
 
 @dataclass
-class SamplingTensors:
-    """Per-row sampling parameters of one step (B rows)."""
+class RowState:
+    """What sampling one row needs: its parameters, RNG and token history."""
 
-    temperature: list[float]
-    top_k: list[int]  # 0 = off
-    top_p: list[float]  # 1.0 = off
-    generators: list[torch.Generator | None]
+    params: dict  # SamplingParams.to_wire()
+    generator: torch.Generator | None
+    tokens: list[int]  # prompt + output so far
+    prompt_len: int
+
+
+@dataclass
+class SampleResult:
+    token_ids: torch.Tensor  # (B,)
+    logprobs: torch.Tensor | None = None  # (B,)
+    top_ids: torch.Tensor | None = None  # (B, K)
+    top_logprobs: torch.Tensor | None = None  # (B, K)
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        """logits: (B, V) -> token ids (B,)."""
+    def __call__(self, logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
+        """logits: (B, V) -> one token per row."""
         logits = logits.float()
-        out = logits.argmax(dim=-1)
-        rows = [i for i, t in enumerate(st.temperature) if t > 0]
-        if not rows:
-            return out
-        idx = torch.tensor(rows, device=logits.device)
-        temp = torch.tensor([st.temperature[i] for i in rows], device=logits.device)
-        probs = torch.softmax(logits[idx] / temp[:, None], dim=-1)
-        probs = _top_k_top_p(probs, [st.top_k[i] for i in rows], [st.top_p[i] for i in rows])
-        for j, i in enumerate(rows):
-            out[i] = torch.multinomial(probs[j], 1, generator=st.generators[i])[0]
-        return out
+        result = SampleResult(torch.empty(len(rows), dtype=torch.long, device=logits.device))
+        k = max(r.params["logprobs"] for r in rows)  # -1: no row asked
+        logp = torch.log_softmax(logits, dim=-1) if k >= 0 else None
+        for i, r in enumerate(rows):
+            _apply_penalties(logits[i], r)
+        greedy = [i for i, r in enumerate(rows) if r.params["temperature"] == 0]
+        if greedy:
+            result.token_ids[greedy] = logits[greedy].argmax(dim=-1)
+        sampled = [i for i, r in enumerate(rows) if r.params["temperature"] > 0]
+        if sampled:
+            result.token_ids[sampled] = _sample(logits[sampled], [rows[i] for i in sampled])
+        if logp is not None:
+            result.logprobs = logp.gather(1, result.token_ids[:, None])[:, 0]
+            if k > 0:
+                result.top_logprobs, result.top_ids = logp.topk(k, dim=-1)
+        return result
+
+
+def _apply_penalties(row: torch.Tensor, r: RowState) -> None:
+    p = r.params
+    if p["repetition_penalty"] != 1.0:
+        seen = torch.tensor(sorted(set(r.tokens)), dtype=torch.long, device=row.device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p["repetition_penalty"],
+                                vals * p["repetition_penalty"])
+    if p["presence_penalty"] or p["frequency_penalty"]:
+        out = torch.tensor(r.tokens[r.prompt_len:], dtype=torch.long, device=row.device)
+        if out.numel():
+            counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
+            row -= p["frequency_penalty"] * counts + p["presence_penalty"] * (counts > 0)
+
+
+def _sample(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    dev = logits.device
+    temp = torch.tensor([r.params["temperature"] for r in rows], device=dev)
+    probs = torch.softmax(logits / temp[:, None], dim=-1)
+    min_p = torch.tensor([r.params["min_p"] for r in rows], device=dev)
+    if (min_p > 0).any():
+        probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
+    probs = _top_k_top_p(probs, [r.params["top_k"] for r in rows],
+                         [r.params["top_p"] for r in rows])
+    out = torch.empty(len(rows), dtype=torch.long, device=dev)
+    for j, r in enumerate(rows):
+        out[j] = torch.multinomial(probs[j], 1, generator=r.generator)[0]
+    return out
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -44,8 +92,8 @@ def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     k = torch.tensor([k if k > 0 else probs.shape[-1] for k in top_k], device=probs.device)
     p = torch.tensor(top_p, device=probs.device)
     # Keep a token if it is within the top k and the mass before it is below p (the first
-    # token is always kept).
+    # token is always kept); the mass is of the renormalised distribution.
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
     keep = (rank < k[:, None]) & ((sorted_p.cumsum(-1) - sorted_p) < p[:, None])
-    sorted_p = sorted_p * keep
-    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return filtered / filtered.sum(-1, keepdim=True)
+    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    return filtered

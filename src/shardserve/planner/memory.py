@@ -87,3 +87,21 @@ def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: 
     raise ValueError(
         f"model needs {format_bytes(need)} ({need} bytes) of {dtype} weights per device at "
         f"tp={tp}; the device budget is {format_bytes(budget)} ({budget} bytes); {hint}")
+
+
+def activation_bytes(spec: TransformerSpec, tp: int, dtype: str, max_tokens: int,
+                     max_seqs: int) -> int:
+    """A reserve for one step's activations on one rank: the widest live tensors of a layer
+    for ``max_tokens`` tokens (residual, hidden, QKV, gate/up, float32 norm copies) plus
+    float32 logits for ``max_seqs`` sampled rows."""
+    b = DTYPE_BYTES[dtype]
+    h, i = spec.hidden_size, shard(spec.intermediate_size, tp)
+    qkv = (spec.num_heads // tp + 2 * local_kv_heads(spec.num_kv_heads, tp)) * spec.head_dim
+    per_token = (4 * h + qkv + 3 * i) * b + 2 * h * 4
+    return max_tokens * per_token + 2 * max_seqs * spec.vocab_size * 4
+
+
+def kv_blocks(spec: TransformerSpec, tp: int, dtype: str, block_size: int, free_bytes: int
+              ) -> int:
+    """KV-cache blocks that fit in ``free_bytes`` on one rank."""
+    return max(0, free_bytes // (kv_bytes_per_token(spec, tp, dtype) * block_size))

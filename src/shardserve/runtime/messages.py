@@ -18,26 +18,43 @@ _NDARRAY = 1
 
 @dataclass
 class NewRequest:
+    """A sequence the workers hold no state for: its first step, or its first after a
+    preemption (then ``token_ids`` includes what it had generated)."""
+
     req_id: str
     token_ids: list[int]
+    prompt_len: int
+    block_ids: list[int]
+    num_computed: int  # tokens already in the cache (prefix-cache hits)
     sampling: dict[str, Any]  # SamplingParams.to_wire()
 
 
 @dataclass
 class StepInput:
-    new_requests: list[NewRequest] = field(default_factory=list)  # prefill their prompts
-    decode_ids: list[str] = field(default_factory=list)  # one new token each
-    decode_tokens: np.ndarray | None = None  # (len(decode_ids),) int64: that token
-    finished_ids: list[str] = field(default_factory=list)  # release before this step
-    return_logits: bool = False
+    """One step. Running sequences travel as deltas: tokens appended (the one sampled last
+    step) and blocks added since the workers last saw them."""
+
+    new_requests: list[NewRequest] = field(default_factory=list)
+    cached_ids: list[str] = field(default_factory=list)
+    cached_new_tokens: list[list[int]] = field(default_factory=list)
+    cached_new_blocks: list[list[int]] = field(default_factory=list)
+    req_ids: list[str] = field(default_factory=list)  # scheduled, in this order
+    num_tokens: list[int] = field(default_factory=list)  # tokens to compute for each
+    preempted_ids: list[str] = field(default_factory=list)  # drop their blocks, keep RNG
+    finished_ids: list[str] = field(default_factory=list)  # drop everything
 
 
 @dataclass
 class StepOutput:
-    req_ids: list[str]  # new requests first, then decodes, in input order
-    token_ids: np.ndarray  # (B,) int64 sampled tokens
-    logits: np.ndarray | None = None  # (B, V) float32, when asked
+    """Rank 0's answer: a token for each sequence whose known tokens are now all computed."""
+
+    req_ids: list[str]
+    token_ids: np.ndarray  # (B,) int64
+    logprobs: np.ndarray | None = None  # (B,) float32 log-probability of each sampled token
+    top_ids: np.ndarray | None = None  # (B, K) int64, K = largest logprobs asked this step
+    top_logprobs: np.ndarray | None = None  # (B, K) float32
     comm_seconds: float = 0.0  # rank 0's time in collectives during this step
+    worker_seconds: float = 0.0  # rank 0's time from receiving the step to answering
 
 
 @dataclass

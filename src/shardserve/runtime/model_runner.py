@@ -1,12 +1,13 @@
-"""The model on one rank: its shard of the weights, its KV cache, and one step at a time.
+"""The model on one rank: its shard of the weights, its paged KV cache, one step at a time.
 
-Every rank runs the same step on its shard; logits are gathered on every rank, and the rank-0
-runner samples. Per-request state (cache slot, cached length, sampling generator) lives here,
-so a step only needs new requests in full and, for running ones, the token sampled last step.
+Every rank runs the same step on its shard; logits are gathered on every rank and the rank-0
+runner samples. The runner keeps each sequence's tokens and block table across steps, so a
+step only carries new sequences in full and running ones as deltas.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ import numpy as np
 import torch
 
 from shardserve.config import ModelConfig
-from shardserve.layers.attention import AttentionMetadata
-from shardserve.layers.sampler import Sampler, SamplingTensors
+from shardserve.layers.attention import AttentionMetadata, PrefillChunk
+from shardserve.layers.sampler import RowState, Sampler
 from shardserve.models.loader import LoadStats, load_weights
 from shardserve.models.registry import model_class
 from shardserve.planner.memory import format_bytes, kv_bytes_per_token
@@ -24,11 +25,12 @@ from shardserve.runtime.messages import StepInput, StepOutput
 
 
 @dataclass
-class _Request:
-    slot: int
-    num_cached: int
+class _Seq:
+    tokens: list[int]
+    prompt_len: int
+    block_ids: list[int]
+    num_computed: int
     sampling: dict
-    generator: torch.Generator | None
 
 
 @contextmanager
@@ -57,35 +59,34 @@ class ModelRunner:
         self.load_stats: LoadStats = load_weights(self.model, config.path, self.dtype)
         self.weight_bytes = _nbytes(self.model)
         self.sampler = Sampler()
-        self.requests: dict[str, _Request] = {}
-        self.free_slots: list[int] = []
+        self.seqs: dict[str, _Seq] = {}
+        self.generators: dict[str, torch.Generator] = {}  # survive preemption
+        self.block_size = 0
         self.cache_bytes = 0
 
     # -- control verbs ---------------------------------------------------------------------
-    def allocate_cache(self, num_slots: int, max_len: int) -> int:
-        """Preallocate ``num_slots`` contiguous cache rows of ``max_len`` tokens each."""
-        spec = self.config.spec
-        need = kv_bytes_per_token(spec, self.group.size, self.config.torch_dtype_name)
-        need *= num_slots * max_len
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
+        """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer."""
+        per_token = kv_bytes_per_token(self.config.spec, self.group.size,
+                                       self.config.torch_dtype_name)
+        need = per_token * num_blocks * block_size
         if self.weight_bytes + need > self.budget:
             raise MemoryError(
-                f"KV cache for {num_slots} sequences x {max_len} tokens needs {format_bytes(need)}"
-                f"; {format_bytes(self.budget - self.weight_bytes)} of the device budget is left "
-                "after weights; lower the batch or max_model_len, or raise --device-memory")
-        self.free_cache()
+                f"KV cache of {num_blocks} blocks x {block_size} tokens needs "
+                f"{format_bytes(need)}; {format_bytes(self.budget - self.weight_bytes)} of the "
+                "device budget is left after weights")
+        self.free_kv_cache()
         for attn in self.model.attention_layers():
-            shape = (num_slots, max_len, attn.num_kv_heads, attn.head_dim)
+            shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.free_slots = list(range(num_slots))
-        self.cache_bytes = need
+        self.block_size, self.cache_bytes = block_size, need
         return need
 
-    def free_cache(self) -> None:
+    def free_kv_cache(self) -> None:
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = None
-        self.requests.clear()
-        self.free_slots = []
+        self.seqs.clear()
         self.cache_bytes = 0
 
     def stats(self) -> dict:
@@ -93,81 +94,114 @@ class ModelRunner:
                 "cache_bytes": self.cache_bytes, "budget": self.budget,
                 "bytes_read": self.load_stats.bytes_read,
                 "largest_read": self.load_stats.largest_read,
-                "comm_seconds": self.group.comm_seconds}
+                "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs)}
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
-        """Logits at every position of one sequence (T, V), computed in a scratch cache."""
-        saved = [(a.k_cache, a.v_cache) for a in self.model.attention_layers()]
-        saved_state = self.requests, self.free_slots, self.cache_bytes
+        """Logits at every position of one sequence (T, V), in a scratch one-block cache."""
+        layers = self.model.attention_layers()
+        saved = [(a.k_cache, a.v_cache) for a in layers]
         try:
-            self.requests = {}
-            self.allocate_cache(1, len(token_ids))
+            n = len(token_ids)
+            for a in layers:
+                a.k_cache = torch.zeros(1, n, a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                                        device=self.device)
+                a.v_cache = torch.zeros_like(a.k_cache)
             ids = torch.tensor(token_ids, device=self.device)
-            pos = torch.arange(len(token_ids), device=self.device)
-            meta = AttentionMetadata(torch.zeros_like(ids), pos, torch.zeros(1, dtype=torch.long,
-                                     device=self.device), [len(ids)], [len(ids)], False)
-            hidden = self.model(ids, pos, meta)
-            return self.model.compute_logits(hidden).float().cpu().numpy()
+            pos = torch.arange(n, device=self.device)
+            chunk = PrefillChunk(torch.zeros(1, dtype=torch.long, device=self.device), 0, n, n)
+            meta = AttentionMetadata(pos, 0, None, None, [chunk])
+            return self.model.compute_logits(self.model(ids, pos, meta)).float().cpu().numpy()
         finally:
-            for a, (k, v) in zip(self.model.attention_layers(), saved, strict=True):
+            for a, (k, v) in zip(layers, saved, strict=True):
                 a.k_cache, a.v_cache = k, v
-            self.requests, self.free_slots, self.cache_bytes = saved_state
 
     # -- the step --------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, inp: StepInput) -> StepOutput | None:
         """Run one batch; rank 0 returns the sampled tokens, other ranks ``None``."""
-        for req_id in inp.finished_ids:
-            self.free_slots.append(self.requests.pop(req_id).slot)
-        ids, positions, meta, order = self._prepare(inp)
+        t0 = time.perf_counter()
+        self._apply_deltas(inp)
+        order = self._order(inp)
+        ids, positions, meta, last_rows = self._prepare(order)
         comm0 = self.group.comm_seconds
         hidden = self.model(ids, positions, meta)
-        last = torch.tensor(np.cumsum(meta.query_lens) - 1, device=self.device)
-        logits = self.model.compute_logits(hidden[last])  # (B, V)
+        for req_id, n in order:
+            self.seqs[req_id].num_computed += n
+        done = [i for i, (r, _) in enumerate(order)
+                if self.seqs[r].num_computed == len(self.seqs[r].tokens)]
+        logits = None
+        if done:
+            logits = self.model.compute_logits(hidden[last_rows[done]])  # (B, V), all ranks
         if self.group.rank != 0:
             return None
-        reqs = [self.requests[r] for r in order]
-        st = SamplingTensors([r.sampling["temperature"] for r in reqs],
-                             [r.sampling["top_k"] for r in reqs],
-                             [r.sampling["top_p"] for r in reqs], [r.generator for r in reqs])
-        tokens = self.sampler(logits, st).cpu().numpy()
-        return StepOutput(order, tokens,
-                          logits.float().cpu().numpy() if inp.return_logits else None,
-                          self.group.comm_seconds - comm0)
+        return self._sample(order, done, logits, comm0, t0)
 
-    def _prepare(self, inp: StepInput):
-        """Flatten the step's tokens: new prompts whole, then one token per decode."""
-        ids: list[np.ndarray] = []
-        slots, qlens, ctx, order = [], [], [], []
+    def _apply_deltas(self, inp: StepInput) -> None:
+        for req_id in inp.finished_ids:
+            self.seqs.pop(req_id, None)
+            self.generators.pop(req_id, None)
+        for req_id in inp.preempted_ids:
+            self.seqs.pop(req_id, None)
         for new in inp.new_requests:
-            if not self.free_slots:
-                raise RuntimeError("no free cache slot: the engine admitted too many sequences")
-            gen = None
-            if new.sampling.get("seed") is not None:
-                gen = torch.Generator(device=self.device).manual_seed(new.sampling["seed"])
-            req = _Request(self.free_slots.pop(), 0, new.sampling, gen)
-            self.requests[new.req_id] = req
-            ids.append(np.asarray(new.token_ids, dtype=np.int64))
-            self._account(req, len(new.token_ids), slots, qlens, ctx)
-            order.append(new.req_id)
-        if inp.decode_ids:
-            ids.append(np.asarray(inp.decode_tokens, dtype=np.int64))
-            for req_id in inp.decode_ids:
-                self._account(self.requests[req_id], 1, slots, qlens, ctx)
-                order.append(req_id)
-        positions = np.concatenate([np.arange(c - q, c) for q, c in zip(qlens, ctx, strict=True)])
-        token_slots = np.repeat(slots, qlens)
-        t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
-        meta = AttentionMetadata(t(token_slots), t(positions), t(slots), qlens, ctx,
-                                 is_decode=not inp.new_requests)
-        return t(np.concatenate(ids)), meta.positions, meta, order
+            self.seqs[new.req_id] = _Seq(list(new.token_ids), new.prompt_len,
+                                         list(new.block_ids), new.num_computed, new.sampling)
+            seed = new.sampling.get("seed")
+            if seed is not None and new.req_id not in self.generators:
+                self.generators[new.req_id] = torch.Generator(self.device).manual_seed(seed)
+        for req_id, toks, blocks in zip(inp.cached_ids, inp.cached_new_tokens,
+                                        inp.cached_new_blocks, strict=True):
+            seq = self.seqs[req_id]
+            seq.tokens.extend(toks)
+            seq.block_ids.extend(blocks)
 
-    def _account(self, req: _Request, n: int, slots: list, qlens: list, ctx: list) -> None:
-        req.num_cached += n
-        slots.append(req.slot)
-        qlens.append(n)
-        ctx.append(req.num_cached)
+    @staticmethod
+    def _order(inp: StepInput) -> list[tuple[str, int]]:
+        """One-token sequences first (they attend in one batched call), then prefill chunks."""
+        pairs = list(zip(inp.req_ids, inp.num_tokens, strict=True))
+        return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] != 1]
+
+    def _prepare(self, order: list[tuple[str, int]]):
+        """Flat token ids, positions and attention metadata for the scheduled sequences."""
+        bs, dev = self.block_size, self.device
+        seqs = [self.seqs[r] for r, _ in order]
+        ns = np.array([n for _, n in order], dtype=np.int64)
+        starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
+        ids = np.concatenate([s.tokens[c:c + n] for s, c, n in zip(seqs, starts, ns,
+                                                                    strict=True)])
+        positions = np.concatenate([np.arange(c, c + n) for c, n in zip(starts, ns,
+                                                                         strict=True)])
+        tables = [np.asarray(s.block_ids, dtype=np.int64) for s in seqs]
+        slots = np.concatenate([tab[np.arange(c, c + n) // bs] * bs + np.arange(c, c + n) % bs
+                                for tab, c, n in zip(tables, starts, ns, strict=True)])
+        D = int((ns == 1).sum())
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+        decode_tables = decode_ctx = None
+        if D:
+            width = max(len(tables[i]) for i in range(D))
+            padded = np.zeros((D, width), dtype=np.int64)
+            for i in range(D):
+                padded[i, :len(tables[i])] = tables[i]
+            decode_tables, decode_ctx = t(padded), t(starts[:D] + 1)
+        row_starts = np.concatenate([[0], np.cumsum(ns)])
+        prefills = [PrefillChunk(t(tables[i]), int(row_starts[i]), int(ns[i]),
+                                 int(starts[i] + ns[i])) for i in range(D, len(seqs))]
+        meta = AttentionMetadata(t(slots), D, decode_tables, decode_ctx, prefills)
+        return t(ids), t(positions), meta, t(row_starts[1:] - 1)
+
+    def _sample(self, order, done, logits, comm0: float, t0: float) -> StepOutput:
+        if not done:
+            return StepOutput([], np.zeros(0, dtype=np.int64),
+                              comm_seconds=self.group.comm_seconds - comm0,
+                              worker_seconds=time.perf_counter() - t0)
+        req_ids = [order[i][0] for i in done]
+        rows = [RowState(self.seqs[r].sampling, self.generators.get(r), self.seqs[r].tokens,
+                         self.seqs[r].prompt_len) for r in req_ids]
+        res = self.sampler(logits, rows)
+        np_ = lambda x: None if x is None else x.cpu().numpy()  # noqa: E731
+        return StepOutput(req_ids, np_(res.token_ids), np_(res.logprobs), np_(res.top_ids),
+                          np_(res.top_logprobs), self.group.comm_seconds - comm0,
+                          time.perf_counter() - t0)
 
 
 def _nbytes(model: torch.nn.Module) -> int:
