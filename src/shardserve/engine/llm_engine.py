@@ -155,7 +155,15 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
                 self._forget(seq)
+        self._release_if_idle()
         return self._output(req)
+
+    def _release_if_idle(self) -> None:
+        """Finished sequences' worker state is dropped with the next step; with no next step
+        in sight, send the release on its own."""
+        if self._finished_ids and not self.has_unfinished():
+            self.executor.execute_step(StepInput(finished_ids=self._finished_ids))
+            self._finished_ids = []
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -173,6 +181,7 @@ class LLMEngine:
         out = self.executor.execute_step(inp)
         t2 = time.perf_counter()
         outputs = self._postprocess(sched, out)
+        self._release_if_idle()
         s = self.stats
         s.steps += 1
         s.step_seconds += t2 - t1

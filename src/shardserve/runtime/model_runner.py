@@ -123,6 +123,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         self._apply_deltas(inp)
         order = self._order(inp)
+        if not order:  # only releases
+            return self._sample(order, [], None, self.group.comm_seconds, t0) \
+                if self.group.rank == 0 else None
         ids, positions, meta, last_rows = self._prepare(order)
         comm0 = self.group.comm_seconds
         hidden = self.model(ids, positions, meta)

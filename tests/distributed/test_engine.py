@@ -1,0 +1,150 @@
+"""The paged engine end to end on a random-weight llama with GQA, float32: a mixed batch of
+64 equals each request run alone and equals transformers; a tight cache preempts and still
+gives the same outputs with no leaked block; prefix caching, abort, seeds, n > 1, stop
+strings and logprobs."""
+
+import random
+
+import pytest
+import torch
+
+from shardserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+def _workload(count=64, seed=0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(5, 600))]
+               for _ in range(count)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 200), temperature=0, ignore_eos=True)
+              for _ in range(count)]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(checkpoints["llama"]), dtype=torch.float32)
+    prompts, params = _workload()
+    out = []
+    with torch.no_grad():
+        for p, sp in zip(prompts, params, strict=True):
+            ids = hf.generate(torch.tensor([p]), max_new_tokens=sp.max_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mixed_batch_equals_alone_and_transformers(checkpoints, hf_greedy, tp):
+    prompts, params = _workload()
+    path = str(checkpoints["llama"])
+    with LLM(path, tensor_parallel_size=tp, max_num_batched_tokens=512) as llm:
+        batched = _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=params))
+        blocks = llm.engine.blocks
+        assert blocks.num_free == blocks.num_blocks
+    with LLM(path, tensor_parallel_size=tp, max_num_seqs=1, enable_prefix_caching=False) as llm:
+        alone = _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=params))
+    assert [len(t) for t in batched] == [p.max_tokens for p in params]
+    assert batched == alone
+    assert batched == hf_greedy
+
+
+def test_tight_cache_preempts_and_gives_the_same_outputs(checkpoints, hf_greedy):
+    prompts, params = _workload()
+    with LLM(str(checkpoints["llama"]), tensor_parallel_size=2, num_blocks=60,
+             max_num_batched_tokens=512) as llm:
+        outs = _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=params))
+        engine = llm.engine
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.blocks.num_free == 60  # nothing leaked
+        assert llm.engine.executor.collective_rpc("stats")[0]["num_seqs"] == 0
+    assert outs == hf_greedy
+
+
+def test_prefix_caching_computes_only_the_new_tokens(checkpoints):
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, 1000) for _ in range(512)]
+    a, b = prefix + [5, 6, 7], prefix + [8, 9, 10, 11]
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(str(checkpoints["qwen2"]), tensor_parallel_size=2) as llm:
+        llm.generate(prompt_token_ids=[a], sampling_params=greedy)
+        before = llm.engine.stats.prompt_tokens_computed
+        out = llm.generate(prompt_token_ids=[b], sampling_params=greedy)[0]
+        computed = llm.engine.stats.prompt_tokens_computed - before
+    assert out.num_cached_tokens == 512 and computed == len(b) - 512
+    with LLM(str(checkpoints["qwen2"]), tensor_parallel_size=2,
+             enable_prefix_caching=False) as llm:
+        assert llm.generate(prompt_token_ids=[b], sampling_params=greedy)[0].outputs[0] \
+            .token_ids == out.outputs[0].token_ids
+
+
+def test_abort_frees_blocks_at_once(checkpoints):
+    long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    with LLM(str(checkpoints["mistral"])) as llm:
+        engine = llm.engine
+        for i in range(3):
+            engine.add_request(f"r{i}", list(range(3, 3 + 40 * (i + 1))), long)
+        for _ in range(5):
+            engine.step()
+        held = len(engine.blocks.block_ids("r1/0"))
+        free = engine.blocks.num_free
+        out = engine.abort_request("r1")
+        assert out.finished and out.outputs[0].finish_reason == "abort"
+        assert engine.blocks.num_free == free + held
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        assert engine.executor.collective_rpc("stats")[0]["num_seqs"] == 0
+
+
+def test_seeds_n_and_stops(checkpoints):
+    with LLM(str(checkpoints["llama"]), tensor_parallel_size=2) as llm:
+        sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=3, n=3,
+                                 ignore_eos=True)
+        one = llm.generate(prompt_token_ids=[[1, 50, 60, 70] * 10], sampling_params=sampled)[0]
+        other = llm.generate(prompt_token_ids=[[1, 50, 60, 70] * 10, [1, 2, 3]],
+                             sampling_params=sampled)[0]
+        assert [c.token_ids for c in one.outputs] == [c.token_ids for c in other.outputs]
+        assert len({tuple(c.token_ids) for c in one.outputs}) == 3  # the n completions differ
+        assert one.num_cached_tokens == 2 * 32  # siblings took the prompt's two full blocks
+
+        greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        ref = llm.generate(prompt_token_ids=[[1, 9, 9]], sampling_params=greedy)[0].outputs[0]
+        stop_tok = ref.token_ids[5]
+        first = ref.token_ids.index(stop_tok)
+        stopped = llm.generate(prompt_token_ids=[[1, 9, 9]], sampling_params=SamplingParams(
+            max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]))[0]
+        assert stopped.outputs[0].token_ids == ref.token_ids[:first + 1]
+        assert stopped.outputs[0].finish_reason == "stop"
+        text = ref.text
+        needle = text[len(text) // 2:len(text) // 2 + 2]
+        if needle.strip():
+            by_text = llm.generate(prompt_token_ids=[[1, 9, 9]], sampling_params=SamplingParams(
+                max_tokens=20, temperature=0, ignore_eos=True, stop=[needle]))[0].outputs[0]
+            assert by_text.text == text[:text.find(needle)]
+            assert by_text.finish_reason == "stop"
+
+
+def test_logprobs_match_transformers(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    prompt = [1, 40, 41, 42, 43, 44]
+    with LLM(str(checkpoints["qwen2"]), tensor_parallel_size=2) as llm:
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            max_tokens=5, temperature=0, ignore_eos=True, logprobs=3))[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(checkpoints["qwen2"]), dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
+    ref = torch.log_softmax(logits, -1)
+    for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+        assert len(entry) == 3 and token in entry
+        for tok, lp in entry.items():
+            assert abs(lp - float(ref[step, tok])) < 1e-4
+        assert set(entry) == set(ref[step].topk(3).indices.tolist())
