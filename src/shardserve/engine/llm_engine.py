@@ -161,7 +161,7 @@ class LLMEngine:
     def _release_if_idle(self) -> None:
         """Finished sequences' worker state is dropped with the next step; with no next step
         in sight, send the release on its own."""
-        if self._finished_ids and not self.has_unfinished():
+        if self._finished_ids and not self.has_unfinished() and self.executor.alive:
             self.executor.execute_step(StepInput(finished_ids=self._finished_ids))
             self._finished_ids = []
 

@@ -42,10 +42,33 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(y)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over the full vocabulary, gathered on every rank. Shares the embedding's
-    partition, so tying the two is sharing one parameter."""
+class ParallelLMHead(nn.Module):
+    """Logits over the full vocabulary, gathered on every rank, with the embedding's vocabulary
+    partition. Tied to an embedding it uses that ``(V_local, H)`` parameter; untied it stores
+    its own transposed, ``(H, V_local)``: for the few rows a decode step samples, MKL streams
+    this layout faster (measured out of cache, 2 cores, 32000 x 768 float32: 4.1 ms against
+    7.6 ms at 1 row, 29.6 against 31.4 ms at 64). The linear layers keep the checkpoint's
+    layout, where the same comparison is mixed (1.6x faster to 17% slower by shape and rows)."""
+
+    def __init__(self, vocab_size: int, hidden: int, group: Group,
+                 tied: VocabParallelEmbedding | None = None) -> None:
+        super().__init__()
+        self.group, self.vocab_size, self.tied = group, vocab_size, tied is not None
+        self.per_rank = shard(vocab_size, group.size)
+        self.start = group.rank * self.per_rank
+        self.stop = min(self.start + self.per_rank, vocab_size)
+        if tied is not None:
+            self.weight = tied.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(hidden, self.per_rank), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
+        n = max(0, self.stop - self.start)
+        param.data[:, n:].zero_()
+        if n:
+            param.data[:, :n].copy_(src.read(0, self.start, self.stop).t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
-        logits = self.group.all_gather(F.linear(x, self.weight), dim=-1)
-        return logits[..., :self.vocab_size]
+        local = F.linear(x, self.weight) if self.tied else x @ self.weight
+        return self.group.all_gather(local, dim=-1)[..., :self.vocab_size]

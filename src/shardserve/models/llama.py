@@ -106,10 +106,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: TransformerSpec, max_len: int, group: Group) -> None:
         super().__init__()
         self.model = LlamaModel(spec, max_len, group)
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, group)
+        tied = self.model.embed_tokens if spec.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, group, tied)
         self.tied_weights: dict[str, str] = {}
-        if spec.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if tied is not None:
             self.tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
