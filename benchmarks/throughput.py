@@ -3,7 +3,9 @@
     python benchmarks/throughput.py [--workloads A,M,B] [--out benchmarks/.cache]
 
 Model: llama-110m shape (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate 2048,
-vocab 32000, untied), random weights, float32, tp=1 on ``cpu:1`` (both cores), EOS ignored.
+vocab 32000, untied), random weights, float32, EOS ignored. shardserve runs at tp=1 on
+``cpu:1`` (one process, 2 threads) and at tp=2 on ``cpu:2`` (two processes, 1 thread each):
+both use the same 2 cores transformers uses with its 2 threads.
 
 - A, uniform: 64 requests x (128 random prompt tokens, 128 output tokens). Baseline: one
   static batch of 64 through transformers.
@@ -101,7 +103,25 @@ def main() -> None:
     gc.collect()
 
     rows = []
-    with LLM(str(path), tensor_parallel_size=1, devices="cpu:1", max_model_len=1024) as llm:
+    for tp in (1, 2):
+        rows += run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params)
+    print("\n| workload | tp | transformers tok/s | shardserve tok/s | speedup | machine fraction "
+          "(shardserve / transformers) | steps | per-step control overhead |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        frac = (f"{r['bandwidth_fraction']:.0%} / {r['transformers_bandwidth_fraction']:.0%} "
+                "of memory bandwidth" if r["workload"] == "B" else
+                f"{r['gemm_fraction']:.0%} / {r['transformers_gemm_fraction']:.0%} of GEMM")
+        print(f"| {r['workload']} | {r['tp']} | {r['transformers_tok_s']:.1f} | "
+              f"{r['shardserve_tok_s']:.1f} | {r['speedup']:.2f}x | {frac} | {r['steps']} | "
+              f"IPC {r['ipc_overhead_share']:.1%}, scheduling {r['engine_cpu_share']:.1%}, "
+              f"collectives {r['collectives_share']:.1%} |")
+
+
+def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params) -> list[dict]:
+    rows = []
+    with LLM(str(path), tensor_parallel_size=tp, devices=f"cpu:{tp}",
+             max_model_len=1024) as llm:
         run_shardserve(llm, *workload("B"))  # warm up
         for name in names:
             prompts, outs = workload(name)
@@ -111,7 +131,7 @@ def main() -> None:
             d = {k: s1[k] - s0[k] for k in s1}
             tokens = sum(outs)
             all_tokens = tokens + sum(map(len, prompts))
-            row = {"workload": name, "shardserve_tok_s": tokens / dt,
+            row = {"workload": name, "tp": tp, "shardserve_tok_s": tokens / dt,
                    "transformers_tok_s": tokens / base[name], "speedup": base[name] / dt,
                    "steps": d["steps"], "preemptions": llm.engine.scheduler.num_preemptions,
                    "ipc_overhead_share": (d["step_seconds"] - d["worker_seconds"]) / dt,
@@ -126,16 +146,7 @@ def main() -> None:
                     all_tokens * 2 * matmul_params / base[name] / flops)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| workload | transformers tok/s | shardserve tok/s | speedup | machine fraction "
-          "(shardserve / transformers) | steps | per-step control overhead |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        frac = (f"{r['bandwidth_fraction']:.0%} / {r['transformers_bandwidth_fraction']:.0%} "
-                "of memory bandwidth" if r["workload"] == "B" else
-                f"{r['gemm_fraction']:.0%} / {r['transformers_gemm_fraction']:.0%} of GEMM")
-        print(f"| {r['workload']} | {r['transformers_tok_s']:.1f} | {r['shardserve_tok_s']:.1f} "
-              f"| {r['speedup']:.2f}x | {frac} | {r['steps']} | "
-              f"IPC {r['ipc_overhead_share']:.1%}, scheduling {r['engine_cpu_share']:.1%} |")
+    return rows
 
 
 if __name__ == "__main__":
