@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Any
 
 from shardserve.config import (
     CacheConfig,
@@ -14,6 +16,12 @@ from shardserve.config import (
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
+
+
+def _take(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the entries of ``kwargs`` that are fields of dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"path"}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
 def load_tokenizer(config: ModelConfig):
@@ -28,22 +36,26 @@ class LLM:
     """A model sharded over ``tensor_parallel_size`` devices, generating with continuous
     batching over a paged KV cache.
 
-    ``devices`` defaults to one CPU device per rank (``cpu:{tensor_parallel_size}``);
-    ``device_memory`` is each device's budget (``"2GiB"``; default host memory / devices).
+    ``devices`` defaults to one CPU device per rank (``cpu:{tensor_parallel_size}``). Any
+    other keyword is a field of ``ModelConfig`` (``dtype``, ``max_model_len``), ``DeviceConfig``
+    (``device_memory``), ``CacheConfig`` (``block_size``, ``num_blocks``,
+    ``enable_prefix_caching``) or ``SchedulerConfig`` (``max_num_seqs``,
+    ``max_num_batched_tokens``), with the defaults and meanings documented there.
     """
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, devices: str | None = None,
-                 device_memory: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, block_size: int = 16,
-                 num_blocks: int | None = None, enable_prefix_caching: bool = True) -> None:
-        self.model_config = ModelConfig(model, dtype, max_model_len)
+                 **kwargs: Any) -> None:
+        kwargs["devices"] = devices or f"cpu:{tensor_parallel_size}"
+        model_cfg, device, cache, sched = (
+            _take(cls, kwargs) for cls in (ModelConfig, DeviceConfig, CacheConfig,
+                                           SchedulerConfig))
+        if kwargs:
+            raise TypeError(f"LLM got unknown arguments {sorted(kwargs)}")
+        self.model_config = ModelConfig(model, **model_cfg)
         self.tokenizer = load_tokenizer(self.model_config)
         self.engine = LLMEngine(
-            self.model_config, ParallelConfig(tensor_parallel_size),
-            DeviceConfig(devices or f"cpu:{tensor_parallel_size}", device_memory),
-            CacheConfig(block_size, num_blocks, enable_prefix_caching),
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.tokenizer)
+            self.model_config, ParallelConfig(tensor_parallel_size), DeviceConfig(**device),
+            CacheConfig(**cache), SchedulerConfig(**sched), self.tokenizer)
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | None = None,

@@ -10,7 +10,13 @@ import sys
 import types
 import typing
 
-from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+from shardserve.config import (
+    CacheConfig,
+    DeviceConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 _SHORT = {"tensor_parallel_size": "--tp"}
 
@@ -26,6 +32,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         if isinstance(kind, types.UnionType):  # "int | None" -> int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         required = f.default is dataclasses.MISSING
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=f.metadata.get("help"))
+            continue
         parser.add_argument(*names, dest=f.name, type=kind, required=required,
                             default=None if required else f.default, help=f.metadata.get("help"))
 
@@ -45,10 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_fields(g, ModelConfig, skip=("path",))
     _add_fields(g, ParallelConfig)
     _add_fields(g, DeviceConfig)
+    _add_fields(g, CacheConfig)
+    _add_fields(g, SchedulerConfig)
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--n", type=int, default=1, help="completions per prompt")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
 
     pl = sub.add_parser("plan", help="bytes per device for a model at a tp, from config.json")
@@ -75,14 +91,17 @@ def _generate(args: argparse.Namespace) -> None:
     from shardserve.llm import LLM
     from shardserve.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            seed=args.seed, ignore_eos=args.ignore_eos)
-    with LLM(args.path, args.tensor_parallel_size, args.devices, args.device_memory, args.dtype,
-             args.max_model_len) as llm:
+    params = SamplingParams(n=args.n, max_tokens=args.max_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    configs = (ModelConfig, DeviceConfig, CacheConfig, SchedulerConfig)
+    fields = {f.name for cls in configs for f in dataclasses.fields(cls)} - {"path", "devices"}
+    with LLM(args.path, args.tensor_parallel_size, args.devices,
+             **{name: getattr(args, name) for name in fields}) as llm:
         for out in llm.generate(args.prompt, params):
-            print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
-                              "token_ids": out.outputs[0].token_ids,
-                              "finish_reason": out.outputs[0].finish_reason}))
+            for c in out.outputs:
+                print(json.dumps({"prompt": out.prompt, "index": c.index, "text": c.text,
+                                  "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -7,11 +7,15 @@ then decodes attend in one padded SDPA call over their gathered blocks, and each
 attends causally to its sequence's cached prefix plus itself. Writing every token's K/V before
 any read also makes it correct for a sequence to read blocks another one fills in the same
 step. ``AttentionMetadata`` is built once per step and shared by every layer.
+
+The computation sits behind ``AttentionBackend``: ``TorchSDPABackend`` here runs anywhere
+PyTorch does; a fused paged-attention kernel for CUDA can implement the same two methods.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,58 +52,83 @@ class AttentionMetadata:
         return self._masks[window]
 
 
+class AttentionBackend(Protocol):
+    def write_kv(self, attn: Attention, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """Store the step's keys and values (N, nkv, hd) in their cache slots."""
+
+    def attend(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
+               ) -> torch.Tensor:
+        """Queries (N, nh, hd) against the cache -> (N, nh, hd)."""
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None,
+                 backend: AttentionBackend | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.window = sliding_window
+        self.backend = backend or TorchSDPABackend()
         self.k_cache: torch.Tensor | None = None  # (num_blocks, bs, nkv, hd), set by the runner
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: (N, nh, hd); k, v: (N, nkv, hd) -> (N, nh * hd)."""
-        flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        self.backend.write_kv(self, k, v, meta)
+        return self.backend.attend(self, q, meta).view(q.shape[0], -1)
+
+
+class TorchSDPABackend:
+    """Gather each sequence's blocks and call ``scaled_dot_product_attention``: decodes in one
+    padded call, prefill chunks one by one."""
+
+    def write_kv(self, attn: Attention, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        attn.k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
+        attn.v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+
+    def attend(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
+               ) -> torch.Tensor:
         out = q.new_empty(q.shape)
         if meta.num_decodes:
-            out[:meta.num_decodes] = self._decode(q[:meta.num_decodes], meta)
+            out[:meta.num_decodes] = self._decode(attn, q[:meta.num_decodes], meta)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
-            out[rows] = self._prefill(q[rows], chunk)
-        return out.view(q.shape[0], self.num_heads * self.head_dim)
+            out[rows] = self._prefill(attn, q[rows], chunk)
+        return out
 
-    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """(..., nb) block ids -> (..., nkv, nb * bs, hd) keys or values in order."""
         x = cache[tables]  # (..., nb, bs, nkv, hd)
         x = x.flatten(-4, -3)  # (..., L, nkv, hd)
         return x.transpose(-3, -2)
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        k = self._gather(self.k_cache, meta.decode_tables)  # (D, nkv, L, hd)
-        v = self._gather(self.v_cache, meta.decode_tables)
-        mask = meta.decode_mask(self.k_cache.shape[1], self.window)
+    def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        k = self._gather(attn.k_cache, meta.decode_tables)  # (D, nkv, L, hd)
+        v = self._gather(attn.v_cache, meta.decode_tables)
+        mask = meta.decode_mask(attn.k_cache.shape[1], attn.window)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)  # (D, nh, 1, hd)
+            q.unsqueeze(2), k, v, attn_mask=mask, scale=attn.scale,
+            enable_gqa=attn.num_heads != attn.num_kv_heads)  # (D, nh, 1, hd)
         return out.squeeze(2)
 
-    def _prefill(self, q: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
-        n, ctx = chunk.num_tokens, chunk.context_len
-        k = self._gather(self.k_cache, chunk.block_ids)[:, :ctx]  # (nkv, ctx, hd)
-        v = self._gather(self.v_cache, chunk.block_ids)[:, :ctx]
+    def _prefill(self, attn: Attention, q: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        n, ctx, window = chunk.num_tokens, chunk.context_len, attn.window
+        k = self._gather(attn.k_cache, chunk.block_ids)[:, :ctx]  # (nkv, ctx, hd)
+        v = self._gather(attn.v_cache, chunk.block_ids)[:, :ctx]
         mask = None
-        if n != ctx or self.window is not None:
+        if n != ctx or window is not None:
             q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
             k_pos = torch.arange(ctx, device=q.device)[None, :]
             mask = k_pos <= q_pos
-            if self.window is not None:
-                mask &= k_pos > q_pos - self.window
+            if window is not None:
+                mask &= k_pos > q_pos - window
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)  # (nh, n, hd)
+            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale,
+            enable_gqa=attn.num_heads != attn.num_kv_heads)  # (nh, n, hd)
         return out.transpose(0, 1)
