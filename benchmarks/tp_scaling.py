@@ -36,17 +36,17 @@ def prompts(batch: int) -> list[list[int]]:
 def shardserve_decode(llm: LLM, tp: int, devices: str, batch: int, tokens: int) -> dict:
     engine = llm.engine
     params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
-    for p in prompts(batch):
-        engine.add_request(p, params)
+    for i, p in enumerate(prompts(batch)):
+        engine.add_request(f"{tokens}-{i}", p, params)
     engine.step()  # prefill: every prompt at once, one token each
-    comm0, t0, steps = engine.comm_seconds, time.perf_counter(), 0
+    comm0, t0, steps = engine.stats.comm_seconds, time.perf_counter(), 0
     while engine.has_unfinished():
         engine.step()
         steps += 1
     dt = time.perf_counter() - t0
     return {"system": "shardserve", "tp": tp, "devices": devices, "batch": batch,
             "decode_tok_s": batch * steps / dt, "ms_per_step": 1e3 * dt / steps,
-            "comm_share": (engine.comm_seconds - comm0) / dt}
+            "comm_share": (engine.stats.comm_seconds - comm0) / dt}
 
 
 def hf_decode(path: Path, batch: int, tokens: int) -> dict:
