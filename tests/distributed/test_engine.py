@@ -123,13 +123,26 @@ def test_seeds_n_and_stops(checkpoints):
             max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]))[0]
         assert stopped.outputs[0].token_ids == ref.token_ids[:first + 1]
         assert stopped.outputs[0].finish_reason == "stop"
-        text = ref.text
-        needle = text[len(text) // 2:len(text) // 2 + 2]
-        if needle.strip():
-            by_text = llm.generate(prompt_token_ids=[[1, 9, 9]], sampling_params=SamplingParams(
-                max_tokens=20, temperature=0, ignore_eos=True, stop=[needle]))[0].outputs[0]
-            assert by_text.text == text[:text.find(needle)]
-            assert by_text.finish_reason == "stop"
+        # a stop string: the text of one generated token, cut where it first appears
+        pieces = [llm.tokenizer.decode([t]) for t in ref.token_ids[3:]]
+        needle = next(p for p in pieces if p.strip() and p in ref.text)
+        by_text = llm.generate(prompt_token_ids=[[1, 9, 9]], sampling_params=SamplingParams(
+            max_tokens=20, temperature=0, ignore_eos=True, stop=[needle]))[0].outputs[0]
+        assert by_text.text == ref.text[:ref.text.find(needle)]
+        assert by_text.finish_reason == "stop"
+
+
+def test_seeded_sampling_survives_preemption(checkpoints):
+    prompts, _ = _workload(16, seed=5)
+    params = [SamplingParams(max_tokens=60, temperature=0.9, top_k=50, seed=i, ignore_eos=True)
+              for i in range(16)]
+    runs = []
+    for num_blocks in (None, 45):
+        with LLM(str(checkpoints["llama"]), num_blocks=num_blocks) as llm:
+            runs.append(_tokens(llm.generate(prompt_token_ids=prompts, sampling_params=params)))
+            preempted = llm.engine.scheduler.num_preemptions
+    assert preempted > 0
+    assert runs[0] == runs[1]
 
 
 def test_logprobs_match_transformers(checkpoints):
