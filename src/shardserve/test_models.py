@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# Shapes of the sizes we name. Head counts keep tp = 1, 2 and 4 valid.
+# Shapes of the sizes we name. Head counts keep tp = 1, 2 and 4 valid. The small vocabularies
+# are the size the shipped corpus trains to (so every id decodes), and odd, so that splitting
+# the vocabulary over 2 or 4 ranks exercises the padded last shard.
 SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=1001,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=901,
                  max_position_embeddings=1024),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, intermediate_size=704, vocab_size=2003,
+                  num_key_value_heads=2, intermediate_size=704, vocab_size=901,
                   max_position_embeddings=2048),
     "llama-110m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, intermediate_size=2048, vocab_size=32000,
