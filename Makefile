@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
-DEMO_DIR := $(HOME)/.cache/shardserve/demo-llama-random
 
 .PHONY: setup test serve lint bench clean
 
@@ -23,12 +22,10 @@ lint: setup
 test: setup lint
 	$(BIN)/pytest
 
-# The HTTP server arrives with issue 4; until then `make serve` builds the demo model and runs
-# the offline engine on it across two CPU devices.
+# Serves the embedded default repository (built on first run into ~/.cache/shardserve) on
+# two CPU devices at http://127.0.0.1:8000; prints a curl line to try.
 serve: setup
-	$(BIN)/shardserve make-test-model --arch llama --size small --out $(DEMO_DIR) --skip-existing
-	$(BIN)/shardserve generate --model $(DEMO_DIR) --tp 2 --devices cpu:2 \
-		--prompt "The quick brown fox" --max-tokens 32
+	$(BIN)/shardserve serve --devices cpu:2
 
 bench: setup
 	$(BIN)/python benchmarks/tp_scaling.py

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,46 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """One model of a repository, from its folder's ``model.yaml``."""
+
+    name: str = field(metadata={"help": "the name clients call the model by"})
+    path: str = field(metadata={"help": "the model folder (config.json, *.safetensors)"})
+    kind: str = field(default="llm", metadata={"help": "llm (the only kind served so far)"})
+    dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size"})
+    max_model_len: int | None = field(default=None, metadata={"help": "as ModelConfig"})
+    max_num_seqs: int = field(default=16, metadata={"help": "as SchedulerConfig"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "as SchedulerConfig"})
+
+    @staticmethod
+    def from_folder(folder: str) -> DeploymentConfig:
+        """Read ``folder/model.yaml``; errors name the file and the field."""
+        import yaml
+
+        file = Path(folder) / "model.yaml"
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{file}: cannot read: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a mapping of fields")
+        known = {f.name for f in fields_of(DeploymentConfig)} - {"path"}
+        unknown = sorted(set(data) - known - {"weights"})
+        if unknown:
+            raise ValueError(f"{file}: unknown field {unknown[0]!r}; known: {sorted(known)}")
+        weights = str((Path(folder) / str(data.pop("weights", "."))).resolve())
+        data.setdefault("name", Path(folder).name)
+        try:
+            cfg = DeploymentConfig(path=weights, **data)
+        except TypeError as e:
+            raise ValueError(f"{file}: {e}") from None
+        if cfg.kind != "llm":
+            raise ValueError(f"{file}: kind {cfg.kind!r} is not served yet; use kind: llm")
+        for name in ("tp", "max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+                raise ValueError(f"{file}: {name} must be an integer >= 1")
+        return cfg

@@ -153,4 +153,24 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": BOS, "eos_token": EOS, "unk_token": "<unk>",
-         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE},
+        indent=2))
+
+
+# A ChatML-like template for the test models' chat endpoint.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def write_repository(root: str | Path) -> Path:
+    """The embedded default repository ``make serve`` runs: one small random-weight Llama with
+    a tokenizer and a chat template. Written once; kept if present."""
+    root = Path(root)
+    folder = root / "demo-llama-random"
+    if not (folder / "model.yaml").is_file():
+        write(folder, "llama", "small", seed=0)
+        (folder / "model.yaml").write_text(
+            "# random weights: the text is nonsense; the machinery is real\n"
+            "name: demo-llama-random\nkind: llm\ntp: 2\nmax_model_len: 1024\n"
+            "max_num_seqs: 16\n")
+    return root

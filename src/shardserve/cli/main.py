@@ -73,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_fields(pl, ParallelConfig)
     _add_fields(pl, DeviceConfig)
 
+    sv = sub.add_parser("serve", help="serve a model repository (or one model) over HTTP")
+    src = sv.add_mutually_exclusive_group()
+    src.add_argument("--repository", help="folder of model folders, each with a model.yaml; "
+                                          "default: the embedded demo repository")
+    src.add_argument("--model", help="serve this one model folder")
+    sv.add_argument("--name", help="with --model: the name clients use (default: folder name)")
+    sv.add_argument("--tp", type=int, default=1, help="with --model: tensor-parallel size")
+    sv.add_argument("--max-model-len", type=int, default=None, help="with --model")
+    _add_fields(sv, DeviceConfig)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only until "
+                                                        "API keys arrive)")
+    sv.add_argument("--port", type=int, default=8000)
+
     m = sub.add_parser("make-test-model", help="write a random-weight checkpoint of a real "
                                                "architecture (deterministic from --seed)")
     m.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
@@ -122,6 +135,75 @@ def _plan(args: argparse.Namespace) -> None:
                      indent=2))
 
 
+def _server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die of
+        the signal; a finished graceful shutdown is a clean exit (status 0)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT,
+                                                                   signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
+    return Server
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import ipaddress
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from shardserve import test_models
+    from shardserve.api.app import create_app
+
+    _Server = _server_class()
+    from shardserve.config import DeploymentConfig
+    from shardserve.engine.host import ModelHost, repository_configs
+    from shardserve.runtime.devices import parse_devices
+
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        raise ValueError(f"refusing to bind {args.host}: there is no API-key authentication "
+                         "yet, so shardserve serves only on loopback (127.0.0.1 or ::1)")
+    if args.model:
+        configs = [DeploymentConfig(name=args.name or Path(args.model).name,
+                                    path=str(Path(args.model).resolve()), tp=args.tp,
+                                    max_model_len=args.max_model_len)]
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"
+        repo = args.repository or str(test_models.write_repository(cache / "repository"))
+        configs = repository_configs(repo)
+    host = ModelHost(parse_devices(args.devices, args.device_memory))
+    try:
+        for cfg in configs:
+            dep = host.load(cfg)
+            print(f"loaded {cfg.name} on {', '.join(dep.devices)}", flush=True)
+        url = f"http://{args.host}:{args.port}"
+        name = configs[0].name if configs else "MODEL"
+        print(f"shardserve listening on {url}\ntry:\n  curl {url}/v1/completions -H "
+              f"'Content-Type: application/json' -d '{{\"model\": \"{name}\", "
+              f"\"prompt\": \"The quick brown fox\", \"max_tokens\": 16}}'", flush=True)
+        _Server(uvicorn.Config(create_app(host), host=args.host, port=args.port,
+                               log_level="warning", timeout_graceful_shutdown=30)).run()
+    finally:
+        host.shutdown()
+
+
 def _make_test_model(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -139,8 +221,8 @@ def _make_test_model(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "plan": _plan, "make-test-model": _make_test_model}[
-            args.command](args)
+        {"generate": _generate, "plan": _plan, "serve": _serve,
+         "make-test-model": _make_test_model}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from shardserve.planner.memory import (
     kv_blocks,
     kv_bytes_per_token,
 )
-from shardserve.runtime.devices import parse_devices
+from shardserve.runtime.devices import Device, parse_devices
 from shardserve.runtime.executor import Executor
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
 from shardserve.sampling_params import SamplingParams
@@ -58,8 +58,8 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: ModelConfig, parallel: ParallelConfig, device: DeviceConfig,
-                 cache: CacheConfig | None = None,
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig,
+                 device: DeviceConfig | list[Device], cache: CacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, tokenizer=None) -> None:
         cache, scheduler = cache or CacheConfig(), scheduler or SchedulerConfig()
         self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
@@ -83,8 +83,8 @@ class LLMEngine:
         self.stats = EngineStats()
         self.stream = False  # build outputs for every updated request, not only finished ones
 
-    def _plan(self, model: ModelConfig, parallel: ParallelConfig, device: DeviceConfig,
-              cache: CacheConfig, sched: SchedulerConfig):
+    def _plan(self, model: ModelConfig, parallel: ParallelConfig,
+              device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig):
         """Check everything fits before any worker starts; returns (num_blocks, devices)."""
         from shardserve.models.registry import check_architecture
 
@@ -92,10 +92,13 @@ class LLMEngine:
         check_architecture(spec.architecture)
         parallel.check_model(spec)
         tp = parallel.tensor_parallel_size
-        devices = parse_devices(device.devices, device.device_memory)
+        if isinstance(device, DeviceConfig):
+            devices = parse_devices(device.devices, device.device_memory)
+        else:  # placed by the host's plan
+            devices = device
         if tp > len(devices):
-            raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; --devices "
-                             f"{device.devices!r} has {len(devices)}")
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; "
+                             f"{', '.join(d.name for d in devices)} are {len(devices)}")
         budget = devices[0].memory_budget
         weights = check_fits(spec, tp, dtype, budget, len(devices))
         act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)

@@ -1,0 +1,1 @@
+"""HTTP only: thin routes over the engine interface. Imports no torch."""

@@ -1,0 +1,24 @@
+"""The FastAPI application: protocol routers over a ModelHost."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from shardserve.api.errors import APIError, api_error_handler, validation_handler
+from shardserve.api.routes import kserve, openai
+
+if TYPE_CHECKING:
+    from shardserve.engine.host import ModelHost
+
+
+def create_app(host: ModelHost) -> FastAPI:
+    app = FastAPI(title="shardserve", docs_url=None, redoc_url=None)
+    app.state.host = host
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.include_router(openai.router)
+    app.include_router(kserve.router)
+    return app

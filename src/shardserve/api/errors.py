@@ -1,0 +1,40 @@
+"""Errors as both protocols shape them: OpenAI's ``{"error": {...}}`` under ``/v1`` and the Open
+Inference Protocol's ``{"error": "..."}`` under ``/v2``. Messages never echo request input."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLarge",
+          429: "RateLimitError", 503: "ServiceUnavailableError"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    if request.url.path.startswith("/v2"):
+        return JSONResponse({"error": message}, status_code=status)
+    body = {"message": message, "type": _TYPES.get(status, "APIError"), "param": param,
+            "code": code}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(request, exc.status, exc.message, exc.param, exc.code)
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    return error_response(request, 400, f"invalid field {field!r}: {first.get('msg', 'invalid')}"
+                          if field else "request body is not valid JSON of the expected shape",
+                          field, "invalid_request")

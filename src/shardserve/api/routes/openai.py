@@ -1,0 +1,219 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from shardserve.api.errors import APIError
+from shardserve.api.protocol import ChatRequest, CompletionRequest
+from shardserve.outputs import RequestOutput
+
+router = APIRouter()
+_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+_DEFAULT_MAX_TOKENS = 16
+
+
+def deployment(request: Request, name: str):
+    try:
+        return request.app.state.host.get(name)
+    except KeyError:
+        raise APIError(404, f"The model `{name}` does not exist.", "model",
+                       "model_not_found") from None
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    host = request.app.state.host
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "shardserve",
+         "max_model_len": dep.model.context_len} for name, dep in host.deployments.items()]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    dep = deployment(request, body.model)
+    if isinstance(body.prompt, str):
+        ids, text = encode(dep, body.prompt), body.prompt
+    else:
+        ids, text = list(body.prompt), None
+    params = _params(body, body.logprobs)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    outputs = await _start(dep, ids, params, rid, text)
+    if body.stream:
+        return _sse(_completion_chunks(outputs, rid, body, dep, params))
+    final = await _last(outputs)
+    choices = [{"index": c.index, "text": c.text, "finish_reason": _reason(c.finish_reason),
+                "logprobs": _completion_logprobs(dep, c) if body.logprobs is not None else None}
+               for c in final.outputs]
+    return {"id": rid, "object": "text_completion", "created": int(time.time()),
+            "model": body.model, "choices": choices, "usage": _usage(final)}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    dep = deployment(request, body.model)
+    prompt = render_chat(dep, body)
+    ids = encode(dep, prompt, add_special_tokens=False)
+    params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    outputs = await _start(dep, ids, params, rid, prompt)
+    if body.stream:
+        return _sse(_chat_chunks(outputs, rid, body, params))
+    final = await _last(outputs)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "finish_reason": _reason(c.finish_reason),
+                "logprobs": _chat_logprobs(dep, c) if body.logprobs else None}
+               for c in final.outputs]
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+            "model": body.model, "choices": choices, "usage": _usage(final)}
+
+
+# -- helpers -------------------------------------------------------------------------------
+def encode(dep, text: str, add_special_tokens: bool = True) -> list[int]:
+    if dep.tokenizer is None:
+        raise APIError(400, f"model `{dep.config.name}` has no tokenizer; send token ids",
+                       "prompt")
+    return dep.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def render_chat(dep, body: ChatRequest) -> str:
+    if dep.chat_template is None:
+        raise APIError(400, f"model `{body.model}` has no chat template (no chat_template in "
+                            "its tokenizer_config.json or chat_template.jinja); use "
+                            "/v1/completions", "messages", "no_chat_template")
+    try:
+        return _JINJA.from_string(dep.chat_template).render(
+            messages=[m.model_dump() for m in body.messages], add_generation_prompt=True,
+            bos_token="<s>", eos_token="</s>")
+    except TemplateError as e:
+        raise APIError(400, f"the chat template failed: {e}", "messages") from None
+
+
+def _params(body, logprobs):
+    try:
+        return body.sampling_params(_DEFAULT_MAX_TOKENS, logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from None
+
+
+async def _start(dep, ids, params, rid, text) -> AsyncIterator[RequestOutput]:
+    """Start generating; errors the engine raises on admission become 400s here, before any
+    response starts."""
+    gen = dep.engine.generate(ids, params, rid, text)
+    try:
+        first = await anext(gen)
+    except ValueError as e:
+        raise APIError(400, str(e), "prompt", "invalid_request") from None
+
+    async def chained():
+        yield first
+        async for out in gen:
+            yield out
+
+    return chained()
+
+
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = None
+    async for out in outputs:
+        final = out
+    return final
+
+
+def _reason(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def _usage(out: RequestOutput) -> dict:
+    prompt, completion = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _token_text(dep, token: int) -> str:
+    return dep.tokenizer.decode([token], skip_special_tokens=False) if dep.tokenizer else ""
+
+
+def _completion_logprobs(dep, c) -> dict:
+    tokens = [_token_text(dep, t) for t in c.token_ids]
+    return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(c.token_ids,
+                                                                         c.logprobs or [],
+                                                                         strict=False)],
+            "top_logprobs": [{_token_text(dep, k): v for k, v in lp.items()}
+                             for lp in c.logprobs or []],
+            "text_offset": [sum(map(len, tokens[:i])) for i in range(len(tokens))]}
+
+
+def _chat_logprobs(dep, c) -> dict:
+    content = []
+    for t, lp in zip(c.token_ids, c.logprobs or [], strict=False):
+        content.append({"token": _token_text(dep, t), "logprob": lp[t], "bytes": None,
+                        "top_logprobs": [{"token": _token_text(dep, k), "logprob": v,
+                                          "bytes": None} for k, v in lp.items() if k != t]})
+    return {"content": content}
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _deltas(outputs: AsyncIterator[RequestOutput], params):
+    """(output, [(index, new text, finish_reason)]) per step. While a completion runs, text
+    that could still become a stop string is held back, so no streamed text is taken back."""
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    sent: dict[int, int] = {}
+    async for out in outputs:
+        deltas = []
+        for c in out.outputs:
+            visible = c.text if c.finish_reason else c.text[:max(0, len(c.text) - hold)]
+            start = sent.get(c.index, 0)
+            if len(visible) > start or c.finish_reason:
+                deltas.append((c.index, visible[start:], _reason(c.finish_reason)))
+                sent[c.index] = max(start, len(visible))
+        yield out, deltas
+
+
+async def _completion_chunks(outputs, rid, body, dep, params) -> AsyncIterator[dict]:
+    created, last = int(time.time()), None
+    async for out, deltas in _deltas(outputs, params):
+        last = out
+        for index, text, reason in deltas:
+            yield {"id": rid, "object": "text_completion", "created": created,
+                   "model": body.model, "choices": [{"index": index, "text": text,
+                                                     "finish_reason": reason,
+                                                     "logprobs": None}]}
+    if body.stream_options and body.stream_options.include_usage and last is not None:
+        yield {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+               "choices": [], "usage": _usage(last)}
+
+
+async def _chat_chunks(outputs, rid, body, params) -> AsyncIterator[dict]:
+    created, last = int(time.time()), None
+
+    def chunk(choices: list[dict[str, Any]]) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": body.model, "choices": choices}
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                  "finish_reason": None} for i in range(body.n)])
+    async for out, deltas in _deltas(outputs, params):
+        last = out
+        for index, text, reason in deltas:
+            yield chunk([{"index": index, "delta": {"content": text} if text else {},
+                          "finish_reason": reason}])
+    if body.stream_options and body.stream_options.include_usage and last is not None:
+        yield {**chunk([]), "usage": _usage(last)}

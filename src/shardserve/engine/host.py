@@ -1,0 +1,132 @@
+"""ModelHost: the deployments of one server, by name, placed on devices by a memory plan and
+loaded and unloaded live (Triton's explicit model control)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardserve.config import (
+    CacheConfig,
+    DeploymentConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from shardserve.engine.async_engine import AsyncLLMEngine
+from shardserve.engine.llm_engine import LLMEngine
+from shardserve.models.registry import check_architecture
+from shardserve.planner.memory import (
+    activation_bytes,
+    kv_bytes_per_token,
+    weight_bytes_per_device,
+)
+from shardserve.planner.placement import Need, Plan, place, release
+from shardserve.runtime.devices import Device
+
+
+@dataclass
+class Deployment:
+    config: DeploymentConfig
+    model: ModelConfig
+    engine: AsyncLLMEngine
+    tokenizer: object | None
+    chat_template: str | None
+    devices: list[str]
+    bytes_per_device: int
+
+
+def repository_configs(folder: str) -> list[DeploymentConfig]:
+    """Every ``*/model.yaml`` under ``folder``, validated; names must be unique."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"model repository {folder!r} does not exist")
+    configs = [DeploymentConfig.from_folder(str(p.parent))
+               for p in sorted(root.glob("*/model.yaml"))]
+    names = [c.name for c in configs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"{folder}: model name {sorted(dup)[0]!r} is used by two folders")
+    return configs
+
+
+def load_chat_template(folder: str) -> str | None:
+    path = Path(folder) / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    cfg = Path(folder) / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+class ModelHost:
+    def __init__(self, devices: list[Device]) -> None:
+        self.devices = {d.name: d for d in devices}
+        self.plan = Plan({d.name: d.memory_budget for d in devices})
+        self.deployments: dict[str, Deployment] = {}
+        self._lock = threading.Lock()  # load/unload one at a time; serving is not blocked
+
+    def need(self, cfg: DeploymentConfig, model: ModelConfig) -> Need:
+        """Bytes per device: weights, one step's activations, and a KV cache that holds
+        ``max_num_seqs`` sequences of full length."""
+        spec, dtype = model.spec, model.torch_dtype_name
+        check_architecture(spec.architecture)
+        ParallelConfig(cfg.tp).check_model(spec)
+        weights = weight_bytes_per_device(spec, cfg.tp, dtype)
+        act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
+                               cfg.max_num_seqs)
+        block = CacheConfig().block_size
+        blocks = cfg.max_num_seqs * -(-model.context_len // block)
+        kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, dtype)
+        return Need(cfg.name, cfg.tp, weights + act + kv)
+
+    def load(self, cfg: DeploymentConfig) -> Deployment:
+        """Place and start ``cfg``; on any error nothing changes."""
+        from shardserve.llm import load_tokenizer
+
+        with self._lock:
+            if cfg.name in self.deployments:
+                raise ValueError(f"model {cfg.name!r} is already loaded")
+            model = ModelConfig(cfg.path, cfg.dtype, cfg.max_model_len)
+            need = self.need(cfg, model)
+            place(self.plan.budgets, [need], self.plan)
+            names = self.plan.assigned[cfg.name]
+            devices = [dataclasses.replace(self.devices[n], memory_budget=need.bytes_per_device)
+                       for n in names]
+            try:
+                tokenizer = load_tokenizer(model)
+                engine = LLMEngine(model, ParallelConfig(cfg.tp), devices, CacheConfig(),
+                                   SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
+                                   tokenizer)
+            except BaseException:
+                release(self.plan, cfg.name)
+                raise
+            dep = Deployment(cfg, model, AsyncLLMEngine(engine), tokenizer,
+                             load_chat_template(cfg.path), names, need.bytes_per_device)
+            self.deployments[cfg.name] = dep
+            return dep
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            dep = self.deployments.pop(name, None)
+            if dep is None:
+                raise KeyError(name)
+            dep.engine.shutdown()
+            release(self.plan, name)
+
+    def get(self, name: str) -> Deployment:
+        return self.deployments[name]
+
+    def index(self) -> list[dict]:
+        return [{"name": name, "state": "READY", "devices": dep.devices,
+                 "bytes_per_device": dep.bytes_per_device}
+                for name, dep in self.deployments.items()]
+
+    def shutdown(self) -> None:
+        for name in list(self.deployments):
+            self.unload(name)
