@@ -192,3 +192,17 @@ class DeploymentConfig:
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise ValueError(f"{file}: {name} must be an integer >= 1")
         return cfg
+
+
+def repository_configs(folder: str) -> list[DeploymentConfig]:
+    """Every ``*/model.yaml`` under ``folder``, validated; names must be unique."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"model repository {folder!r} does not exist")
+    configs = [DeploymentConfig.from_folder(str(p.parent))
+               for p in sorted(root.glob("*/model.yaml"))]
+    names = [c.name for c in configs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"{folder}: model name {sorted(dup)[0]!r} is used by two folders")
+    return configs

@@ -65,7 +65,8 @@ def server(checkpoints, tmp_path_factory):
     port = _free_port()
     proc = _start(["--repository", str(repo), "--devices", "cpu:2"], port)
     yield f"http://127.0.0.1:{port}"
-    assert _stop(proc) == 0
+    code = _stop(proc)
+    assert code == 0, proc.stdout.read()[-3000:]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
+from shardserve.api.auth import Auth
 from shardserve.api.errors import APIError, api_error_handler, validation_handler
 from shardserve.api.routes import kserve, openai
 
@@ -14,9 +15,11 @@ if TYPE_CHECKING:
     from shardserve.engine.host import ModelHost
 
 
-def create_app(host: ModelHost) -> FastAPI:
+def create_app(host: ModelHost, auth: Auth | None = None,
+               repository: str | None = None) -> FastAPI:
+    """``auth`` None: no keys (the CLI then binds loopback only) and no repository control."""
     app = FastAPI(title="shardserve", docs_url=None, redoc_url=None)
-    app.state.host = host
+    app.state.host, app.state.auth, app.state.repository = host, auth, repository
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.include_router(openai.router)

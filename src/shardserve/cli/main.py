@@ -82,9 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--tp", type=int, default=1, help="with --model: tensor-parallel size")
     sv.add_argument("--max-model-len", type=int, default=None, help="with --model")
     _add_fields(sv, DeviceConfig)
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only until "
-                                                        "API keys arrive)")
+    sv.add_argument("--auth", help="YAML file of hashed API keys, tenants and their models "
+                                   "(see shardserve.api.auth); required to bind beyond loopback")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind; without --auth, "
+                                                        "loopback only")
     sv.add_argument("--port", type=int, default=8000)
+
+    hk = sub.add_parser("hash-key", help="print the digest of an API key for the --auth file "
+                                         "(a new random key when none is given)")
+    hk.add_argument("key", nargs="?")
 
     m = sub.add_parser("make-test-model", help="write a random-weight checkpoint of a real "
                                                "architecture (deterministic from --seed)")
@@ -167,19 +173,21 @@ def _serve(args: argparse.Namespace) -> None:
 
     from shardserve import test_models
     from shardserve.api.app import create_app
+    from shardserve.api.auth import Auth
 
     _Server = _server_class()
-    from shardserve.config import DeploymentConfig
-    from shardserve.engine.host import ModelHost, repository_configs
+    from shardserve.config import DeploymentConfig, repository_configs
+    from shardserve.engine.host import ModelHost
     from shardserve.runtime.devices import parse_devices
 
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = args.host == "localhost"
-    if not loopback:
-        raise ValueError(f"refusing to bind {args.host}: there is no API-key authentication "
-                         "yet, so shardserve serves only on loopback (127.0.0.1 or ::1)")
+    auth = Auth.from_file(args.auth) if args.auth else None
+    if not loopback and auth is None:
+        raise ValueError(f"refusing to bind {args.host} without --auth: with no API keys, "
+                         "shardserve serves only on loopback (127.0.0.1 or ::1)")
     if args.model:
         configs = [DeploymentConfig(name=args.name or Path(args.model).name,
                                     path=str(Path(args.model).resolve()), tp=args.tp,
@@ -188,6 +196,7 @@ def _serve(args: argparse.Namespace) -> None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"
         repo = args.repository or str(test_models.write_repository(cache / "repository"))
         configs = repository_configs(repo)
+    repo = None if args.model else repo
     host = ModelHost(parse_devices(args.devices, args.device_memory))
     try:
         for cfg in configs:
@@ -198,10 +207,21 @@ def _serve(args: argparse.Namespace) -> None:
         print(f"shardserve listening on {url}\ntry:\n  curl {url}/v1/completions -H "
               f"'Content-Type: application/json' -d '{{\"model\": \"{name}\", "
               f"\"prompt\": \"The quick brown fox\", \"max_tokens\": 16}}'", flush=True)
-        _Server(uvicorn.Config(create_app(host), host=args.host, port=args.port,
+        _Server(uvicorn.Config(create_app(host, auth, repo), host=args.host, port=args.port,
                                log_level="warning", timeout_graceful_shutdown=30)).run()
     finally:
         host.shutdown()
+
+
+def _hash_key(args: argparse.Namespace) -> None:
+    import secrets
+
+    from shardserve.api.auth import hash_key
+
+    key = args.key or "sk-" + secrets.token_urlsafe(32)
+    if not args.key:
+        print(f"key (give it to the client, keep it nowhere else): {key}")
+    print(hash_key(key))
 
 
 def _make_test_model(args: argparse.Namespace) -> None:
@@ -221,7 +241,7 @@ def _make_test_model(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "plan": _plan, "serve": _serve,
+        {"generate": _generate, "plan": _plan, "serve": _serve, "hash-key": _hash_key,
          "make-test-model": _make_test_model}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

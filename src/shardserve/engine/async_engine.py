@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from shardserve.engine.errors import EngineUnavailable
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.outputs import RequestOutput
 from shardserve.sampling_params import SamplingParams
@@ -35,6 +36,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -65,16 +67,15 @@ class AsyncLLMEngine:
         await done.queue.get()
 
     def shutdown(self) -> None:
+        """Refuse new requests, let the running ones finish, then stop the workers."""
         self._commands.put(("stop",))
         self._thread.join()
         self.engine.shutdown()
 
     # -- the loop thread -------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            block = not self.engine.has_unfinished()
-            if not self._drain(block):
-                return
+        while not (self._stopping and not self.engine.has_unfinished()):
+            self._drain(block=not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -89,17 +90,17 @@ class AsyncLLMEngine:
                     if out.finished:
                         del self._streams[out.request_id]
 
-    def _drain(self, block: bool) -> bool:
-        """Apply queued commands (waiting for one if ``block``); False on stop."""
+    def _drain(self, block: bool) -> None:
+        """Apply queued commands, waiting for one if ``block``."""
         while True:
             try:
                 cmd = self._commands.get(block=block)
             except queue.Empty:
-                return True
+                return
             block = False
             if cmd[0] == "stop":
-                return False
-            if cmd[0] == "add":
+                self._stopping = True
+            elif cmd[0] == "add":
                 self._add(*cmd[1:])
             else:
                 self._abort(*cmd[1:])
@@ -107,7 +108,9 @@ class AsyncLLMEngine:
     def _add(self, request_id, tokens, params, prompt, stream: _Stream) -> None:
         try:
             if self._error is not None:
-                raise RuntimeError(f"the engine stopped after an error: {self._error}")
+                raise EngineUnavailable(f"the model's workers failed: {self._error}")
+            if self._stopping:
+                raise EngineUnavailable("the model is being unloaded")
             self.engine.add_request(request_id, tokens, params, prompt)
         except Exception as e:
             stream.put(e)

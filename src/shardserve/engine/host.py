@@ -39,20 +39,6 @@ class Deployment:
     bytes_per_device: int
 
 
-def repository_configs(folder: str) -> list[DeploymentConfig]:
-    """Every ``*/model.yaml`` under ``folder``, validated; names must be unique."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"model repository {folder!r} does not exist")
-    configs = [DeploymentConfig.from_folder(str(p.parent))
-               for p in sorted(root.glob("*/model.yaml"))]
-    names = [c.name for c in configs]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise ValueError(f"{folder}: model name {sorted(dup)[0]!r} is used by two folders")
-    return configs
-
-
 def load_chat_template(folder: str) -> str | None:
     path = Path(folder) / "chat_template.jinja"
     if path.is_file():
@@ -126,6 +112,11 @@ class ModelHost:
         return [{"name": name, "state": "READY", "devices": dep.devices,
                  "bytes_per_device": dep.bytes_per_device}
                 for name, dep in self.deployments.items()]
+
+    def device_usage(self) -> list[dict]:
+        return [{"device": d, "budget": self.plan.budgets[d], "used": self.plan.used(d),
+                 "models": [n for n, devs in self.plan.assigned.items() if d in devs]}
+                for d in self.plan.budgets]
 
     def shutdown(self) -> None:
         for name in list(self.deployments):

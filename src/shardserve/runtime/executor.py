@@ -2,9 +2,9 @@
 OS pipes with typed messages.
 
 A step goes to every rank at once; rank 0 answers. Any other rank's pipe becoming readable
-mid-step means it failed or died, so waits watch every pipe. Workers get the parent-death
-signal and a watchdog, and ``shutdown`` (also run at exit and on garbage collection) stops
-and reaps them: no orphans.
+mid-step means it failed or died, so waits watch every pipe. Workers watch their parent
+process and exit when it is gone, and ``shutdown`` (also run at exit and on garbage
+collection) stops and reaps them: no orphans.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _stop(workers: list[_Worker], shm_path: str | None, graceful: bool = True) -
                 w.send(Shutdown())
             else:
                 w.proc.kill()
-        except OSError:
+        except (OSError, WorkerError):  # already gone
             pass
     for w in workers:
         try:

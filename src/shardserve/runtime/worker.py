@@ -7,10 +7,7 @@ its shard, and then serves steps and control calls until told to stop or its par
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
 import sys
 import threading
 import time
@@ -27,13 +24,9 @@ _CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits")
 
 
 def _die_with_parent() -> None:
-    """Exit when the parent does: the kernel's parent-death signal, and a watchdog thread for
-    the case where the parent thread that spawned us is not the one that dies last."""
+    """Exit when the parent process does. (Not PR_SET_PDEATHSIG: it fires when the parent
+    *thread* that spawned us exits, and the server spawns workers from pool threads.)"""
     parent = os.getppid()
-    with contextlib.suppress(OSError):  # PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
 
     def watch() -> None:
         while True:

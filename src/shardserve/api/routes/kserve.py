@@ -4,14 +4,17 @@ out for generative models (``/generate`` as Triton's generate extension, ``/infe
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
+from shardserve.api.auth import Principal, principal, require_admin
 from shardserve.api.errors import APIError
 from shardserve.api.protocol import GenerateRequest, InferRequest
 from shardserve.api.routes.openai import _last, _start, deployment, encode
+from shardserve.config import repository_configs
 from shardserve.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -36,32 +39,70 @@ async def ready(request: Request) -> dict:
 
 
 @router.get("/v2/repository/index")
-async def repository_index(request: Request) -> list[dict]:
-    return request.app.state.host.index()
+async def repository_index(request: Request, who: Principal = Depends(principal)
+                           ) -> list[dict]:
+    return [row for row in request.app.state.host.index() if who.may_use(row["name"])]
+
+
+@router.get("/v2/repository/devices")
+async def devices(request: Request, who: Principal = Depends(require_admin)) -> list[dict]:
+    """shardserve extension: each device's budget, bytes planned and models."""
+    return request.app.state.host.device_usage()
+
+
+@router.post("/v2/repository/models/{name}/load")
+async def load(name: str, request: Request, who: Principal = Depends(require_admin)) -> dict:
+    """Place and start a model of the repository; refused (and nothing changed) if it does
+    not fit. The other models keep serving meanwhile."""
+    host, repo = request.app.state.host, request.app.state.repository
+    if name in host.deployments:
+        return {"name": name, "state": "READY"}
+    configs = {c.name: c for c in repository_configs(repo)} if repo else {}
+    if name not in configs:
+        raise APIError(404, f"no model named {name!r} in the repository")
+    try:
+        await asyncio.to_thread(host.load, configs[name])
+    except ValueError as e:
+        raise APIError(400, f"cannot load {name!r}: {e}") from None
+    return {"name": name, "state": "READY"}
+
+
+@router.post("/v2/repository/models/{name}/unload")
+async def unload(name: str, request: Request, who: Principal = Depends(require_admin)
+                 ) -> dict:
+    """Stop taking requests for the model, finish the running ones, free its devices."""
+    try:
+        await asyncio.to_thread(request.app.state.host.unload, name)
+    except KeyError:
+        raise APIError(404, f"model {name!r} is not loaded") from None
+    return {"name": name, "state": "UNAVAILABLE"}
 
 
 @router.get("/v2/models/{name}")
-async def model_metadata(name: str, request: Request) -> dict:
-    deployment(request, name)
+async def model_metadata(name: str, request: Request,
+                         who: Principal = Depends(principal)) -> dict:
+    deployment(request, name, who)
     text = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
     return {"name": name, "versions": ["1"], "platform": "shardserve_llm", "inputs": text,
             "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]}
 
 
 @router.get("/v2/models/{name}/ready")
-async def model_ready(name: str, request: Request) -> Response:
-    deployment(request, name)
+async def model_ready(name: str, request: Request,
+                      who: Principal = Depends(principal)) -> Response:
+    deployment(request, name, who)
     return Response(status_code=200)
 
 
 @router.post("/v2/models/{name}/generate")
-async def generate(name: str, body: GenerateRequest, request: Request) -> dict:
-    text = await _complete(request, name, body.text_input, body.parameters)
+async def generate(name: str, body: GenerateRequest, request: Request,
+                   who: Principal = Depends(principal)) -> dict:
+    text = await _complete(request, name, who, body.text_input, body.parameters)
     return {"model_name": name, "model_version": "1", "text_output": text}
 
 
 @router.post("/v2/models/{name}/infer")
-async def infer(name: str, request: Request) -> dict:
+async def infer(name: str, request: Request, who: Principal = Depends(principal)) -> dict:
     # Clients (tritonclient among them) send JSON without a JSON content type: parse it here.
     if request.headers.get("inference-header-content-length"):
         raise APIError(400, "the binary tensor extension is not supported; send JSON tensors "
@@ -81,14 +122,15 @@ async def infer(name: str, request: Request) -> dict:
             or not isinstance(tensor.data[0], str):
         raise APIError(400, "text_input must be a BYTES tensor of shape [1] holding one "
                             "string")
-    text = await _complete(request, name, tensor.data[0], body.parameters)
+    text = await _complete(request, name, who, tensor.data[0], body.parameters)
     return {"model_name": name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
                          "data": [text]}]}
 
 
-async def _complete(request: Request, name: str, prompt: str, parameters: dict) -> str:
-    dep = deployment(request, name)
+async def _complete(request: Request, name: str, who: Principal, prompt: str,
+                    parameters: dict) -> str:
+    dep = deployment(request, name, who)
     unknown = sorted(set(parameters) - _PARAMS)
     if unknown:
         raise APIError(400, f"unknown parameter {unknown[0]!r}; known: {sorted(_PARAMS)}")

@@ -8,13 +8,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError
 from shardserve.api.protocol import ChatRequest, CompletionRequest
+from shardserve.engine.errors import EngineUnavailable
 from shardserve.outputs import RequestOutput
 
 router = APIRouter()
@@ -22,25 +24,27 @@ _JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 _DEFAULT_MAX_TOKENS = 16
 
 
-def deployment(request: Request, name: str):
-    try:
-        return request.app.state.host.get(name)
-    except KeyError:
-        raise APIError(404, f"The model `{name}` does not exist.", "model",
-                       "model_not_found") from None
+def deployment(request: Request, name: str, who: Principal):
+    """The deployment ``name`` if this caller may use it; another tenant's model is a 404."""
+    dep = request.app.state.host.deployments.get(name)
+    if dep is None or not who.may_use(name):
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    return dep
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict:
+async def list_models(request: Request, who: Principal = Depends(principal)) -> dict:
     host = request.app.state.host
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "shardserve",
-         "max_model_len": dep.model.context_len} for name, dep in host.deployments.items()]}
+         "max_model_len": dep.model.context_len}
+        for name, dep in list(host.deployments.items()) if who.may_use(name)]}
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
-    dep = deployment(request, body.model)
+async def completions(body: CompletionRequest, request: Request,
+                      who: Principal = Depends(principal)):
+    dep = deployment(request, body.model, who)
     if isinstance(body.prompt, str):
         ids, text = encode(dep, body.prompt), body.prompt
     else:
@@ -59,8 +63,9 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request):
-    dep = deployment(request, body.model)
+async def chat_completions(body: ChatRequest, request: Request,
+                           who: Principal = Depends(principal)):
+    dep = deployment(request, body.model, who)
     prompt = render_chat(dep, body)
     ids = encode(dep, prompt, add_special_tokens=False)
     params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
@@ -113,6 +118,8 @@ async def _start(dep, ids, params, rid, text) -> AsyncIterator[RequestOutput]:
         first = await anext(gen)
     except ValueError as e:
         raise APIError(400, str(e), "prompt", "invalid_request") from None
+    except EngineUnavailable as e:
+        raise APIError(503, str(e), None, "unavailable") from None
 
     async def chained():
         yield first

@@ -1,0 +1,108 @@
+"""Tenants and API keys.
+
+The auth file (YAML) stores only SHA-256 digests of keys (``shardserve hash-key`` prints one):
+
+    admin_keys: [sha256:9f86d0...]
+    tenants:
+      acme: {keys: [sha256:...], models: [llama, embedder]}   # or models: "*"
+
+A request's ``Authorization: Bearer KEY`` is hashed and compared with every stored digest in
+constant time. A tenant sees and calls only its models: another tenant's model is a 404, as if
+it did not exist. Admin keys control the repository (load, unload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from shardserve.api.errors import APIError
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str | None  # None: the admin
+    models: frozenset[str] | None  # None: every model
+    admin: bool
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+OPEN = Principal(None, None, False)  # no --auth: loopback clients, every model, no admin
+
+
+@dataclass(frozen=True)
+class Auth:
+    entries: tuple[tuple[str, Principal], ...]  # (digest, who)
+
+    @staticmethod
+    def from_file(path: str) -> Auth:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: cannot read: {e}") from None
+        if not isinstance(data, dict) or set(data) - {"admin_keys", "tenants"}:
+            raise ValueError(f"{path}: expected the fields admin_keys and tenants")
+        entries = [(_digest(path, d), Principal(None, None, True))
+                   for d in data.get("admin_keys") or []]
+        for tenant, spec in (data.get("tenants") or {}).items():
+            if not isinstance(spec, dict) or set(spec) - {"keys", "models"}:
+                raise ValueError(f"{path}: tenants.{tenant} needs keys and models")
+            models = spec.get("models", [])
+            allowed = None if models == "*" else frozenset(models)
+            entries += [(_digest(path, d), Principal(str(tenant), allowed, False))
+                        for d in spec.get("keys") or []]
+        if not entries:
+            raise ValueError(f"{path}: no keys; add admin_keys or tenants")
+        return Auth(tuple(entries))
+
+    def identify(self, key: str) -> Principal | None:
+        digest, found = hash_key(key), None
+        for stored, who in self.entries:  # no early exit: time does not depend on the match
+            if hmac.compare_digest(stored, digest):
+                found = who
+        return found
+
+
+def _digest(path: str, value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
+        raise ValueError(f"{path}: keys are stored as 'sha256:<64 hex digits>' "
+                         "(see `shardserve hash-key`), never in clear")
+    return value
+
+
+def principal(request: Request) -> Principal:
+    """FastAPI dependency: who is calling; 401 without a valid key when auth is on."""
+    auth: Auth | None = request.app.state.auth
+    if auth is None:
+        return OPEN
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", None,
+                       "invalid_api_key")
+    who = auth.identify(key.strip())
+    if who is None:
+        raise APIError(401, "invalid API key", None, "invalid_api_key")
+    return who
+
+
+def require_admin(request: Request) -> Principal:
+    who = principal(request)
+    if request.app.state.auth is None:
+        raise APIError(403, "repository control needs an admin key: start the server with "
+                            "--auth FILE", None, "forbidden")
+    if not who.admin:
+        raise APIError(403, "this key may not control the repository", None, "forbidden")
+    return who
