@@ -206,3 +206,19 @@ def repository_configs(folder: str) -> list[DeploymentConfig]:
     if dup:
         raise ValueError(f"{folder}: model name {sorted(dup)[0]!r} is used by two folders")
     return configs
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_body_bytes: int = field(default=1 << 20, metadata={
+        "help": "largest request body accepted (bytes); larger ones get 413"})
+    max_n: int = field(default=16, metadata={"help": "most completions one request may ask"})
+    max_queue: int = field(default=256, metadata={
+        "help": "requests a model holds beyond its max_num_seqs before answering 429"})
+    request_timeout_s: float = field(default=600.0, metadata={
+        "help": "a request still generating after this many seconds is aborted"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_n", "max_queue", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")

@@ -13,22 +13,29 @@ _TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLarge",
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+
+def error_body(path: str, status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    if path.startswith("/v2"):
+        return {"error": message}
+    return {"error": {"message": message, "type": _TYPES.get(status, "APIError"),
+                      "param": param, "code": code}}
 
 
 def error_response(request: Request, status: int, message: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    if request.url.path.startswith("/v2"):
-        return JSONResponse({"error": message}, status_code=status)
-    body = {"message": message, "type": _TYPES.get(status, "APIError"), "param": param,
-            "code": code}
-    return JSONResponse({"error": body}, status_code=status)
+                   code: str | None = None, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, status, message, param, code),
+                        status_code=status, headers=headers)
 
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(request, exc.status, exc.message, exc.param, exc.code)
+    return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,6 +16,7 @@ from shardserve.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    ServerLimits,
 )
 
 _SHORT = {"tensor_parallel_size": "--tp"}
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind; without --auth, "
                                                         "loopback only")
     sv.add_argument("--port", type=int, default=8000)
+    _add_fields(sv, ServerLimits)
 
     hk = sub.add_parser("hash-key", help="print the digest of an API key for the --auth file "
                                          "(a new random key when none is given)")
@@ -207,7 +209,8 @@ def _serve(args: argparse.Namespace) -> None:
         print(f"shardserve listening on {url}\ntry:\n  curl {url}/v1/completions -H "
               f"'Content-Type: application/json' -d '{{\"model\": \"{name}\", "
               f"\"prompt\": \"The quick brown fox\", \"max_tokens\": 16}}'", flush=True)
-        _Server(uvicorn.Config(create_app(host, auth, repo), host=args.host, port=args.port,
+        app = create_app(host, auth, repo, _build(ServerLimits, args))
+        _Server(uvicorn.Config(app, host=args.host, port=args.port,
                                log_level="warning", timeout_graceful_shutdown=30)).run()
     finally:
         host.shutdown()

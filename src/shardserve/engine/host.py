@@ -37,6 +37,7 @@ class Deployment:
     chat_template: str | None
     devices: list[str]
     bytes_per_device: int
+    inflight: int = 0  # admitted HTTP requests not yet answered (the API layer counts)
 
 
 def load_chat_template(folder: str) -> str | None:

@@ -138,5 +138,6 @@ async def _complete(request: Request, name: str, who: Principal, prompt: str,
         params = SamplingParams(**parameters)
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e)) from None
-    outputs = await _start(dep, encode(dep, prompt), params, f"v2-{uuid.uuid4().hex}", prompt)
+    outputs = await _start(request, dep, encode(dep, prompt), params,
+                           f"v2-{uuid.uuid4().hex}", prompt)
     return (await _last(outputs)).outputs[0].text

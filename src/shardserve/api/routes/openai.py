@@ -14,7 +14,8 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from shardserve.api.auth import Principal, principal
-from shardserve.api.errors import APIError
+from shardserve.api.errors import APIError, error_body
+from shardserve.api.metrics import RequestTimer
 from shardserve.api.protocol import ChatRequest, CompletionRequest
 from shardserve.engine.errors import EngineUnavailable
 from shardserve.outputs import RequestOutput
@@ -51,7 +52,7 @@ async def completions(body: CompletionRequest, request: Request,
         ids, text = list(body.prompt), None
     params = _params(body, body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    outputs = await _start(dep, ids, params, rid, text)
+    outputs = await _start(request, dep, ids, params, rid, text)
     if body.stream:
         return _sse(_completion_chunks(outputs, rid, body, dep, params))
     final = await _last(outputs)
@@ -70,7 +71,7 @@ async def chat_completions(body: ChatRequest, request: Request,
     ids = encode(dep, prompt, add_special_tokens=False)
     params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = await _start(dep, ids, params, rid, prompt)
+    outputs = await _start(request, dep, ids, params, rid, prompt)
     if body.stream:
         return _sse(_chat_chunks(outputs, rid, body, params))
     final = await _last(outputs)
@@ -110,23 +111,54 @@ def _params(body, logprobs):
         raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from None
 
 
-async def _start(dep, ids, params, rid, text) -> AsyncIterator[RequestOutput]:
-    """Start generating; errors the engine raises on admission become 400s here, before any
-    response starts."""
+async def _start(request: Request, dep, ids, params, rid, text
+                 ) -> AsyncIterator[RequestOutput]:
+    """Admit a request and start generating. Refusals (queue full, limits, the engine's own
+    checks) become error responses here, before any response starts; once admitted, the
+    request ends with exactly one final output, or is aborted if the client goes away or the
+    deadline passes."""
+    limits, name = request.app.state.limits, dep.config.name
+    if params.n > limits.max_n:
+        raise APIError(400, f"n may be at most {limits.max_n}", "n", "invalid_value")
+    if len(ids) >= dep.model.context_len:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is "
+                            f"{dep.model.context_len}", "prompt", "context_length_exceeded")
+    if params.max_tokens > dep.model.context_len:
+        raise APIError(400, f"max_tokens may be at most the model's context, "
+                            f"{dep.model.context_len}", "max_tokens", "invalid_value")
+    if dep.inflight >= dep.config.max_num_seqs + limits.max_queue:
+        raise APIError(429, f"model `{name}` has too many requests queued; retry shortly",
+                       None, "rate_limited", headers={"Retry-After": "1"})
+    dep.inflight += 1
+    timer = RequestTimer(request.app.state.metrics, name)
     gen = dep.engine.generate(ids, params, rid, text)
     try:
         first = await anext(gen)
-    except ValueError as e:
-        raise APIError(400, str(e), "prompt", "invalid_request") from None
-    except EngineUnavailable as e:
-        raise APIError(503, str(e), None, "unavailable") from None
+    except BaseException as e:
+        dep.inflight -= 1
+        if isinstance(e, ValueError):
+            raise APIError(400, str(e), "prompt", "invalid_request") from None
+        if isinstance(e, EngineUnavailable):
+            raise APIError(503, str(e), None, "unavailable") from None
+        raise
 
-    async def chained():
-        yield first
-        async for out in gen:
+    async def admitted():
+        deadline = time.monotonic() + limits.request_timeout_s
+        try:
+            out = first
+            timer.observe(out)
             yield out
+            async for out in gen:
+                timer.observe(out)
+                yield out
+                if not out.finished and time.monotonic() > deadline:
+                    raise APIError(504, f"the request ran past {limits.request_timeout_s:.0f}s"
+                                        " and was stopped", None, "timeout")
+        finally:
+            dep.inflight -= 1
+            await gen.aclose()  # aborts the request if it has not finished
 
-    return chained()
+    return admitted()
 
 
 async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -171,8 +203,11 @@ def _chat_logprobs(dep, c) -> dict:
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:  # the response has started: the error is the last event
+            yield f"data: {json.dumps(error_body('/v1', e.status, e.message, e.param, e.code))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")

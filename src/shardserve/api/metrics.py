@@ -1,0 +1,96 @@
+"""Prometheus metrics, named after vLLM's with a ``shardserve:`` prefix and labelled by model.
+
+Latencies are observed by the request paths (``observe``); gauges of running and waiting
+requests, KV-cache use and device memory are read from the host when scraped. Each app has
+its own registry, so several servers can live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, host) -> None:
+        self.registry = CollectorRegistry()
+        r, m = self.registry, ["model_name"]
+        self.ttft = Histogram("shardserve:time_to_first_token_seconds",
+                              "Time to first token.", m, buckets=_LATENCY, registry=r)
+        self.itl = Histogram("shardserve:inter_token_latency_seconds",
+                             "Time between output tokens.", m, buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("shardserve:e2e_request_latency_seconds",
+                             "Request latency, arrival to last token.", m, buckets=_LATENCY,
+                             registry=r)
+        self.prompt_tokens = Counter("shardserve:prompt_tokens", "Prompt tokens.", m,
+                                     registry=r)
+        self.generation_tokens = Counter("shardserve:generation_tokens", "Generated tokens.",
+                                         m, registry=r)
+        self.requests = Counter("shardserve:request_success", "Finished requests.",
+                                m + ["finished_reason"], registry=r)
+        r.register(_HostCollector(host))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class RequestTimer:
+    """Follows one request's outputs and records its latencies when it ends."""
+
+    metrics: Metrics
+    model: str
+    start: float = field(default_factory=time.perf_counter)
+    last: float | None = None
+    tokens: int = 0
+
+    def observe(self, out) -> None:
+        now = time.perf_counter()
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        new = tokens - self.tokens
+        if new > 0:
+            if self.last is None:
+                self.metrics.ttft.labels(self.model).observe(now - self.start)
+            else:
+                for _ in range(new):
+                    self.metrics.itl.labels(self.model).observe((now - self.last) / new)
+            self.last, self.tokens = now, tokens
+        if out.finished:
+            m = self.metrics
+            m.e2e.labels(self.model).observe(now - self.start)
+            m.prompt_tokens.labels(self.model).inc(len(out.prompt_token_ids))
+            m.generation_tokens.labels(self.model).inc(tokens)
+            for c in out.outputs:
+                m.requests.labels(self.model, c.finish_reason or "unknown").inc()
+
+
+class _HostCollector:
+    def __init__(self, host) -> None:
+        self.host = host
+
+    def collect(self):
+        running = GaugeMetricFamily("shardserve:num_requests_running",
+                                    "Sequences running.", labels=["model_name"])
+        waiting = GaugeMetricFamily("shardserve:num_requests_waiting",
+                                    "Sequences waiting.", labels=["model_name"])
+        kv = GaugeMetricFamily("shardserve:kv_cache_usage_perc",
+                               "Fraction of KV-cache blocks in use.", labels=["model_name"])
+        for name, dep in list(self.host.deployments.items()):
+            engine = dep.engine.engine
+            running.add_metric([name], len(engine.scheduler.running))
+            waiting.add_metric([name], len(engine.scheduler.waiting))
+            blocks = engine.blocks
+            kv.add_metric([name], 1 - blocks.num_free / blocks.num_blocks)
+        used = GaugeMetricFamily("shardserve:device_memory_used_bytes",
+                                 "Bytes planned on each device.", labels=["device"])
+        budget = GaugeMetricFamily("shardserve:device_memory_budget_bytes",
+                                   "Each device's memory budget.", labels=["device"])
+        for row in self.host.device_usage():
+            used.add_metric([row["device"]], row["used"])
+            budget.add_metric([row["device"]], row["budget"])
+        yield from (running, waiting, kv, used, budget)
