@@ -46,3 +46,17 @@ def test_plan_and_clear_errors(tmp_path):
     assert bad.returncode == 2 and "cannot read 'lots' as a size" in bad.stderr
     bad = _cli("generate", "--model", str(tmp_path), "--prompt", "x", check=False)
     assert bad.returncode == 2 and "has no config.json" in bad.stderr
+
+
+def test_plan_a_repository(tmp_path):
+    for name, tp in (("a", 2), ("b", 1)):
+        _cli("make-test-model", "--arch", "llama", "--out", str(tmp_path / name))
+        (tmp_path / name / "model.yaml").write_text(f"tp: {tp}\nmax_num_seqs: 2\n")
+    out = json.loads(_cli("plan", "--repository", str(tmp_path), "--devices", "cpu:2",
+                          "--device-memory", "64MiB").stdout)
+    placed = {m["name"]: m["devices"] for m in out["models"]}
+    assert len(placed["a"]) == 2 and len(placed["b"]) == 1
+    assert all(d["used"] <= d["budget"] for d in out["devices"])
+    bad = _cli("plan", "--repository", str(tmp_path), "--devices", "cpu:2", "--device-memory",
+               "1MiB", check=False)
+    assert bad.returncode == 2 and "needs" in bad.stderr and "free" in bad.stderr

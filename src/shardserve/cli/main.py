@@ -68,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
 
-    pl = sub.add_parser("plan", help="bytes per device for a model at a tp, from config.json")
-    pl.add_argument("--model", dest="path", required=True)
+    pl = sub.add_parser("plan", help="bytes per device for a model at a tp, or the placement "
+                                     "of a whole repository, from config.json alone")
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", dest="path")
+    what.add_argument("--repository")
     _add_fields(pl, ModelConfig, skip=("path", "max_model_len"))
     _add_fields(pl, ParallelConfig)
     _add_fields(pl, DeviceConfig)
@@ -129,6 +132,8 @@ def _plan(args: argparse.Namespace) -> None:
     from shardserve.planner.memory import format_bytes, weight_bytes_per_device
     from shardserve.runtime.devices import parse_devices
 
+    if args.repository:
+        return _plan_repository(args)
     model = _build(ModelConfig, args)
     parallel = _build(ParallelConfig, args)
     parallel.check_model(model.spec)
@@ -141,6 +146,25 @@ def _plan(args: argparse.Namespace) -> None:
                       "weights_per_device": format_bytes(need), "budget_per_device": budget,
                       "devices": [d.name for d in devices[:tp]], "fits": need <= budget},
                      indent=2))
+
+
+def _plan_repository(args: argparse.Namespace) -> None:
+    from shardserve.config import repository_configs
+    from shardserve.engine.host import deployment_need
+    from shardserve.planner.memory import format_bytes
+    from shardserve.planner.placement import place
+    from shardserve.runtime.devices import parse_devices
+
+    devices = parse_devices(args.devices, args.device_memory)
+    needs = [deployment_need(c, ModelConfig(c.path, c.dtype, c.max_model_len))
+             for c in repository_configs(args.repository)]
+    plan = place({d.name: d.memory_budget for d in devices}, needs)
+    print(json.dumps({
+        "models": [{"name": n.name, "tp": n.tp, "devices": plan.assigned[n.name],
+                    "bytes_per_device": n.bytes_per_device,
+                    "per_device": format_bytes(n.bytes_per_device)} for n in needs],
+        "devices": [{"device": d, "budget": b, "used": plan.used(d)}
+                    for d, b in plan.budgets.items()]}, indent=2))
 
 
 def _server_class():

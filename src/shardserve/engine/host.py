@@ -51,26 +51,27 @@ def load_chat_template(folder: str) -> str | None:
     return None
 
 
+def deployment_need(cfg: DeploymentConfig, model: ModelConfig) -> Need:
+    """Bytes per device: weights, one step's activations, and a KV cache that holds
+    ``max_num_seqs`` sequences of full length."""
+    spec, dtype = model.spec, model.torch_dtype_name
+    check_architecture(spec.architecture)
+    ParallelConfig(cfg.tp).check_model(spec)
+    weights = weight_bytes_per_device(spec, cfg.tp, dtype)
+    act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
+                           cfg.max_num_seqs)
+    block = CacheConfig().block_size
+    blocks = cfg.max_num_seqs * -(-model.context_len // block)
+    kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, dtype)
+    return Need(cfg.name, cfg.tp, weights + act + kv)
+
+
 class ModelHost:
     def __init__(self, devices: list[Device]) -> None:
         self.devices = {d.name: d for d in devices}
         self.plan = Plan({d.name: d.memory_budget for d in devices})
         self.deployments: dict[str, Deployment] = {}
         self._lock = threading.Lock()  # load/unload one at a time; serving is not blocked
-
-    def need(self, cfg: DeploymentConfig, model: ModelConfig) -> Need:
-        """Bytes per device: weights, one step's activations, and a KV cache that holds
-        ``max_num_seqs`` sequences of full length."""
-        spec, dtype = model.spec, model.torch_dtype_name
-        check_architecture(spec.architecture)
-        ParallelConfig(cfg.tp).check_model(spec)
-        weights = weight_bytes_per_device(spec, cfg.tp, dtype)
-        act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
-                               cfg.max_num_seqs)
-        block = CacheConfig().block_size
-        blocks = cfg.max_num_seqs * -(-model.context_len // block)
-        kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, dtype)
-        return Need(cfg.name, cfg.tp, weights + act + kv)
 
     def load(self, cfg: DeploymentConfig) -> Deployment:
         """Place and start ``cfg``; on any error nothing changes."""
@@ -80,7 +81,7 @@ class ModelHost:
             if cfg.name in self.deployments:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
             model = ModelConfig(cfg.path, cfg.dtype, cfg.max_model_len)
-            need = self.need(cfg, model)
+            need = deployment_need(cfg, model)
             place(self.plan.budgets, [need], self.plan)
             names = self.plan.assigned[cfg.name]
             devices = [dataclasses.replace(self.devices[n], memory_budget=need.bytes_per_device)
