@@ -141,3 +141,20 @@ def test_the_embedded_default_answers_its_printed_curl_line(tmp_path):
         assert reply["model"] == "demo-llama-random"
     finally:
         assert _stop(proc) == 0
+
+
+def test_bench_reports_latencies_and_a_plot(server, tmp_path):
+    from shardserve.bench import http_load
+
+    summary = http_load.run(f"http://127.0.0.1:{server}", "m", 6, concurrency=3,
+                            prompt_len=8, max_tokens=5)
+    assert summary["completed"] == 6 and summary["failed"] == 0
+    assert summary["output_token_throughput"] > 0
+    assert {"p50_ms", "p90_ms", "p99_ms"} <= set(summary["ttft"]) and summary["tpot"]
+    http_load.plot(summary, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    poisson = http_load.run(f"http://127.0.0.1:{server}", "m", 4, rate=20.0, prompt_len=4,
+                            max_tokens=3)
+    assert poisson["completed"] == 4
+    with pytest.raises(ValueError, match="not a loopback"):
+        http_load.run("http://10.1.2.3:8000", "m", 1, concurrency=1)

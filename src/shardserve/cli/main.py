@@ -9,6 +9,7 @@ import json
 import sys
 import types
 import typing
+from pathlib import Path
 
 from shardserve.config import (
     CacheConfig,
@@ -92,6 +93,22 @@ def _parser() -> argparse.ArgumentParser:
                                                         "loopback only")
     sv.add_argument("--port", type=int, default=8000)
     _add_fields(sv, ServerLimits)
+
+    b = sub.add_parser("bench", help="streaming load against a server's completions endpoint")
+    b.add_argument("--url", default="http://127.0.0.1:8000")
+    b.add_argument("--model", required=True)
+    load = b.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, help="Poisson arrivals per second")
+    load.add_argument("--concurrency", type=int, help="requests kept in flight")
+    b.add_argument("--num-requests", type=int, default=100)
+    b.add_argument("--prompt-len", type=int, default=64, help="prompt length in words")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--api-key")
+    b.add_argument("--out", help="write the summary here as JSON")
+    b.add_argument("--plot", help="write latency histograms here as PNG")
+    b.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --url (only against servers you run)")
 
     hk = sub.add_parser("hash-key", help="print the digest of an API key for the --auth file "
                                          "(a new random key when none is given)")
@@ -240,6 +257,21 @@ def _serve(args: argparse.Namespace) -> None:
         host.shutdown()
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from shardserve.bench import http_load
+
+    summary = http_load.run(args.url, args.model, args.num_requests, args.rate,
+                            args.concurrency, args.prompt_len, args.max_tokens, args.seed,
+                            args.api_key, allow_remote=args.allow_remote)
+    if args.plot:
+        http_load.plot(summary, args.plot)
+    summary.pop("_raw")
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
 def _hash_key(args: argparse.Namespace) -> None:
     import secrets
 
@@ -268,7 +300,8 @@ def _make_test_model(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "plan": _plan, "serve": _serve, "hash-key": _hash_key,
+        {"generate": _generate, "plan": _plan, "serve": _serve, "bench": _bench,
+         "hash-key": _hash_key,
          "make-test-model": _make_test_model}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Load generators: bounded, loopback only by default."""
