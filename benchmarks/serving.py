@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--prompt-words", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--devices", default="cpu:1",
+                    help="cpu:1 = the worker on both cores; cpu:2 = the worker on one core, "
+                         "the other left to the HTTP server and the load generator")
     ap.add_argument("--out", default=str(Path(__file__).parent / ".cache"))
     args = ap.parse_args()
     path = Path(args.out) / "llama-110m-random-f32-tok"
@@ -41,7 +44,7 @@ def main() -> None:
     (repo / "m" / "model.yaml").write_text(
         f"weights: {path}\nmax_num_seqs: {args.concurrency}\nmax_model_len: 1024\n")
     port = _free_port()
-    server = _start(["--repository", str(repo), "--devices", "cpu:1"], port)
+    server = _start(["--repository", str(repo), "--devices", args.devices], port)
     try:
         http_load.run(f"http://127.0.0.1:{port}", "m", 4, concurrency=4, prompt_len=8,
                       max_tokens=4)  # warm up
@@ -53,7 +56,7 @@ def main() -> None:
     summary.pop("_raw")
     assert summary["failed"] == 0, summary["errors"]
     texts = http_load.make_prompts(args.num_requests, args.prompt_words)  # the same prompts
-    with LLM(str(path), tensor_parallel_size=1, devices="cpu:1",
+    with LLM(str(path), tensor_parallel_size=1, devices=args.devices,
              max_num_seqs=args.concurrency, max_model_len=1024) as llm:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         llm.generate(texts[:4], SamplingParams(max_tokens=4, temperature=0))  # warm up
@@ -62,9 +65,8 @@ def main() -> None:
         offline_s = time.perf_counter() - t0
     offline = sum(len(o.outputs[0].token_ids) for o in outs) / offline_s
     server_tps = summary["output_token_throughput"]
-    print(json.dumps({"server": {k: summary[k] for k in ("output_token_throughput",
-                                                          "request_throughput", "ttft", "tpot",
-                                                          "itl", "e2e")},
+    keys = ("output_token_throughput", "request_throughput", "ttft", "tpot", "itl", "e2e")
+    print(json.dumps({"devices": args.devices, "server": {k: summary[k] for k in keys},
                       "offline_output_token_throughput": offline,
                       "ratio": server_tps / offline}, indent=2))
 

@@ -67,7 +67,7 @@ def one_request(url: str, body: dict, api_key: str | None, timeout: float) -> Re
             now = time.perf_counter()
             if chunk.get("usage"):
                 res.tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
+            if chunk.get("choices"):  # a chunk per step that made tokens
                 if last is None:
                     res.ttft = now - t0
                 else:

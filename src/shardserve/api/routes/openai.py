@@ -214,18 +214,22 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 
 
 async def _deltas(outputs: AsyncIterator[RequestOutput], params):
-    """(output, [(index, new text, finish_reason)]) per step. While a completion runs, text
-    that could still become a stop string is held back, so no streamed text is taken back."""
+    """(output, [(index, new text, finish_reason)]) per step, one entry for every completion
+    that produced tokens (its text delta may be empty: clients time tokens by chunks). While a
+    completion runs, text that could still become a stop string is held back, so no streamed
+    text is taken back."""
     hold = max((len(s) for s in params.stop), default=1) - 1
     sent: dict[int, int] = {}
+    tokens: dict[int, int] = {}
     async for out in outputs:
         deltas = []
         for c in out.outputs:
             visible = c.text if c.finish_reason else c.text[:max(0, len(c.text) - hold)]
             start = sent.get(c.index, 0)
-            if len(visible) > start or c.finish_reason:
+            if len(c.token_ids) > tokens.get(c.index, 0) or c.finish_reason:
                 deltas.append((c.index, visible[start:], _reason(c.finish_reason)))
                 sent[c.index] = max(start, len(visible))
+                tokens[c.index] = len(c.token_ids)
         yield out, deltas
 
 
