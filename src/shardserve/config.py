@@ -160,6 +160,8 @@ class DeploymentConfig:
     kind: str = field(default="llm", metadata={"help": "llm (the only kind served so far)"})
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
     tp: int = field(default=1, metadata={"help": "tensor-parallel size"})
+    replicas: int = field(default=1, metadata={
+        "help": "copies of the model, each on its own devices; requests go to the least busy"})
     max_model_len: int | None = field(default=None, metadata={"help": "as ModelConfig"})
     max_num_seqs: int = field(default=16, metadata={"help": "as SchedulerConfig"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "as SchedulerConfig"})
@@ -188,7 +190,7 @@ class DeploymentConfig:
             raise ValueError(f"{file}: {e}") from None
         if cfg.kind != "llm":
             raise ValueError(f"{file}: kind {cfg.kind!r} is not served yet; use kind: llm")
-        for name in ("tp", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise ValueError(f"{file}: {name} must be an integer >= 1")
         return cfg

@@ -173,3 +173,33 @@ def test_sigterm_during_a_stream_finishes_it_then_exits_0(checkpoints, tmp_path)
     rest = list(stream)
     assert first.choices and rest[-1].choices[0].finish_reason == "length"
     assert proc.wait(timeout=60) == 0
+
+
+def test_replicas_share_the_load(checkpoints, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "model.yaml").write_text(
+        f"weights: {checkpoints['qwen2']}\nreplicas: 2\nmax_num_seqs: 2\n")
+    port = _free_port()
+    proc = _start(["--repository", str(tmp_path), "--devices", "cpu:2"], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        index = json.loads(urllib.request.urlopen(f"{url}/v2/repository/index").read())
+        devices = [r["devices"] for r in index[0]["replicas"]]
+        assert len(devices) == 2 and devices[0] != devices[1]
+
+        def call(_):
+            req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(
+                {"model": "r", "prompt": "Hello", "max_tokens": 30, "ignore_eos": True})
+                .encode(), headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req).read())["usage"]["completion_tokens"]
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(call, range(6))) == [30] * 6
+        metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+        for replica in ("0", "1"):
+            assert f'shardserve:replica_requests_total{{model_name="r",replica="{replica}"}}' \
+                in metrics
+    finally:
+        assert _stop(proc) == 0

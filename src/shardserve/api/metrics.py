@@ -33,6 +33,8 @@ class Metrics:
                                          m, registry=r)
         self.requests = Counter("shardserve:request_success", "Finished requests.",
                                 m + ["finished_reason"], registry=r)
+        self.replica_requests = Counter("shardserve:replica_requests", "Requests admitted, by "
+                                        "replica.", m + ["replica"], registry=r)
         r.register(_HostCollector(host))
 
     def render(self) -> bytes:
@@ -81,16 +83,16 @@ class _HostCollector:
         kv = GaugeMetricFamily("shardserve:kv_cache_usage_perc",
                                "Fraction of KV-cache blocks in use.", labels=["model_name"])
         for name, dep in list(self.host.deployments.items()):
-            engine = dep.engine.engine
-            running.add_metric([name], len(engine.scheduler.running))
-            waiting.add_metric([name], len(engine.scheduler.waiting))
-            blocks = engine.blocks
-            kv.add_metric([name], 1 - blocks.num_free / blocks.num_blocks)
-        used = GaugeMetricFamily("shardserve:device_memory_used_bytes",
-                                 "Bytes planned on each device.", labels=["device"])
+            engines = [r.engine.engine for r in dep.replicas]
+            running.add_metric([name], sum(len(e.scheduler.running) for e in engines))
+            waiting.add_metric([name], sum(len(e.scheduler.waiting) for e in engines))
+            used = sum(e.blocks.num_blocks - e.blocks.num_free for e in engines)
+            kv.add_metric([name], used / sum(e.blocks.num_blocks for e in engines))
+        mem = GaugeMetricFamily("shardserve:device_memory_used_bytes",
+                                "Bytes planned on each device.", labels=["device"])
         budget = GaugeMetricFamily("shardserve:device_memory_budget_bytes",
                                    "Each device's memory budget.", labels=["device"])
         for row in self.host.device_usage():
-            used.add_metric([row["device"]], row["used"])
+            mem.add_metric([row["device"]], row["used"])
             budget.add_metric([row["device"]], row["budget"])
-        yield from (running, waiting, kv, used, budget)
+        yield from (running, waiting, kv, mem, budget)

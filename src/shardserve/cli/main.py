@@ -173,8 +173,10 @@ def _plan_repository(args: argparse.Namespace) -> None:
     from shardserve.runtime.devices import parse_devices
 
     devices = parse_devices(args.devices, args.device_memory)
-    needs = [deployment_need(c, ModelConfig(c.path, c.dtype, c.max_model_len))
-             for c in repository_configs(args.repository)]
+    needs = []
+    for c in repository_configs(args.repository):
+        need = deployment_need(c, ModelConfig(c.path, c.dtype, c.max_model_len))
+        needs += [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
     plan = place({d.name: d.memory_budget for d in devices}, needs)
     print(json.dumps({
         "models": [{"name": n.name, "tp": n.tp, "devices": plan.assigned[n.name],
@@ -244,7 +246,8 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         for cfg in configs:
             dep = host.load(cfg)
-            print(f"loaded {cfg.name} on {', '.join(dep.devices)}", flush=True)
+            where = "; ".join(", ".join(r.devices) for r in dep.replicas)
+            print(f"loaded {cfg.name} on {where}", flush=True)
         url = f"http://{args.host}:{args.port}"
         name = configs[0].name if configs else "MODEL"
         print(f"shardserve listening on {url}\ntry:\n  curl {url}/v1/completions -H "

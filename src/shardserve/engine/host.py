@@ -29,15 +29,28 @@ from shardserve.runtime.devices import Device
 
 
 @dataclass
+class Replica:
+    engine: AsyncLLMEngine
+    devices: list[str]
+    inflight: int = 0  # admitted HTTP requests not yet answered (the API layer counts)
+
+
+@dataclass
 class Deployment:
     config: DeploymentConfig
     model: ModelConfig
-    engine: AsyncLLMEngine
+    replicas: list[Replica]
     tokenizer: object | None
     chat_template: str | None
-    devices: list[str]
     bytes_per_device: int
-    inflight: int = 0  # admitted HTTP requests not yet answered (the API layer counts)
+
+    @property
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.replicas)
+
+    def pick(self) -> Replica:
+        """The replica with the fewest requests in flight."""
+        return min(self.replicas, key=lambda r: r.inflight)
 
 
 def load_chat_template(folder: str) -> str | None:
@@ -82,20 +95,28 @@ class ModelHost:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
             model = ModelConfig(cfg.path, cfg.dtype, cfg.max_model_len)
             need = deployment_need(cfg, model)
-            place(self.plan.budgets, [need], self.plan)
-            names = self.plan.assigned[cfg.name]
-            devices = [dataclasses.replace(self.devices[n], memory_budget=need.bytes_per_device)
-                       for n in names]
+            keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
+            place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
+                  self.plan)  # every replica fits, or none is placed
+            tokenizer, replicas = load_tokenizer(model), []
             try:
-                tokenizer = load_tokenizer(model)
-                engine = LLMEngine(model, ParallelConfig(cfg.tp), devices, CacheConfig(),
-                                   SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
-                                   tokenizer)
+                for key in keys:
+                    names = self.plan.assigned[key]
+                    devices = [dataclasses.replace(self.devices[n],
+                                                   memory_budget=need.bytes_per_device)
+                               for n in names]
+                    engine = LLMEngine(model, ParallelConfig(cfg.tp), devices, CacheConfig(),
+                                       SchedulerConfig(cfg.max_num_seqs,
+                                                       cfg.max_num_batched_tokens), tokenizer)
+                    replicas.append(Replica(AsyncLLMEngine(engine), names))
             except BaseException:
-                release(self.plan, cfg.name)
+                for r in replicas:
+                    r.engine.shutdown()
+                for key in keys:
+                    release(self.plan, key)
                 raise
-            dep = Deployment(cfg, model, AsyncLLMEngine(engine), tokenizer,
-                             load_chat_template(cfg.path), names, need.bytes_per_device)
+            dep = Deployment(cfg, model, replicas, tokenizer, load_chat_template(cfg.path),
+                             need.bytes_per_device)
             self.deployments[cfg.name] = dep
             return dep
 
@@ -104,16 +125,18 @@ class ModelHost:
             dep = self.deployments.pop(name, None)
             if dep is None:
                 raise KeyError(name)
-            dep.engine.shutdown()
-            release(self.plan, name)
+            for i, replica in enumerate(dep.replicas):
+                replica.engine.shutdown()
+                release(self.plan, f"{name}/{i}")
 
     def get(self, name: str) -> Deployment:
         return self.deployments[name]
 
     def index(self) -> list[dict]:
-        return [{"name": name, "state": "READY", "devices": dep.devices,
+        return [{"name": name, "state": "READY",
+                 "replicas": [{"devices": r.devices} for r in dep.replicas],
                  "bytes_per_device": dep.bytes_per_device}
-                for name, dep in self.deployments.items()]
+                for name, dep in list(self.deployments.items())]
 
     def device_usage(self) -> list[dict]:
         return [{"device": d, "budget": self.plan.budgets[d], "used": self.plan.used(d),

@@ -137,7 +137,7 @@ async def _complete(request: Request, name: str, who: Principal, prompt: str,
     try:
         params = SamplingParams(**parameters)
     except (ValueError, TypeError) as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e).split(", got ")[0]) from None
     outputs = await _start(request, dep, encode(dep, prompt), params,
                            f"v2-{uuid.uuid4().hex}", prompt)
     return (await _last(outputs)).outputs[0].text

@@ -107,8 +107,9 @@ def render_chat(dep, body: ChatRequest) -> str:
 def _params(body, logprobs):
     try:
         return body.sampling_params(_DEFAULT_MAX_TOKENS, logprobs)
-    except ValueError as e:
-        raise APIError(400, str(e), str(e).split(" ", 1)[0], "invalid_value") from None
+    except ValueError as e:  # "top_p must be in (0, 1], got 2.0": name the rule, not the input
+        message = str(e).split(", got ")[0]
+        raise APIError(400, message, message.split(" ", 1)[0], "invalid_value") from None
 
 
 async def _start(request: Request, dep, ids, params, rid, text
@@ -126,16 +127,18 @@ async def _start(request: Request, dep, ids, params, rid, text
     if params.max_tokens > dep.model.context_len:
         raise APIError(400, f"max_tokens may be at most the model's context, "
                             f"{dep.model.context_len}", "max_tokens", "invalid_value")
-    if dep.inflight >= dep.config.max_num_seqs + limits.max_queue:
+    if dep.inflight >= len(dep.replicas) * dep.config.max_num_seqs + limits.max_queue:
         raise APIError(429, f"model `{name}` has too many requests queued; retry shortly",
                        None, "rate_limited", headers={"Retry-After": "1"})
-    dep.inflight += 1
+    replica = dep.pick()
+    replica.inflight += 1
     timer = RequestTimer(request.app.state.metrics, name)
-    gen = dep.engine.generate(ids, params, rid, text)
+    timer.metrics.replica_requests.labels(name, str(dep.replicas.index(replica))).inc()
+    gen = replica.engine.generate(ids, params, rid, text)
     try:
         first = await anext(gen)
     except BaseException as e:
-        dep.inflight -= 1
+        replica.inflight -= 1
         if isinstance(e, ValueError):
             raise APIError(400, str(e), "prompt", "invalid_request") from None
         if isinstance(e, EngineUnavailable):
@@ -155,7 +158,7 @@ async def _start(request: Request, dep, ids, params, rid, text
                     raise APIError(504, f"the request ran past {limits.request_timeout_s:.0f}s"
                                         " and was stopped", None, "timeout")
         finally:
-            dep.inflight -= 1
+            replica.inflight -= 1
             await gen.aclose()  # aborts the request if it has not finished
 
     return admitted()
