@@ -10,6 +10,10 @@ import pytest
 
 from shardserve import test_models
 
+# Nothing is downloaded at run time: Hugging Face libraries must not even try.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 SHM_CHECK = Path("/dev/shm").is_dir()
 
 

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from shardserve.planner.memory import parse_bytes
-from shardserve.planner.specs import TransformerSpec, canonical_dtype
+from shardserve.planner.specs import (
+    EncoderSpec,
+    TransformerSpec,
+    canonical_dtype,
+    spec_from_hf,
+)
 
 _CONVERT_HINT = (
     "shardserve loads safetensors only (a pickle file can run code when loaded). Convert it once "
@@ -59,10 +64,14 @@ class ModelConfig:
             raise ValueError(f"{self.path}/config.json is not valid JSON: {e}") from None
 
     @cached_property
-    def spec(self) -> TransformerSpec:
+    def spec(self) -> TransformerSpec | EncoderSpec:
         if not self.hf_config.get("architectures"):
             raise ValueError(f"{self.path}/config.json has no 'architectures' list")
-        return TransformerSpec.from_hf(self.hf_config)
+        return spec_from_hf(self.hf_config)
+
+    @property
+    def is_encoder(self) -> bool:
+        return isinstance(self.spec, EncoderSpec)
 
     @cached_property
     def weight_files(self) -> list[str]:

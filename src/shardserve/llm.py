@@ -14,7 +14,11 @@ from shardserve.config import (
     SchedulerConfig,
 )
 from shardserve.engine.llm_engine import LLMEngine
-from shardserve.outputs import RequestOutput
+from shardserve.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+)
 from shardserve.sampling_params import SamplingParams
 
 
@@ -29,7 +33,13 @@ def load_tokenizer(config: ModelConfig):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(config.tokenizer_path)
+    tokenizer = Tokenizer.from_file(config.tokenizer_path)
+    # A tokenizer.json may carry padding and truncation settings (sentence-transformers'
+    # pad to 128): the engines pad themselves, and cutting a prompt short is for the caller
+    # to ask for, never a silent default.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 class LLM:
@@ -53,15 +63,35 @@ class LLM:
             raise TypeError(f"LLM got unknown arguments {sorted(kwargs)}")
         self.model_config = ModelConfig(model, **model_cfg)
         self.tokenizer = load_tokenizer(self.model_config)
-        self.engine = LLMEngine(
-            self.model_config, ParallelConfig(tensor_parallel_size), DeviceConfig(**device),
-            CacheConfig(**cache), SchedulerConfig(**sched), self.tokenizer)
+        parallel = ParallelConfig(tensor_parallel_size)
+        if self.model_config.is_encoder:
+            from shardserve.engine.encoder_engine import EncoderEngine
+
+            self.engine = EncoderEngine(self.model_config, parallel, DeviceConfig(**device))
+        else:
+            self.engine = LLMEngine(self.model_config, parallel, DeviceConfig(**device),
+                                    CacheConfig(**cache), SchedulerConfig(**sched),
+                                    self.tokenizer)
         self._ids = itertools.count()
+
+    def embed(self, prompts: str | list[str] | None = None,
+              prompt_token_ids: list[list[int]] | None = None) -> list[EmbeddingRequestOutput]:
+        """Encoders: one pooled vector per input (logits for a classifier), in order."""
+        if not self.model_config.is_encoder:
+            raise ValueError(f"{self.model_config.spec.architecture} is a generative model; "
+                             "use generate()")
+        token_lists, texts = self._inputs(prompts, prompt_token_ids)
+        vectors = self.engine.encode(token_lists)
+        return [EmbeddingRequestOutput(str(next(self._ids)), text, tokens,
+                                       EmbeddingOutput(v.tolist()))
+                for text, tokens, v in zip(texts, token_lists, vectors, strict=True)]
 
     def generate(self, prompts: str | list[str] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
         """One output per request, in request order."""
+        if self.model_config.is_encoder:
+            raise ValueError(f"{self.model_config.spec.architecture} is an encoder; use embed()")
         token_lists, texts = self._inputs(prompts, prompt_token_ids)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):

@@ -22,3 +22,16 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # the pooled vector (a classifier's logits)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput

@@ -41,6 +41,8 @@ ARCHS = {
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral",
                     rope_theta=10000.0, sliding_window=32, tie_word_embeddings=False,
                     rms_norm_eps=1e-5),
+    "bert": dict(architectures=["BertModel"], model_type="bert", hidden_act="gelu",
+                 layer_norm_eps=1e-12, type_vocab_size=2, tie_word_embeddings=False),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
                   tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False),
 }
@@ -53,7 +55,7 @@ def hf_config(arch: str, size: str, dtype: str = "float32") -> dict:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    cfg = {**ARCHS[arch], **SIZES[size], "hidden_act": "silu", "torch_dtype": dtype,
+    cfg = {"hidden_act": "silu", **ARCHS[arch], **SIZES[size], "torch_dtype": dtype,
            "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}
     if size in ("llama-110m", "tinyllama"):  # the shapes benchmarks use, without extras
         cfg.pop("rope_scaling", None)
@@ -64,6 +66,8 @@ def hf_config(arch: str, size: str, dtype: str = "float32") -> dict:
 
 def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes exactly as transformers saves this architecture."""
+    if cfg["model_type"] == "bert":
+        return _bert_shapes(cfg)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
@@ -87,6 +91,30 @@ def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _bert_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (cfg["vocab_size"], h),
+        "embeddings.position_embeddings.weight": (cfg["max_position_embeddings"], h),
+        "embeddings.token_type_embeddings.weight": (cfg["type_vocab_size"], h),
+        "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{layer}."
+        for name in ("query", "key", "value"):
+            shapes[p + f"attention.self.{name}.weight"] = (h, h)
+            shapes[p + f"attention.self.{name}.bias"] = (h,)
+        for sub, (o, n) in (("attention.output", (h, h)), ("intermediate", (i, h)),
+                            ("output", (h, i))):
+            shapes[p + f"{sub}.dense.weight"] = (o, n)
+            shapes[p + f"{sub}.dense.bias"] = (o,)
+        for sub in ("attention.output", "output"):
+            shapes[p + f"{sub}.LayerNorm.weight"] = (h,)
+            shapes[p + f"{sub}.LayerNorm.bias"] = (h,)
+    shapes["pooler.dense.weight"] = (h, h)  # transformers saves it; an embedder ignores it
+    shapes["pooler.dense.bias"] = (h,)
+    return shapes
+
+
 def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0,
           dtype: str = "float32", max_shard_bytes: int | None = None,
           tokenizer: bool = True) -> Path:
@@ -103,7 +131,7 @@ def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size_now = 0
     for name, shape in weight_shapes(cfg).items():
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") or name.endswith("LayerNorm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             t = std * torch.randn(shape, generator=gen)

@@ -3,14 +3,14 @@ import torch
 
 from shardserve import test_models
 from shardserve.config import ModelConfig
-from shardserve.models.llama import LlamaForCausalLM
+from shardserve.models.registry import model_class
 from shardserve.planner.memory import (
     check_fits,
     format_bytes,
     parse_bytes,
     weight_bytes_per_device,
 )
-from shardserve.planner.specs import TransformerSpec
+from shardserve.planner.specs import TransformerSpec, spec_from_hf
 from shardserve.runtime.group import FakeGroup
 
 
@@ -37,10 +37,10 @@ def test_format_bytes():
 @pytest.mark.parametrize("size", ["tiny", "small"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_planner_bytes_equal_what_every_rank_allocates(arch, size, tp):
-    spec = TransformerSpec.from_hf(test_models.hf_config(arch, size))
+    spec = spec_from_hf(test_models.hf_config(arch, size))
     for group in FakeGroup.make(tp):
         with torch.device("meta"):
-            model = LlamaForCausalLM(spec, 64, group)
+            model = model_class(spec.architecture)(spec, 64, group)
         held = sum(p.numel() * p.element_size() for p in model.parameters())
         assert held == weight_bytes_per_device(spec, tp, "float32")
 
@@ -68,3 +68,15 @@ def test_model_config_reads_sizes_without_weights(tmp_path):
     spec = ModelConfig(str(tmp_path)).spec
     assert (spec.architecture, spec.num_kv_heads, spec.qkv_bias, spec.tie_word_embeddings) == (
         "Qwen2ForCausalLM", 2, True, True)
+
+
+def test_classifier_bytes_include_pooler_and_labels():
+    cfg = test_models.hf_config("bert", "tiny") | {
+        "architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b",
+                                                                         "2": "c"}}
+    spec = spec_from_hf(cfg)
+    for group in FakeGroup.make(2):
+        with torch.device("meta"):
+            model = model_class(spec.architecture)(spec, 64, group)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert held == weight_bytes_per_device(spec, 2, "float32")

@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-test-model", help="write a random-weight checkpoint of a real "
                                                "architecture (deterministic from --seed)")
-    m.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    m.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "bert"])
     m.add_argument("--size", default="tiny",
                    choices=["tiny", "small", "llama-110m", "tinyllama"])
     m.add_argument("--out", required=True)
@@ -179,7 +179,8 @@ def _plan_repository(args: argparse.Namespace) -> None:
         needs += [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
     plan = place({d.name: d.memory_budget for d in devices}, needs)
     print(json.dumps({
-        "models": [{"name": n.name, "tp": n.tp, "devices": plan.assigned[n.name],
+        "models": [{"name": n.name.rsplit("/", 1)[0], "replica": int(n.name.rsplit("/", 1)[1]),
+                    "tp": n.tp, "devices": plan.assigned[n.name],
                     "bytes_per_device": n.bytes_per_device,
                     "per_device": format_bytes(n.bytes_per_device)} for n in needs],
         "devices": [{"device": d, "budget": b, "used": plan.used(d)}

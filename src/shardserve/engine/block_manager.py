@@ -111,6 +111,12 @@ class BlockManager:
             del self.cached[key]
         self.blocks[block_id].key = None
 
+    def has_new_full_blocks(self, seq_id: str, num_computed: int) -> bool:
+        """Whether ``commit`` would register anything (cheap: no token list needed)."""
+        table = self.tables[seq_id]
+        full = min(num_computed // self.block_size, len(table.block_ids))
+        return self.prefix_caching and full > table.num_keyed
+
     def commit(self, seq_id: str, tokens: list[int], num_computed: int) -> None:
         """Register the keys of ``seq_id``'s blocks that are now full and computed."""
         table = self.tables[seq_id]

@@ -208,7 +208,7 @@ class LLMEngine:
                     self.blocks.block_ids(seq.seq_id), seq.num_computed, self._wire(seq)))
             else:
                 inp.cached_ids.append(seq.seq_id)
-                inp.cached_new_tokens.append(seq.token_ids[self._known[seq.seq_id]:])
+                inp.cached_new_tokens.append(seq.tokens_from(self._known[seq.seq_id]))
                 inp.cached_new_blocks.append(item.new_blocks)
             self._known[seq.seq_id] = seq.num_tokens
             inp.req_ids.append(seq.seq_id)
@@ -224,8 +224,10 @@ class LLMEngine:
 
     def _postprocess(self, sched: SchedulerOutput, out: StepOutput) -> list[RequestOutput]:
         for item in sched.scheduled:
-            item.seq.num_computed += item.num_tokens
-            self.blocks.commit(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed)
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            if self.blocks.has_new_full_blocks(seq.seq_id, seq.num_computed):
+                self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
         updated: dict[str, _Request] = {}
         for row, (seq_id, token) in enumerate(zip(out.req_ids, out.token_ids.tolist(),
                                                   strict=True)):

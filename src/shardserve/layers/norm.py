@@ -1,8 +1,9 @@
-"""RMSNorm, with the residual add fused in (as Llama's pre-norm blocks use it)."""
+"""RMSNorm, with the residual add fused in (as Llama's pre-norm blocks use it), and LayerNorm."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,3 +25,16 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
         return self._norm(x), x
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (BERT), replicated on every rank."""
+
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)

@@ -9,6 +9,9 @@ _MODELS = {
     "LlamaForCausalLM": ("shardserve.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("shardserve.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("shardserve.models.llama", "LlamaForCausalLM"),
+    "BertModel": ("shardserve.models.bert", "BertModel"),
+    "BertForSequenceClassification": ("shardserve.models.bert",
+                                      "BertForSequenceClassification"),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from shardserve.planner.specs import DTYPE_BYTES, TransformerSpec
+from shardserve.planner.specs import DTYPE_BYTES, EncoderSpec, TransformerSpec
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -48,8 +48,10 @@ def local_kv_heads(num_kv_heads: int, tp: int) -> int:
     return max(1, num_kv_heads // tp)
 
 
-def weight_params_per_device(spec: TransformerSpec, tp: int) -> int:
+def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> int:
     """Parameter count one tensor-parallel rank holds."""
+    if isinstance(spec, EncoderSpec):
+        return _encoder_params_per_device(spec, tp)
     h, hd = spec.hidden_size, spec.head_dim
     q = spec.num_heads // tp * hd
     kv = local_kv_heads(spec.num_kv_heads, tp) * hd
@@ -61,7 +63,21 @@ def weight_params_per_device(spec: TransformerSpec, tp: int) -> int:
     return spec.num_layers * (attn + mlp + norms) + vocab + lm_head + h
 
 
-def weight_bytes_per_device(spec: TransformerSpec, tp: int, dtype: str) -> int:
+def _encoder_params_per_device(spec: EncoderSpec, tp: int) -> int:
+    """BERT: QKV and the MLP's first layer split by output (with their biases), the
+    projections back split by input (biases whole), LayerNorms and the small position /
+    token-type tables replicated, the vocabulary split."""
+    h, i = spec.hidden_size, shard(spec.intermediate_size, tp)
+    q = h // tp
+    attn = 3 * q * h + 3 * q + q * h + h + 2 * h
+    mlp = i * h + i + h * i + h + 2 * h
+    emb = shard(spec.vocab_size, tp) * h + (spec.max_position + spec.type_vocab_size) * h + 2 * h
+    # a classifier keeps HF's pooler (h x h) and its label layer, replicated
+    head = (h * h + h + h * spec.num_labels + spec.num_labels) if spec.num_labels else 0
+    return spec.num_layers * (attn + mlp) + emb + head
+
+
+def weight_bytes_per_device(spec: TransformerSpec | EncoderSpec, tp: int, dtype: str) -> int:
     return weight_params_per_device(spec, tp) * DTYPE_BYTES[dtype]
 
 

@@ -130,3 +130,56 @@ def _sliding_windows(hf: dict[str, Any], arch: str, layers: int) -> tuple[int | 
     if arch == "LlamaForCausalLM":
         return (None,) * layers
     return (int(window) if window else None,) * layers
+
+
+ENCODER_ARCHITECTURES = ("BertModel", "BertForSequenceClassification")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A BERT-family encoder, as far as sizes and shapes go."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    num_labels: int  # 0 for a plain encoder
+    dtype: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any]) -> EncoderSpec:
+        arch = hf["architectures"][0]
+        try:
+            labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+            return EncoderSpec(
+                architecture=arch, vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]), num_layers=int(hf["num_hidden_layers"]),
+                num_heads=int(hf["num_attention_heads"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                max_position=int(hf.get("max_position_embeddings", 512)),
+                type_vocab_size=int(hf.get("type_vocab_size", 2)),
+                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+                num_labels=labels if arch == "BertForSequenceClassification" else 0,
+                dtype=canonical_dtype(str(hf.get("torch_dtype") or hf.get("dtype")
+                                          or "float32")))
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+
+    def tp_ok(self, tp: int) -> bool:
+        return self.num_heads % tp == 0 and self.intermediate_size % tp == 0
+
+
+def spec_from_hf(hf: dict[str, Any]) -> TransformerSpec | EncoderSpec:
+    """The spec of whatever family ``config.json`` describes."""
+    if hf["architectures"][0] in ENCODER_ARCHITECTURES:
+        return EncoderSpec.from_hf(hf)
+    return TransformerSpec.from_hf(hf)

@@ -116,6 +116,28 @@ class ModelRunner:
             for a, (k, v) in zip(layers, saved, strict=True):
                 a.k_cache, a.v_cache = k, v
 
+    @torch.inference_mode()
+    def encode(self, token_ids: list[list[int]], pooling: str = "mean",
+               normalize: bool = False) -> np.ndarray | None:
+        """Encoders: one padded batch through the model. ``pooling`` "mean" (over real
+        tokens), "cls", or "none" (the padded hidden states); a classifier returns its logits.
+        Rank 0 returns the result."""
+        B, T = len(token_ids), max(map(len, token_ids))
+        ids = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        for i, t in enumerate(token_ids):
+            ids[i, :len(t)] = torch.tensor(t)
+            mask[i, :len(t)] = 1
+        out = self.model(ids.to(self.device), mask.to(self.device)).float()
+        if out.dim() == 3 and pooling == "mean":  # (B, T, H)
+            m = mask.to(out.device, out.dtype)[:, :, None]
+            out = (out * m).sum(1) / m.sum(1)
+        elif out.dim() == 3 and pooling == "cls":
+            out = out[:, 0]
+        if normalize and out.dim() == 2:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out.cpu().numpy() if self.group.rank == 0 else None
+
     # -- the step --------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, inp: StepInput) -> StepOutput | None:

@@ -20,7 +20,7 @@ from shardserve.runtime.messages import decode as _decode
 from shardserve.runtime.messages import encode as _encode
 
 # The only methods a Call may name.
-_CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits")
+_CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode")
 
 
 def _die_with_parent() -> None:

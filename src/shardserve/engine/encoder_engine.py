@@ -1,0 +1,83 @@
+"""The encoder engine: batches of token lists in, one vector (or logits) per input out.
+
+Encoders are one forward pass per batch, with no cache: the engine checks the model fits,
+starts the workers, and splits a request list into batches of at most ``max_batch_tokens``
+padded tokens. Pooling follows the model folder's sentence-transformers files when present
+(``1_Pooling/config.json``, a ``Normalize`` module), else mean pooling without normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+from shardserve.models.registry import check_architecture
+from shardserve.planner.memory import check_fits
+from shardserve.runtime.devices import Device, parse_devices
+from shardserve.runtime.executor import Executor
+
+
+def pooling_config(folder: str) -> tuple[str, bool]:
+    """(pooling, normalize) as sentence-transformers would apply them to this folder."""
+    pooling, normalize = "mean", False
+    pool_file = Path(folder) / "1_Pooling" / "config.json"
+    if pool_file.is_file() and json.loads(pool_file.read_text()).get("pooling_mode_cls_token"):
+        pooling = "cls"
+    modules = Path(folder) / "modules.json"
+    if modules.is_file():
+        normalize = any(m.get("type", "").endswith("Normalize")
+                        for m in json.loads(modules.read_text()))
+    return pooling, normalize
+
+
+class EncoderEngine:
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig,
+                 device: DeviceConfig | list[Device], max_batch_tokens: int = 16384) -> None:
+        spec = model.spec
+        check_architecture(spec.architecture)
+        parallel.check_model(spec)
+        tp = parallel.tensor_parallel_size
+        devices = (parse_devices(device.devices, device.device_memory)
+                   if isinstance(device, DeviceConfig) else device)
+        if tp > len(devices):
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; there are "
+                             f"{len(devices)}")
+        check_fits(spec, tp, model.torch_dtype_name, devices[0].memory_budget, len(devices))
+        self.config, self.max_batch_tokens = model, max_batch_tokens
+        self.pooling, self.normalize = pooling_config(model.path)
+        self.executor = Executor(model, devices[:tp])
+
+    def encode(self, token_lists: list[list[int]], pooling: str | None = None,
+               normalize: bool | None = None) -> np.ndarray:
+        """(N, H) pooled vectors, or (N, num_labels) logits for a classifier."""
+        limit = self.config.context_len
+        for i, t in enumerate(token_lists):
+            if not t:
+                raise ValueError(f"input {i} is empty")
+            if len(t) > limit:
+                raise ValueError(f"input {i} has {len(t)} tokens; the model takes at most "
+                                 f"{limit}")
+        pooling = pooling or self.pooling
+        normalize = self.normalize if normalize is None else normalize
+        out = []
+        for batch in self._batches(token_lists):
+            out.append(self.executor.collective_rpc("encode", token_ids=batch, pooling=pooling,
+                                                    normalize=normalize)[0])
+        return np.concatenate(out) if pooling != "none" else out
+
+    def _batches(self, token_lists: list[list[int]]):
+        batch: list[list[int]] = []
+        for t in token_lists:
+            width = max([len(t)] + [len(b) for b in batch])
+            if batch and width * (len(batch) + 1) > self.max_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(t)
+        if batch:
+            yield batch
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
