@@ -166,7 +166,9 @@ class DeploymentConfig:
 
     name: str = field(metadata={"help": "the name clients call the model by"})
     path: str = field(metadata={"help": "the model folder (config.json, *.safetensors)"})
-    kind: str = field(default="llm", metadata={"help": "llm (the only kind served so far)"})
+    kind: str = field(default="llm", metadata={
+        "help": "llm (generative, continuous batching) or encoder (embeddings / classifier, "
+                "dynamic batching)"})
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
     tp: int = field(default=1, metadata={"help": "tensor-parallel size"})
     replicas: int = field(default=1, metadata={
@@ -174,6 +176,12 @@ class DeploymentConfig:
     max_model_len: int | None = field(default=None, metadata={"help": "as ModelConfig"})
     max_num_seqs: int = field(default=16, metadata={"help": "as SchedulerConfig"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "as SchedulerConfig"})
+    max_batch_size: int = field(default=32, metadata={
+        "help": "encoder: most requests in one forward pass"})
+    max_queue_delay_ms: float = field(default=5.0, metadata={
+        "help": "encoder: how long the oldest request may wait for others to join its batch"})
+    preferred_batch_sizes: tuple[int, ...] = field(default=(), metadata={
+        "help": "encoder: batch sizes to cut at without waiting further"})
 
     @staticmethod
     def from_folder(folder: str) -> DeploymentConfig:
@@ -197,9 +205,12 @@ class DeploymentConfig:
             cfg = DeploymentConfig(path=weights, **data)
         except TypeError as e:
             raise ValueError(f"{file}: {e}") from None
-        if cfg.kind != "llm":
-            raise ValueError(f"{file}: kind {cfg.kind!r} is not served yet; use kind: llm")
-        for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens"):
+        if cfg.kind not in ("llm", "encoder"):
+            raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm or encoder")
+        if isinstance(cfg.preferred_batch_sizes, list):
+            object.__setattr__(cfg, "preferred_batch_sizes", tuple(cfg.preferred_batch_sizes))
+        for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens",
+                     "max_batch_size"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise ValueError(f"{file}: {name} must be an integer >= 1")
         return cfg

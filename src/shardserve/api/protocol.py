@@ -61,6 +61,15 @@ class ChatRequest(_SamplingFields):
     top_logprobs: int | None = None
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    truncate: bool = False  # cut inputs longer than the model takes (else 400)
+
+
 class GenerateRequest(BaseModel):
     """Triton's generate extension: text in, text out, parameters beside."""
 

@@ -250,10 +250,13 @@ def _serve(args: argparse.Namespace) -> None:
             where = "; ".join(", ".join(r.devices) for r in dep.replicas)
             print(f"loaded {cfg.name} on {where}", flush=True)
         url = f"http://{args.host}:{args.port}"
-        name = configs[0].name if configs else "MODEL"
-        print(f"shardserve listening on {url}\ntry:\n  curl {url}/v1/completions -H "
-              f"'Content-Type: application/json' -d '{{\"model\": \"{name}\", "
-              f"\"prompt\": \"The quick brown fox\", \"max_tokens\": 16}}'", flush=True)
+        print(f"shardserve listening on {url}\ntry:", flush=True)
+        for dep in host.deployments.values():
+            route, body = (("embeddings", '"input": "The quick brown fox"') if dep.is_encoder
+                           else ("completions", '"prompt": "The quick brown fox", '
+                                                '"max_tokens": 16'))
+            print(f"  curl {url}/v1/{route} -H 'Content-Type: application/json' -d "
+                  f"'{{\"model\": \"{dep.config.name}\", {body}}}'", flush=True)
         app = create_app(host, auth, repo, _build(ServerLimits, args))
         _Server(uvicorn.Config(app, host=args.host, port=args.port,
                                log_level="warning", timeout_graceful_shutdown=30)).run()

@@ -17,6 +17,8 @@ from shardserve.config import (
     SchedulerConfig,
 )
 from shardserve.engine.async_engine import AsyncLLMEngine
+from shardserve.engine.batcher import DynamicBatcher
+from shardserve.engine.encoder_engine import EncoderEngine
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.models.registry import check_architecture
 from shardserve.planner.memory import (
@@ -30,9 +32,15 @@ from shardserve.runtime.devices import Device
 
 @dataclass
 class Replica:
-    engine: AsyncLLMEngine
+    engine: AsyncLLMEngine | EncoderEngine
     devices: list[str]
     inflight: int = 0  # admitted HTTP requests not yet answered (the API layer counts)
+    batcher: DynamicBatcher | None = None  # encoders: requests meet here to share passes
+
+    def shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.engine.shutdown()
 
 
 @dataclass
@@ -43,6 +51,10 @@ class Deployment:
     tokenizer: object | None
     chat_template: str | None
     bytes_per_device: int
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.model.is_encoder
 
     @property
     def inflight(self) -> int:
@@ -66,17 +78,40 @@ def load_chat_template(folder: str) -> str | None:
 
 def deployment_need(cfg: DeploymentConfig, model: ModelConfig) -> Need:
     """Bytes per device: weights, one step's activations, and a KV cache that holds
-    ``max_num_seqs`` sequences of full length."""
+    ``max_num_seqs`` sequences of full length (encoders: weights and a batch's
+    activations)."""
     spec, dtype = model.spec, model.torch_dtype_name
     check_architecture(spec.architecture)
     ParallelConfig(cfg.tp).check_model(spec)
+    if model.is_encoder != (cfg.kind == "encoder"):
+        what, kind = ("an encoder", "encoder") if model.is_encoder else ("generative", "llm")
+        raise ValueError(f"{cfg.name}: model.yaml says kind {cfg.kind!r} but "
+                         f"{spec.architecture} is {what}; set kind: {kind}")
     weights = weight_bytes_per_device(spec, cfg.tp, dtype)
+    if model.is_encoder:
+        per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size // cfg.tp) * 4
+        act = cfg.max_batch_size * model.context_len * per_token
+        return Need(cfg.name, cfg.tp, weights + act)
     act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
                            cfg.max_num_seqs)
     block = CacheConfig().block_size
     blocks = cfg.max_num_seqs * -(-model.context_len // block)
     kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, dtype)
     return Need(cfg.name, cfg.tp, weights + act + kv)
+
+
+def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],
+                   names: list[str], tokenizer) -> Replica:
+    parallel = ParallelConfig(cfg.tp)
+    if model.is_encoder:
+        engine = EncoderEngine(model, parallel, devices,
+                               max_batch_tokens=cfg.max_batch_size * model.context_len)
+        batcher = DynamicBatcher(engine.encode, cfg.max_batch_size, cfg.max_queue_delay_ms,
+                                 cfg.preferred_batch_sizes)
+        return Replica(engine, names, batcher=batcher)
+    engine = LLMEngine(model, parallel, devices, CacheConfig(),
+                       SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens), tokenizer)
+    return Replica(AsyncLLMEngine(engine), names)
 
 
 class ModelHost:
@@ -105,13 +140,10 @@ class ModelHost:
                     devices = [dataclasses.replace(self.devices[n],
                                                    memory_budget=need.bytes_per_device)
                                for n in names]
-                    engine = LLMEngine(model, ParallelConfig(cfg.tp), devices, CacheConfig(),
-                                       SchedulerConfig(cfg.max_num_seqs,
-                                                       cfg.max_num_batched_tokens), tokenizer)
-                    replicas.append(Replica(AsyncLLMEngine(engine), names))
+                    replicas.append(_start_replica(cfg, model, devices, names, tokenizer))
             except BaseException:
                 for r in replicas:
-                    r.engine.shutdown()
+                    r.shutdown()
                 for key in keys:
                     release(self.plan, key)
                 raise
@@ -126,7 +158,7 @@ class ModelHost:
             if dep is None:
                 raise KeyError(name)
             for i, replica in enumerate(dep.replicas):
-                replica.engine.shutdown()
+                replica.shutdown()
                 release(self.plan, f"{name}/{i}")
 
     def get(self, name: str) -> Deployment:

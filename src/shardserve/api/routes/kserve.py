@@ -13,7 +13,14 @@ from pydantic import ValidationError
 from shardserve.api.auth import Principal, principal, require_admin
 from shardserve.api.errors import APIError
 from shardserve.api.protocol import GenerateRequest, InferRequest
-from shardserve.api.routes.openai import _last, _start, deployment, encode
+from shardserve.api.routes.openai import (
+    _last,
+    _start,
+    deployment,
+    embed_batch,
+    encode,
+    generative,
+)
 from shardserve.config import repository_configs
 from shardserve.sampling_params import SamplingParams
 
@@ -81,7 +88,13 @@ async def unload(name: str, request: Request, who: Principal = Depends(require_a
 @router.get("/v2/models/{name}")
 async def model_metadata(name: str, request: Request,
                          who: Principal = Depends(principal)) -> dict:
-    deployment(request, name, who)
+    dep = deployment(request, name, who)
+    if dep.is_encoder:
+        width = dep.model.spec.num_labels or dep.model.spec.hidden_size
+        return {"name": name, "versions": ["1"], "platform": "shardserve_encoder",
+                "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}],
+                "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, width]}]}
     text = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
     return {"name": name, "versions": ["1"], "platform": "shardserve_llm", "inputs": text,
             "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]}
@@ -115,6 +128,9 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
         raise APIError(400, f"invalid field {field!r}: {first['msg']}") from None
     # We always answer with JSON tensors, which every client reads.
     body.parameters.pop("binary_data_output", None)
+    dep = deployment(request, name, who)
+    if dep.is_encoder:
+        return await _infer_encoder(request, dep, body)
     if len(body.inputs) != 1 or body.inputs[0].name != "text_input":
         raise APIError(400, "expected exactly one input, named text_input")
     tensor = body.inputs[0]
@@ -128,9 +144,45 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
                          "data": [text]}]}
 
 
+async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
+    """Encoders: ``text_input`` (BYTES, [N]) or ``input_ids`` (INT32/INT64, [N, T]) in,
+    ``embedding`` (FP32, [N, H]) out (logits for a classifier)."""
+    if len(body.inputs) != 1:
+        raise APIError(400, f"expected exactly one input (text_input or input_ids), got "
+                            f"{len(body.inputs)}")
+    t = body.inputs[0]
+    count = 1
+    for dim in t.shape:
+        count *= dim
+    if t.name == "text_input":
+        if t.datatype != "BYTES" or len(t.shape) != 1:
+            raise APIError(400, "text_input must be a BYTES tensor of shape [N]")
+        if len(t.data) != count or not all(isinstance(x, str) for x in t.data):
+            raise APIError(400, f"text_input has shape {t.shape} but holds {len(t.data)} "
+                                "values; it must hold that many strings")
+        ids = [encode(dep, x) for x in t.data]
+    elif t.name == "input_ids":
+        if t.datatype not in ("INT32", "INT64") or len(t.shape) != 2:
+            raise APIError(400, "input_ids must be an INT32 or INT64 tensor of shape [N, T]")
+        if len(t.data) != count or not all(isinstance(x, int) for x in t.data):
+            raise APIError(400, f"input_ids has shape {t.shape} but holds {len(t.data)} "
+                                "integers")
+        T = t.shape[1]
+        ids = [t.data[i * T:(i + 1) * T] for i in range(t.shape[0])]
+    else:
+        raise APIError(400, "the input must be named text_input or input_ids")
+    truncate = bool(body.parameters.get("truncate", False))
+    vectors = await embed_batch(request, dep, ids, truncate)
+    width = len(vectors[0])
+    return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
+            "outputs": [{"name": "embedding", "datatype": "FP32",
+                         "shape": [len(vectors), width],
+                         "data": [float(x) for v in vectors for x in v]}]}
+
+
 async def _complete(request: Request, name: str, who: Principal, prompt: str,
                     parameters: dict) -> str:
-    dep = deployment(request, name, who)
+    dep = generative(deployment(request, name, who))
     unknown = sorted(set(parameters) - _PARAMS)
     if unknown:
         raise APIError(400, f"unknown parameter {unknown[0]!r}; known: {sorted(_PARAMS)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import time
 import uuid
@@ -16,7 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError, error_body
 from shardserve.api.metrics import RequestTimer
-from shardserve.api.protocol import ChatRequest, CompletionRequest
+from shardserve.api.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from shardserve.engine.errors import EngineUnavailable
 from shardserve.outputs import RequestOutput
 
@@ -45,7 +47,7 @@ async def list_models(request: Request, who: Principal = Depends(principal)) -> 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request,
                       who: Principal = Depends(principal)):
-    dep = deployment(request, body.model, who)
+    dep = generative(deployment(request, body.model, who))
     if isinstance(body.prompt, str):
         ids, text = encode(dep, body.prompt), body.prompt
     else:
@@ -66,7 +68,7 @@ async def completions(body: CompletionRequest, request: Request,
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request,
                            who: Principal = Depends(principal)):
-    dep = deployment(request, body.model, who)
+    dep = generative(deployment(request, body.model, who))
     prompt = render_chat(dep, body)
     ids = encode(dep, prompt, add_special_tokens=False)
     params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
@@ -83,7 +85,62 @@ async def chat_completions(body: ChatRequest, request: Request,
             "model": body.model, "choices": choices, "usage": _usage(final)}
 
 
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request,
+                     who: Principal = Depends(principal)) -> dict:
+    dep = deployment(request, body.model, who)
+    if not dep.is_encoder:
+        raise APIError(400, f"model `{body.model}` is generative; embeddings come from an "
+                            "encoder model", "model")
+    inputs = body.input
+    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]
+    if not inputs:
+        raise APIError(400, "input is empty", "input")
+    ids = [encode(dep, x) if isinstance(x, str) else list(x) for x in inputs]
+    vectors = await embed_batch(request, dep, ids, body.truncate)
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+             if body.encoding_format == "base64" else v.tolist()}
+            for i, v in enumerate(vectors)]
+    tokens = sum(map(len, ids))
+    return {"object": "list", "data": data, "model": body.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def embed_batch(request: Request, dep, ids: list[list[int]], truncate: bool) -> list:
+    """Each input through the deployment's dynamic batcher; rows back in order."""
+    limit, limits = dep.model.context_len, request.app.state.limits
+    for i, t in enumerate(ids):
+        if not t:
+            raise APIError(400, f"input {i} is empty", "input")
+        if len(t) > limit and not truncate:
+            raise APIError(400, f"input {i} has {len(t)} tokens; the model takes at most "
+                                f"{limit} (send \"truncate\": true to cut it)", "input",
+                           "context_length_exceeded")
+    replica = dep.pick()
+    if len(replica.batcher.queue) + len(ids) > limits.max_queue * dep.config.max_batch_size:
+        raise APIError(429, f"model `{dep.config.name}` has too many requests queued; retry "
+                            "shortly", None, "rate_limited", headers={"Retry-After": "1"})
+    replica.inflight += 1
+    try:
+        return await asyncio.gather(*(replica.batcher.submit(t[:limit], size=len(t[:limit]))
+                                      for t in ids))
+    except TimeoutError:
+        raise APIError(504, "the request timed out waiting for a batch", None,
+                       "timeout") from None
+    finally:
+        replica.inflight -= 1
+
+
 # -- helpers -------------------------------------------------------------------------------
+def generative(dep):
+    if dep.is_encoder:
+        raise APIError(400, f"model `{dep.config.name}` is an encoder; use /v1/embeddings",
+                       "model")
+    return dep
+
+
 def encode(dep, text: str, add_special_tokens: bool = True) -> list[int]:
     if dep.tokenizer is None:
         raise APIError(400, f"model `{dep.config.name}` has no tokenizer; send token ids",

@@ -1,0 +1,105 @@
+"""Encoders over HTTP: /v1/embeddings and KServe v2 infer on the real all-MiniLM-L6-v2
+weights, dynamic batching across concurrent requests, and bad input."""
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from shardserve import test_models
+from tests.e2e.test_server import _free_port, _start, _stop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("enc")
+    (repo / "mini").mkdir()
+    (repo / "mini" / "model.yaml").write_text(
+        f"kind: encoder\nweights: {test_models.minilm_folder()}\nmax_batch_size: 8\n"
+        "max_queue_delay_ms: 20\n")
+    port = _free_port()
+    proc = _start(["--repository", str(repo), "--devices", "cpu:1"], port)
+    yield f"http://127.0.0.1:{port}"
+    code = _stop(proc)
+    assert code == 0, proc.stdout.read()[-3000:]
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_embeddings(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    one = client.embeddings.create(model="mini", input="The quick brown fox",
+                                   encoding_format="float")
+    vec = np.array(one.data[0].embedding)
+    assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-5
+    many = client.embeddings.create(model="mini", input=["a cat", "The quick brown fox"],
+                                    encoding_format="float")
+    assert [d.index for d in many.data] == [0, 1]
+    np.testing.assert_allclose(many.data[1].embedding, vec, atol=1e-5)
+    status, body = _post(f"{server}/v1/embeddings", {"model": "mini", "input": "The quick "
+                                                     "brown fox", "encoding_format": "base64"})
+    decoded = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, vec, atol=1e-6)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="is an encoder"):
+        client.completions.create(model="mini", prompt="hi")
+
+
+def test_concurrent_requests_share_batches(server):
+    def metric(name):
+        text = urllib.request.urlopen(f"{server}/metrics").read().decode()
+        line = next(x for x in text.splitlines() if x.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    b0, i0 = metric("shardserve:encoder_batches_total"), \
+        metric("shardserve:encoder_batched_requests_total")
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda i: _post(f"{server}/v1/embeddings", {
+            "model": "mini", "input": f"sentence number {i}"})[0], range(16)))
+    assert codes == [200] * 16
+    batches = metric("shardserve:encoder_batches_total") - b0
+    items = metric("shardserve:encoder_batched_requests_total") - i0
+    assert items == 16 and batches < 16
+
+
+def test_kserve_infer_and_bad_input(server):
+    import tritonclient.http as httpclient
+
+    triton = httpclient.InferenceServerClient(url=server.removeprefix("http://"))
+    inp = httpclient.InferInput("text_input", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(["a cat", "a dog"], dtype=object), binary_data=False)
+    res = triton.infer("mini", [inp]).get_response()["outputs"][0]
+    assert res["name"] == "embedding" and res["shape"] == [2, 384]
+    url = f"{server}/v2/models/mini/infer"
+    ids = {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [101, 4937, 102]}
+    assert _post(url, {"inputs": [ids]})[0] == 200
+    bad = [
+        ({"inputs": [{**ids, "datatype": "FP32"}]}, "INT32 or INT64"),
+        ({"inputs": [{**ids, "shape": [1, 4]}]}, "holds 3 integers"),
+        ({"inputs": [ids, ids]}, "exactly one input"),
+        ({"inputs": [{**ids, "name": "pixels"}]}, "text_input or input_ids"),
+        ({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 600],
+                      "data": [101] * 600}]}, "at most 512"),
+    ]
+    for body, message in bad:
+        status, reply = _post(url, body)
+        assert status == 400 and message in reply["error"], (message, reply)
+    status, _ = _post(url, {"inputs": bad[-1][0]["inputs"], "parameters": {"truncate": True}})
+    assert status == 200  # truncation only when asked for
