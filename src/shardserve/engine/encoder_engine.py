@@ -35,7 +35,8 @@ def pooling_config(folder: str) -> tuple[str, bool]:
 
 class EncoderEngine:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig,
-                 device: DeviceConfig | list[Device], max_batch_tokens: int = 16384) -> None:
+                 device: DeviceConfig | list[Device], max_batch_tokens: int = 16384,
+                 max_batch_size: int = 32) -> None:
         spec = model.spec
         check_architecture(spec.architecture)
         parallel.check_model(spec)
@@ -47,6 +48,7 @@ class EncoderEngine:
                              f"{len(devices)}")
         check_fits(spec, tp, model.torch_dtype_name, devices[0].memory_budget, len(devices))
         self.config, self.max_batch_tokens = model, max_batch_tokens
+        self.max_batch_size = max_batch_size
         self.pooling, self.normalize = pooling_config(model.path)
         self.executor = Executor(model, devices[:tp])
 
@@ -62,17 +64,25 @@ class EncoderEngine:
                                  f"{limit}")
         pooling = pooling or self.pooling
         normalize = self.normalize if normalize is None else normalize
-        out = []
-        for batch in self._batches(token_lists):
-            out.append(self.executor.collective_rpc("encode", token_ids=batch, pooling=pooling,
-                                                    normalize=normalize)[0])
-        return np.concatenate(out) if pooling != "none" else out
+        if pooling == "none":  # padded hidden states: one batch, in order (for tests)
+            return [self.executor.collective_rpc("encode", token_ids=token_lists,
+                                                 pooling=pooling, normalize=normalize)[0]]
+        # Batch inputs of similar length together (less padding), then restore the order.
+        order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+        rows: list[np.ndarray] = []
+        for batch in self._batches([token_lists[i] for i in order]):
+            rows.extend(self.executor.collective_rpc("encode", token_ids=batch,
+                                                     pooling=pooling, normalize=normalize)[0])
+        out = np.empty((len(rows), len(rows[0])), dtype=np.float32)
+        out[order] = np.stack(rows)
+        return out
 
     def _batches(self, token_lists: list[list[int]]):
+        """Sorted by length: cut when the padded size or the count would be too large."""
         batch: list[list[int]] = []
         for t in token_lists:
-            width = max([len(t)] + [len(b) for b in batch])
-            if batch and width * (len(batch) + 1) > self.max_batch_tokens:
+            full = len(batch) == self.max_batch_size
+            if batch and (full or len(t) * (len(batch) + 1) > self.max_batch_tokens):
                 yield batch
                 batch = []
             batch.append(t)

@@ -105,7 +105,8 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
     parallel = ParallelConfig(cfg.tp)
     if model.is_encoder:
         engine = EncoderEngine(model, parallel, devices,
-                               max_batch_tokens=cfg.max_batch_size * model.context_len)
+                               max_batch_tokens=cfg.max_batch_size * model.context_len,
+                               max_batch_size=cfg.max_batch_size)
         batcher = DynamicBatcher(engine.encode, cfg.max_batch_size, cfg.max_queue_delay_ms,
                                  cfg.preferred_batch_sizes)
         return Replica(engine, names, batcher=batcher)
