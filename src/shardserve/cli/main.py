@@ -243,12 +243,22 @@ def _serve(args: argparse.Namespace) -> None:
         repo = args.repository or str(test_models.write_repository(cache / "repository"))
         configs = repository_configs(repo)
     repo = None if args.model else repo
+    pipelines = []
+    if repo:
+        from shardserve.engine.pipeline import PipelineConfig
+
+        pipelines = [PipelineConfig.from_folder(str(p.parent))
+                     for p in sorted(Path(repo).glob("*/pipeline.yaml"))]
     host = ModelHost(parse_devices(args.devices, args.device_memory))
     try:
         for cfg in configs:
             dep = host.load(cfg)
             where = "; ".join(", ".join(r.devices) for r in dep.replicas)
             print(f"loaded {cfg.name} on {where}", flush=True)
+        for pipe in pipelines:
+            host.add_pipeline(pipe)
+            print(f"pipeline {pipe.name}: {' -> '.join(s.name for s in pipe.steps)}",
+                  flush=True)
         url = f"http://{args.host}:{args.port}"
         print(f"shardserve listening on {url}\ntry:", flush=True)
         for dep in host.deployments.values():

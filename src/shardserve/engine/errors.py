@@ -4,3 +4,7 @@ them without importing the engine)."""
 
 class EngineUnavailable(RuntimeError):
     """The deployment is stopping or has failed; the request was not accepted."""
+
+
+class PipelineError(RuntimeError):
+    """A pipeline step failed; the message starts with the step's name."""

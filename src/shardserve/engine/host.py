@@ -20,6 +20,7 @@ from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.engine.batcher import DynamicBatcher
 from shardserve.engine.encoder_engine import EncoderEngine
 from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.pipeline import Pipeline, PipelineConfig
 from shardserve.models.registry import check_architecture
 from shardserve.planner.memory import (
     activation_bytes,
@@ -120,6 +121,7 @@ class ModelHost:
         self.devices = {d.name: d for d in devices}
         self.plan = Plan({d.name: d.memory_budget for d in devices})
         self.deployments: dict[str, Deployment] = {}
+        self.pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()  # load/unload one at a time; serving is not blocked
 
     def load(self, cfg: DeploymentConfig) -> Deployment:
@@ -153,8 +155,19 @@ class ModelHost:
             self.deployments[cfg.name] = dep
             return dep
 
+    def add_pipeline(self, config: PipelineConfig) -> Pipeline:
+        """Validate ``config`` against the loaded models and serve it under its name."""
+        if config.name in self.deployments or config.name in self.pipelines:
+            raise ValueError(f"{config.file}: the name {config.name!r} is taken")
+        pipeline = Pipeline(config, self)
+        self.pipelines[config.name] = pipeline
+        return pipeline
+
     def unload(self, name: str) -> None:
         with self._lock:
+            users = [p.name for p in self.pipelines.values() if name in p.models()]
+            if name in self.deployments and users:
+                raise ValueError(f"model {name!r} is used by pipeline {users[0]!r}")
             dep = self.deployments.pop(name, None)
             if dep is None:
                 raise KeyError(name)
@@ -177,5 +190,6 @@ class ModelHost:
                 for d in self.plan.budgets]
 
     def shutdown(self) -> None:
+        self.pipelines.clear()
         for name in list(self.deployments):
             self.unload(name)

@@ -22,6 +22,7 @@ from shardserve.api.routes.openai import (
     generative,
 )
 from shardserve.config import repository_configs
+from shardserve.engine.errors import PipelineError
 from shardserve.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -88,6 +89,14 @@ async def unload(name: str, request: Request, who: Principal = Depends(require_a
 @router.get("/v2/models/{name}")
 async def model_metadata(name: str, request: Request,
                          who: Principal = Depends(principal)) -> dict:
+    pipe = _pipeline(request, name, who)
+    if pipe is not None:
+        text = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+        return {"name": name, "versions": ["1"], "platform": "shardserve_pipeline",
+                "inputs": text, "outputs": [
+                    {"name": "text_output", "datatype": "BYTES", "shape": [1]}] + [
+                    {"name": s.name, "datatype": "BYTES", "shape": [1]}
+                    for s in pipe.config.steps if s.kind != "embed"]}
     dep = deployment(request, name, who)
     if dep.is_encoder:
         width = dep.model.spec.num_labels or dep.model.spec.hidden_size
@@ -103,7 +112,8 @@ async def model_metadata(name: str, request: Request,
 @router.get("/v2/models/{name}/ready")
 async def model_ready(name: str, request: Request,
                       who: Principal = Depends(principal)) -> Response:
-    deployment(request, name, who)
+    if _pipeline(request, name, who) is None:
+        deployment(request, name, who)
     return Response(status_code=200)
 
 
@@ -128,6 +138,9 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
         raise APIError(400, f"invalid field {field!r}: {first['msg']}") from None
     # We always answer with JSON tensors, which every client reads.
     body.parameters.pop("binary_data_output", None)
+    pipe = _pipeline(request, name, who)
+    if pipe is not None:
+        return await _infer_pipeline(pipe, body)
     dep = deployment(request, name, who)
     if dep.is_encoder:
         return await _infer_encoder(request, dep, body)
@@ -142,6 +155,33 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
     return {"model_name": name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
                          "data": [text]}]}
+
+
+def _pipeline(request: Request, name: str, who: Principal):
+    pipe = request.app.state.host.pipelines.get(name)
+    return pipe if pipe is not None and who.may_use(name) else None
+
+
+async def _infer_pipeline(pipe, body: InferRequest) -> dict:
+    """A pipeline: text_input in; text_output (the last step's) and every labelled or
+    generated step's output by name."""
+    if len(body.inputs) != 1 or body.inputs[0].name != "text_input":
+        raise APIError(400, "expected exactly one input, named text_input")
+    t = body.inputs[0]
+    if t.datatype != "BYTES" or t.shape != [1] or len(t.data) != 1 \
+            or not isinstance(t.data[0], str):
+        raise APIError(400, "text_input must be a BYTES tensor of shape [1] holding one "
+                            "string")
+    try:
+        ctx = await pipe.run(t.data[0])
+    except PipelineError as e:
+        raise APIError(500, f"pipeline {pipe.name!r}: {e}") from None
+    outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1],
+                "data": [str(ctx["output"])]}]
+    outputs += [{"name": s.name, "datatype": "BYTES", "shape": [1], "data": [str(ctx[s.name])]}
+                for s in pipe.config.steps if s.kind != "embed"]
+    return {"model_name": pipe.name, "model_version": "1", "id": body.id or "",
+            "outputs": outputs}
 
 
 async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
