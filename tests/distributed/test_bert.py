@@ -63,3 +63,39 @@ def test_minilm_matches_sentence_transformers(tp):
     cosine = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     assert cosine.min() >= 0.9999, cosine.min()
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalised
+
+
+@pytest.fixture(scope="module")
+def classifier(checkpoints, tmp_path_factory):
+    """The tiny BERT re-saved as BertForSequenceClassification with 3 labels."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("cls")
+    src = checkpoints["bert"]
+    tensors = {f"bert.{k}": v for k, v in load_file(str(src / "model.safetensors")).items()}
+    gen = torch.Generator().manual_seed(1)
+    tensors["classifier.weight"] = 0.2 * torch.randn(3, 64, generator=gen)
+    tensors["classifier.bias"] = 0.2 * torch.randn(3, generator=gen)
+    save_file(tensors, str(out / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(architectures=["BertForSequenceClassification"],
+               id2label={"0": "a", "1": "b", "2": "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sequence_classifier_matches_transformers(classifier, tp):
+    from transformers import BertForSequenceClassification
+
+    hf = BertForSequenceClassification.from_pretrained(str(classifier), dtype=torch.float32)
+    T = max(map(len, BATCH))
+    ids = torch.tensor([b + [0] * (T - len(b)) for b in BATCH])
+    mask = torch.tensor([[1] * len(b) + [0] * (T - len(b)) for b in BATCH])
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, attention_mask=mask).logits.numpy()
+    with LLM(str(classifier), tensor_parallel_size=tp) as llm:
+        logits = np.array([o.outputs.embedding for o in llm.embed(prompt_token_ids=BATCH)])
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
