@@ -61,10 +61,6 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
     def to_wire(self, seed: int | None = None) -> dict:
         """What the worker's sampler needs, as plain data (``seed`` overrides, for n > 1)."""
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,

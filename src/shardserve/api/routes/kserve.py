@@ -144,17 +144,22 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
     dep = deployment(request, name, who)
     if dep.is_encoder:
         return await _infer_encoder(request, dep, body)
-    if len(body.inputs) != 1 or body.inputs[0].name != "text_input":
-        raise APIError(400, "expected exactly one input, named text_input")
-    tensor = body.inputs[0]
-    if tensor.datatype != "BYTES" or tensor.shape != [1] or len(tensor.data) != 1 \
-            or not isinstance(tensor.data[0], str):
-        raise APIError(400, "text_input must be a BYTES tensor of shape [1] holding one "
-                            "string")
-    text = await _complete(request, name, who, tensor.data[0], body.parameters)
+    text = await _complete(request, name, who, _single_text(body), body.parameters)
     return {"model_name": name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
                          "data": [text]}]}
+
+
+def _single_text(body: InferRequest) -> str:
+    """The one string of a request whose only input is text_input, BYTES, shape [1]."""
+    if len(body.inputs) != 1 or body.inputs[0].name != "text_input":
+        raise APIError(400, "expected exactly one input, named text_input")
+    t = body.inputs[0]
+    if t.datatype != "BYTES" or t.shape != [1] or len(t.data) != 1 \
+            or not isinstance(t.data[0], str):
+        raise APIError(400, "text_input must be a BYTES tensor of shape [1] holding one "
+                            "string")
+    return t.data[0]
 
 
 def _pipeline(request: Request, name: str, who: Principal):
@@ -165,15 +170,8 @@ def _pipeline(request: Request, name: str, who: Principal):
 async def _infer_pipeline(pipe, body: InferRequest) -> dict:
     """A pipeline: text_input in; text_output (the last step's) and every labelled or
     generated step's output by name."""
-    if len(body.inputs) != 1 or body.inputs[0].name != "text_input":
-        raise APIError(400, "expected exactly one input, named text_input")
-    t = body.inputs[0]
-    if t.datatype != "BYTES" or t.shape != [1] or len(t.data) != 1 \
-            or not isinstance(t.data[0], str):
-        raise APIError(400, "text_input must be a BYTES tensor of shape [1] holding one "
-                            "string")
     try:
-        ctx = await pipe.run(t.data[0])
+        ctx = await pipe.run(_single_text(body))
     except PipelineError as e:
         raise APIError(500, f"pipeline {pipe.name!r}: {e}") from None
     outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1],
