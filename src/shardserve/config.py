@@ -182,6 +182,9 @@ class DeploymentConfig:
         "help": "encoder: how long the oldest request may wait for others to join its batch"})
     preferred_batch_sizes: tuple[int, ...] = field(default=(), metadata={
         "help": "encoder: batch sizes to cut at without waiting further"})
+    tenants: tuple[str, ...] = field(default=(), metadata={
+        "help": "tenants (of the --auth file) that may use this model, besides those whose "
+                "entry lists it"})
 
     @staticmethod
     def from_folder(folder: str) -> DeploymentConfig:
@@ -207,8 +210,9 @@ class DeploymentConfig:
             raise ValueError(f"{file}: {e}") from None
         if cfg.kind not in ("llm", "encoder"):
             raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm or encoder")
-        if isinstance(cfg.preferred_batch_sizes, list):
-            object.__setattr__(cfg, "preferred_batch_sizes", tuple(cfg.preferred_batch_sizes))
+        for name in ("preferred_batch_sizes", "tenants"):
+            if isinstance(getattr(cfg, name), list):
+                object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
         for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens",
                      "max_batch_size"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:

@@ -35,12 +35,12 @@ def server(checkpoints, tmp_path_factory):
                     f"  a: {{keys: [{hash_key(KEY_A)}], models: [a-llama]}}\n"
                     f"  b: {{keys: [{hash_key(KEY_B)}], models: [b-mistral, c-qwen]}}\n")
     repo = root / "repo"
-    for name, arch, tp in (("a-llama", "llama", 2), ("b-mistral", "mistral", 1),
-                           ("c-qwen", "qwen2", 1)):
+    for name, arch, tp, extra in (("a-llama", "llama", 2, ""), ("b-mistral", "mistral", 1, ""),
+                                  ("c-qwen", "qwen2", 1, "tenants: [a]\n")):
         (repo / name).mkdir(parents=True)
         (repo / name / "model.yaml").write_text(
             f"weights: {checkpoints[arch]}\ntp: {tp}\nmax_num_seqs: 4\n"
-            "max_num_batched_tokens: 512\n")
+            "max_num_batched_tokens: 512\n" + extra)
     port = _free_port()
     proc = _start(["--repository", str(repo), "--devices", "cpu:4", "--device-memory",
                    "12MiB", "--auth", str(auth)], port)
@@ -54,7 +54,8 @@ def test_keys_and_tenant_isolation(server):
     assert _call(f"{url}/v1/models")[0] == 401
     assert _call(f"{url}/v1/models", "sk-wrong")[0] == 401
     status, body = _call(f"{url}/v1/models", KEY_A)
-    assert status == 200 and [m["id"] for m in body["data"]] == ["a-llama"]
+    # a-llama from the auth file; c-qwen because its model.yaml names tenant a
+    assert status == 200 and [m["id"] for m in body["data"]] == ["a-llama", "c-qwen"]
     status, body = _call(f"{url}/v1/completions", KEY_A,
                          {"model": "b-mistral", "prompt": "hi", "max_tokens": 2})
     assert status == 404 and "does not exist" in body["error"]["message"]

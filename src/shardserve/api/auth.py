@@ -6,6 +6,7 @@ The auth file (YAML) stores only SHA-256 digests of keys (``shardserve hash-key`
     tenants:
       acme: {keys: [sha256:...], models: [llama, embedder]}   # or models: "*"
 
+A model's ``model.yaml`` may also name the tenants that may use it (``tenants: [acme]``).
 A request's ``Authorization: Bearer KEY`` is hashed and compared with every stored digest in
 constant time. A tenant sees and calls only its models: another tenant's model is a 404, as if
 it did not exist. Admin keys control the repository (load, unload).
@@ -33,8 +34,11 @@ class Principal:
     models: frozenset[str] | None  # None: every model
     admin: bool
 
-    def may_use(self, model: str) -> bool:
-        return self.models is None or model in self.models
+    def may_use(self, model: str, tenants: tuple[str, ...] = ()) -> bool:
+        """Whether this caller may see ``model``: listed for its tenant in the auth file, or
+        its tenant listed in the model's ``model.yaml`` (``tenants``)."""
+        return (self.models is None or model in self.models
+                or (self.tenant is not None and self.tenant in tenants))
 
 
 OPEN = Principal(None, None, False)  # no --auth: loopback clients, every model, no admin

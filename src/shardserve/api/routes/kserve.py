@@ -49,7 +49,9 @@ async def ready(request: Request) -> dict:
 @router.get("/v2/repository/index")
 async def repository_index(request: Request, who: Principal = Depends(principal)
                            ) -> list[dict]:
-    return [row for row in request.app.state.host.index() if who.may_use(row["name"])]
+    host = request.app.state.host
+    return [row for row in host.index()
+            if who.may_use(row["name"], host.deployments[row["name"]].config.tenants)]
 
 
 @router.get("/v2/repository/devices")

@@ -30,7 +30,7 @@ _DEFAULT_MAX_TOKENS = 16
 def deployment(request: Request, name: str, who: Principal):
     """The deployment ``name`` if this caller may use it; another tenant's model is a 404."""
     dep = request.app.state.host.deployments.get(name)
-    if dep is None or not who.may_use(name):
+    if dep is None or not who.may_use(name, dep.config.tenants):
         raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
     return dep
 
@@ -41,7 +41,8 @@ async def list_models(request: Request, who: Principal = Depends(principal)) -> 
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "shardserve",
          "max_model_len": dep.model.context_len}
-        for name, dep in list(host.deployments.items()) if who.may_use(name)]}
+        for name, dep in list(host.deployments.items())
+        if who.may_use(name, dep.config.tenants)]}
 
 
 @router.post("/v1/completions")
