@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
-from shardserve.models.registry import check_architecture
-from shardserve.planner.memory import check_fits
-from shardserve.runtime.devices import Device, parse_devices
+from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor
 
 
@@ -37,16 +35,8 @@ class EncoderEngine:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig,
                  device: DeviceConfig | list[Device], max_batch_tokens: int = 16384,
                  max_batch_size: int = 32) -> None:
-        spec = model.spec
-        check_architecture(spec.architecture)
-        parallel.check_model(spec)
+        devices, _ = devices_for(model, parallel, device)
         tp = parallel.tensor_parallel_size
-        devices = (parse_devices(device.devices, device.device_memory)
-                   if isinstance(device, DeviceConfig) else device)
-        if tp > len(devices):
-            raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; there are "
-                             f"{len(devices)}")
-        check_fits(spec, tp, model.torch_dtype_name, devices[0].memory_budget, len(devices))
         self.config, self.max_batch_tokens = model, max_batch_tokens
         self.max_batch_size = max_batch_size
         self.pooling, self.normalize = pooling_config(model.path)

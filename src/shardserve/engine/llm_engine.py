@@ -25,12 +25,11 @@ from shardserve.engine.sequence import Sequence
 from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.planner.memory import (
     activation_bytes,
-    check_fits,
     format_bytes,
     kv_blocks,
     kv_bytes_per_token,
 )
-from shardserve.runtime.devices import Device, parse_devices
+from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
 from shardserve.sampling_params import SamplingParams
@@ -86,21 +85,9 @@ class LLMEngine:
     def _plan(self, model: ModelConfig, parallel: ParallelConfig,
               device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig):
         """Check everything fits before any worker starts; returns (num_blocks, devices)."""
-        from shardserve.models.registry import check_architecture
-
         spec, dtype = model.spec, model.torch_dtype_name
-        check_architecture(spec.architecture)
-        parallel.check_model(spec)
-        tp = parallel.tensor_parallel_size
-        if isinstance(device, DeviceConfig):
-            devices = parse_devices(device.devices, device.device_memory)
-        else:  # placed by the host's plan
-            devices = device
-        if tp > len(devices):
-            raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; "
-                             f"{', '.join(d.name for d in devices)} are {len(devices)}")
-        budget = devices[0].memory_budget
-        weights = check_fits(spec, tp, dtype, budget, len(devices))
+        devices, weights = devices_for(model, parallel, device)
+        tp, budget = parallel.tensor_parallel_size, devices[0].memory_budget
         act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)
         free = budget - weights - act
         per_seq_blocks = -(-self.max_len // cache.block_size)

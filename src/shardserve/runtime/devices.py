@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
 from shardserve.planner.memory import parse_bytes
 
 
@@ -42,6 +43,30 @@ def parse_devices(text: str, device_memory: str | int | None = None) -> list[Dev
     if kind == "cuda":
         return _cuda_devices(count, device_memory)
     raise ValueError(f"--devices {text!r}: expected cpu:N or cuda")
+
+
+def devices_for(model: ModelConfig, parallel: ParallelConfig,
+                device: DeviceConfig | list[Device]) -> tuple[list[Device], int]:
+    """Check, before any worker starts, that ``model`` is served and splits at this tp, and
+    that its shard fits the devices (a ``DeviceConfig`` to parse, or devices the host placed
+    it on). Returns every device and the weight bytes per device."""
+    from shardserve.models.registry import check_architecture
+    from shardserve.planner.memory import check_fits
+
+    spec = model.spec
+    check_architecture(spec.architecture)
+    parallel.check_model(spec)
+    tp = parallel.tensor_parallel_size
+    if isinstance(device, DeviceConfig):
+        devices = parse_devices(device.devices, device.device_memory)
+    else:
+        devices = device
+    if tp > len(devices):
+        raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; "
+                         f"{', '.join(d.name for d in devices)} are {len(devices)}")
+    weights = check_fits(spec, tp, model.torch_dtype_name, devices[0].memory_budget,
+                         len(devices))
+    return devices, weights
 
 
 def split_cores(n: int) -> list[tuple[int, ...]]:

@@ -194,11 +194,11 @@ class ModelRunner:
         starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
         ids = np.concatenate([s.tokens[c:c + n] for s, c, n in zip(seqs, starts, ns,
                                                                     strict=True)])
-        positions = np.concatenate([np.arange(c, c + n) for c, n in zip(starts, ns,
-                                                                         strict=True)])
+        spans = [np.arange(c, c + n) for c, n in zip(starts, ns, strict=True)]
         tables = [np.asarray(s.block_ids, dtype=np.int64) for s in seqs]
-        slots = np.concatenate([tab[np.arange(c, c + n) // bs] * bs + np.arange(c, c + n) % bs
-                                for tab, c, n in zip(tables, starts, ns, strict=True)])
+        positions = np.concatenate(spans)
+        slots = np.concatenate([tab[p // bs] * bs + p % bs
+                                for tab, p in zip(tables, spans, strict=True)])
         D = int((ns == 1).sum())
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
         decode_tables = decode_ctx = None
