@@ -1,0 +1,81 @@
+"""Small native kernels for CPUs, compiled on first use with the system C compiler.
+
+Each kernel is one C file beside this module, built with ``-O3 -march=native -fopenmp`` into a
+shared library under ``~/.cache/shardserve/kernels`` (``SHARDSERVE_KERNEL_CACHE`` moves it),
+keyed by the source, the flags and the host CPU, and called through ``ctypes`` with tensor data
+pointers. OpenMP resolves to the ``libgomp`` PyTorch has already loaded, so kernels and PyTorch
+share one thread pool. With no compiler, or ``SHARDSERVE_KERNELS=0``, ``load`` returns ``None``
+and callers keep their plain-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("SHARDSERVE_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "shardserve" / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [x for x in text.splitlines() if x.startswith(("flags", "model name"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build(name: str) -> Path:
+    source = Path(__file__).with_name(f"{name}.c")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(_FLAGS).encode(),
+                                     compiler.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"{name}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent builders (two workers) never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(source), "-lm"],
+                             capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {source.name}: {res.stderr.strip()[:2000]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``name`` (a C file in this folder), or ``None`` where it
+    cannot be built here; the reason is logged once."""
+    if os.environ.get("SHARDSERVE_KERNELS", "1") == "0":
+        return None
+    import torch  # noqa: F401  (its libgomp must be loaded first, so the kernels share it)
+
+    try:
+        return ctypes.CDLL(str(_build(name)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("native kernel %s unavailable, using the PyTorch path: %s", name, e)
+        return None

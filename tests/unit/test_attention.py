@@ -1,0 +1,91 @@
+"""Decode attention over the paged cache: the native CPU kernel and the PyTorch path against
+attention written out densely, sequence by sequence."""
+
+import shutil
+
+import pytest
+import torch
+
+from shardserve import kernels
+from shardserve.layers.attention import (
+    Attention,
+    AttentionMetadata,
+    CPUPagedBackend,
+    TorchSDPABackend,
+    default_backend,
+)
+
+
+def _dense(q, k_cache, v_cache, tables, context, window):
+    """Each sequence's keys and values in order, softmax(q k^T / sqrt(d)) v per head."""
+    nh, nkv, hd = q.shape[1], k_cache.shape[2], q.shape[2]
+    out = torch.empty_like(q)
+    for d in range(q.shape[0]):
+        n = int(context[d])
+        k = k_cache[tables[d]].flatten(0, 1)[:n]  # (n, nkv, hd)
+        v = v_cache[tables[d]].flatten(0, 1)[:n]
+        first = max(0, n - window) if window else 0
+        for h in range(nh):
+            kv = h // (nh // nkv)
+            s = (k[first:, kv] @ q[d, h].double()) * hd ** -0.5
+            out[d, h] = (torch.softmax(s, 0) @ v[first:, kv]).to(out.dtype)
+    return out
+
+
+def _case(D, nh, nkv, hd, bs, window, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = 9
+    num_blocks = D * max_blocks + 3
+    k_cache = torch.randn(num_blocks, bs, nkv, hd, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(num_blocks, bs, nkv, hd, generator=g, dtype=torch.float64)
+    # Blocks in random order, as the block manager hands them out; contexts cover a single
+    # token, whole blocks and partly filled last blocks.
+    tables = torch.randperm(num_blocks, generator=g)[:D * max_blocks].view(D, max_blocks)
+    context = torch.randint(1, max_blocks * bs + 1, (D,), generator=g)
+    context[0] = 1
+    if D > 2:
+        context[1], context[2] = bs, max_blocks * bs
+    q = torch.randn(D, nh, hd, generator=g, dtype=torch.float64)
+    attn = Attention(nh, nkv, hd, window)
+    attn.k_cache, attn.v_cache = k_cache.float(), v_cache.float()
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), D, tables, context)
+    want = _dense(q, k_cache, v_cache, tables, context, window)
+    return attn, q.float(), meta, want.float()
+
+
+SHAPES = [  # num_heads, num_kv_heads, head_dim, block_size, sliding window
+    (12, 4, 64, 16, None),  # llama-110m: grouped-query
+    (8, 8, 128, 16, None),  # multi-head, wide heads
+    (4, 1, 72, 8, 21),  # multi-query, head_dim not a multiple of 16, sliding window
+    (6, 2, 20, 16, None),  # head_dim not a multiple of 8: the kernel declines, PyTorch runs
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("D", [1, 7])
+def test_decode_backends_match_dense_attention(shape, D, monkeypatch):
+    attn, q, meta, want = _case(D, *shape)
+    got = TorchSDPABackend()._decode(attn, q, meta)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    native = default_backend()
+    if not isinstance(native, CPUPagedBackend):
+        pytest.skip("the native kernel does not build here")
+    if shape[2] % 8 == 0:  # the kernel must run itself, not fall back
+        monkeypatch.setattr(TorchSDPABackend, "_decode", None)
+    got = native._decode(attn, q, meta)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_native_kernel_is_the_default_where_a_compiler_exists():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here: the PyTorch path is the default")
+    assert isinstance(default_backend(), CPUPagedBackend)
+
+
+def test_kernel_build_failure_falls_back_with_the_compiler_message(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SHARDSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    assert kernels.load.__wrapped__("paged_attention") is None
+    assert "failed on paged_attention.c" in caplog.text
+    monkeypatch.setenv("SHARDSERVE_KERNELS", "0")
+    assert kernels.load.__wrapped__("paged_attention") is None
