@@ -16,7 +16,6 @@ blocks in place (``kernels/paged_attention.c``), 4-9x faster than gather + SDPA 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,6 +23,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shardserve.kernels import ops
 
 
 @dataclass
@@ -142,34 +143,15 @@ class CPUPagedBackend(TorchSDPABackend):
     """Decodes through the native paged-attention kernel (float32 on CPU, head_dim a multiple
     of 8); everything else, prefill chunks included, through ``TorchSDPABackend``."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self.fn = lib.paged_decode_attention
-        self.fn.restype = ctypes.c_int
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self.fn.argtypes = [p, p, p, p, p, p, i64, i64, i32, i32, i32, i32, i64,
-                            ctypes.c_float, i32]
-
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
-        kc, vc = attn.k_cache, attn.v_cache
-        tables, ctx = meta.decode_tables, meta.decode_context
-        if (q.device.type != "cpu" or q.dtype != torch.float32 or kc.dtype != torch.float32
-                or tables.dtype != torch.int64 or ctx.dtype != torch.int64
-                or not (kc.is_contiguous() and vc.is_contiguous())):
-            return super()._decode(attn, q, meta)
-        q = q.contiguous()
-        out = torch.empty_like(q)
-        rc = self.fn(q.data_ptr(), kc.data_ptr(), vc.data_ptr(), tables.data_ptr(),
-                     ctx.data_ptr(), out.data_ptr(), q.shape[0], tables.shape[1],
-                     attn.num_heads, attn.num_kv_heads, attn.head_dim, kc.shape[1],
-                     attn.window or 0, attn.scale, torch.get_num_threads())
-        return out if rc == 0 else super()._decode(attn, q, meta)
+        out = ops.paged_decode_attention(q, attn.k_cache, attn.v_cache, meta.decode_tables,
+                                         meta.decode_context, attn.num_kv_heads, attn.window,
+                                         attn.scale)
+        return out if out is not None else super()._decode(attn, q, meta)
 
 
 @functools.cache
 def default_backend() -> AttentionBackend:
     """The native CPU backend where its kernel builds here, else plain PyTorch."""
-    from shardserve import kernels
-
-    lib = kernels.load("paged_attention")
-    return CPUPagedBackend(lib) if lib is not None else TorchSDPABackend()
+    return CPUPagedBackend() if ops.available() else TorchSDPABackend()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.layers.linear import linear
 from shardserve.planner.memory import shard
 from shardserve.runtime.group import Group
 
@@ -45,10 +46,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits over the full vocabulary, gathered on every rank, with the embedding's vocabulary
     partition. Tied to an embedding it uses that ``(V_local, H)`` parameter; untied it stores
-    its own transposed, ``(H, V_local)``: for the few rows a decode step samples, MKL streams
-    this layout faster (measured out of cache, 2 cores, 32000 x 768 float32: 4.1 ms against
-    7.6 ms at 1 row, 29.6 against 31.4 ms at 64). The linear layers keep the checkpoint's
-    layout, where the same comparison is mixed (1.6x faster to 17% slower by shape and rows)."""
+    its own transposed, ``(H, V_local)``: for the 16-64 rows of a busy decode step MKL runs this
+    layout faster (measured out of cache, 2 cores, 32000 x 768 float32: 28.3 against 31.9 ms at
+    64 rows). At 1-8 rows the native kernel of ``layers.linear.linear`` takes either layout."""
 
     def __init__(self, vocab_size: int, hidden: int, group: Group,
                  tied: VocabParallelEmbedding | None = None) -> None:
@@ -70,5 +70,5 @@ class ParallelLMHead(nn.Module):
             param.data[:, :n].copy_(src.read(0, self.start, self.stop).t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
-        local = F.linear(x, self.weight) if self.tied else x @ self.weight
+        local = linear(x, self.weight, transposed=not self.tied)
         return self.group.all_gather(local, dim=-1)[..., :self.vocab_size]

@@ -16,8 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.kernels import ops
 from shardserve.planner.memory import local_kv_heads
 from shardserve.runtime.group import Group
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           transposed: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias`` (``weight`` stored ``(in, out)`` when ``transposed``). A few rows
+    (decode at small batch) go to the native kernel, which streams the weights from every core;
+    more rows are compute-bound and go to PyTorch's GEMM."""
+    y = ops.small_linear(x, weight, bias, transposed)
+    if y is not None:
+        return y
+    if not transposed:
+        return F.linear(x, weight, bias)
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 def _divide(n: int, tp: int, what: str) -> int:
@@ -46,7 +60,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(src.read(0, start, start + self.out_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -124,5 +138,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(src.read(1, start, start + self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.all_reduce(F.linear(x, self.weight))
+        y = self.group.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
