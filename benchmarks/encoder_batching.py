@@ -19,6 +19,7 @@ import http.client
 import json
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,14 +38,18 @@ def sentences(n: int) -> list[str]:
 
 
 def load(port: int, model: str, texts: list[str], concurrency: int) -> dict:
+    """Each client thread keeps one HTTP/1.1 connection open, as load generators and client
+    pools do (Triton's perf_analyzer included)."""
+    local = threading.local()
+
     def one(text: str) -> float:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         t0 = time.perf_counter()
-        conn.request("POST", "/v1/embeddings", json.dumps({"model": model, "input": text}),
-                     {"Content-Type": "application/json"})
-        r = conn.getresponse()
+        local.conn.request("POST", "/v1/embeddings", json.dumps({"model": model, "input": text}),
+                           {"Content-Type": "application/json"})
+        r = local.conn.getresponse()
         r.read()
-        conn.close()
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}")
         return time.perf_counter() - t0
