@@ -255,11 +255,29 @@ class LLMEngine:
     def _check_stop_strings(self, seq: Sequence) -> None:
         if self.tokenizer is None:
             raise ValueError("stop strings need the model's tokenizer.json")
-        text = self.tokenizer.decode(seq.output_token_ids,
-                                     skip_special_tokens=seq.params.skip_special_tokens)
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        old = len(seq.text)
+        self._detokenize(seq)
+        # Only text that is new this step can complete a match.
+        start = max(0, old - max(map(len, seq.params.stop)) + 1)
+        hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.finish_reason, seq.stop_text_len = "stop", min(hits)
+
+    def _detokenize(self, seq: Sequence, final: bool = False) -> None:
+        """Extend ``seq.text`` by the tokens sampled since the last call, decoding only a short
+        window (the previous piece for context, then the new tokens) so a long output costs
+        linear time, not quadratic. Tokens that end inside a multi-byte character wait for the
+        rest unless ``final``."""
+        ids = seq.output_token_ids
+        if seq.read_offset == len(ids):
+            return
+        skip = seq.params.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset],
+                                       skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+        if final or (len(full) > len(prefix) and not full.endswith("\ufffd")):
+            seq.text += full[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
     def _forget(self, seq: Sequence) -> None:
         self._known.pop(seq.seq_id, None)
@@ -281,13 +299,10 @@ class LLMEngine:
     def _text(self, seq: Sequence) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(seq.output_token_ids,
-                                     skip_special_tokens=seq.params.skip_special_tokens)
+        self._detokenize(seq, final=seq.finished)  # unfinished: hold back a partial character
         if seq.stop_text_len is not None:
-            return text[:seq.stop_text_len]
-        if not seq.finished:  # hold back a partly decoded multi-byte character
-            text = text.rstrip("\ufffd")
-        return text
+            return seq.text[:seq.stop_text_len]
+        return seq.text
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -29,6 +29,11 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_text_len: int | None = None  # output text is cut here when a stop string matched
+    # Incremental detokenization (LLMEngine._detokenize): ``text`` is the decoded output up to
+    # ``read_offset`` tokens; decoding restarts at ``prefix_offset`` for context.
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
     num_preemptions: int = 0
     num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache
 
