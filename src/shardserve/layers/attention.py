@@ -11,7 +11,7 @@ step. ``AttentionMetadata`` is built once per step and shared by every layer.
 The computation sits behind ``AttentionBackend``: ``TorchSDPABackend`` runs anywhere PyTorch
 does; ``CPUPagedBackend`` replaces its decode half on CPUs with a native kernel that reads the
 blocks in place (``kernels/paged_attention.c``), 4-9x faster than gather + SDPA at 64 sequences
-(``benchmarks/attention.py``). A fused kernel for CUDA can implement the same two methods.
+(``benchmarks/kernels.py``). A fused kernel for CUDA can implement the same two methods.
 """
 
 from __future__ import annotations
