@@ -64,8 +64,21 @@ int small_gemm(const float *x, const float *w, const float *bias, float *y, int 
     if (N < 1 || N > MAX_ROWS || num_threads < 1) return -1;
     if (w_kn) {
         const int T = num_threads;
-        float *part = T > 1 ? malloc(sizeof(float) * T * N * O) : y;
-        if (!part) return -1;
+        float *part = y;
+        if (T > 1) {
+            /* The partial sums' buffer is kept per calling thread: this runs every decode step,
+             * and a fresh allocation of this size is an mmap plus page faults each time. */
+            static __thread float *scratch = NULL;
+            static __thread size_t capacity = 0;
+            const size_t need = (size_t)T * N * O;
+            if (need > capacity) {
+                free(scratch);
+                scratch = malloc(sizeof(float) * need);
+                capacity = scratch ? need : 0;
+            }
+            if (!scratch) return -1;
+            part = scratch;
+        }
 #pragma omp parallel num_threads(T)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -80,7 +93,6 @@ int small_gemm(const float *x, const float *w, const float *bias, float *y, int 
                 }
             }
         }
-        if (T > 1) free(part);
     } else {
         /* Work items: runs of output features, several per thread so uneven cores even out. */
         const int64_t step = (O + 8 * num_threads - 1) / (8 * num_threads);
