@@ -5,9 +5,10 @@
 1. Paged decode attention (llama-110m heads: 12 query heads, 4 KV heads, head_dim 64, blocks of
    16 tokens in random order): ``CPUPagedBackend`` against ``TorchSDPABackend`` (gather each
    sequence's blocks, one padded SDPA call), per layer call.
-2. Small-batch linear, 1, 4 and 8 rows, weights cold (each call takes the next of several
-   copies, 256 MB in all, more than the caches hold): the native kernel against ``F.linear``
-   (``x @ W`` for the LM head, stored transposed).
+2. Linear layers from 1 to 2048 rows, weights cold (each call takes the next of several
+   copies, 256 MB in all, more than the caches hold): ``F.linear`` (PyTorch's GEMM, MKL here)
+   against the packed GEMM (``kernels/gemm.c``, weights repacked once as at load time) and,
+   at 1-8 rows, the small-batch kernel for weights left unpacked (``kernels/small_gemm.c``).
 """
 
 from __future__ import annotations
@@ -60,23 +61,27 @@ def attention_rows() -> list[str]:
 
 def linear_rows() -> list[str]:
     rows = []
-    shapes = [("qkv 110m", 2304, 768, False), ("down 110m", 768, 2048, False),
-              ("LM head 110m (H, V)", 32000, 768, True), ("gate_up TinyLlama", 11264, 2048, False)]
-    for name, O, K, transposed in shapes:
+    shapes = [("qkv 110m", 2304, 768), ("down 110m", 768, 2048), ("LM head 110m", 32000, 768),
+              ("gate_up TinyLlama", 11264, 2048)]
+    for name, O, K in shapes:
         copies = max(2, (256 << 20) // (4 * O * K))  # cycle through more than the caches hold
-        ws = [torch.randn((K, O) if transposed else (O, K)) for _ in range(copies)]
-        for N in (1, 4, 8):
+        ws = [torch.randn(O, K) for _ in range(copies)]
+        packed = [ops.pack_weight(w, force=True) for w in ws]
+        for N in (1, 4, 8, 16, 64, 256, 2048):
             x = torch.randn(N, K)
             it = iter(range(10**9))
-            pick = lambda: ws[next(it) % copies]  # noqa: E731, B023
-            if transposed:
-                base = timed(lambda: x @ pick(), 20)  # noqa: B023
-            else:
-                base = timed(lambda: F.linear(x, pick()), 20)  # noqa: B023
+            pick = lambda ws: ws[next(it) % copies]  # noqa: E731, B023
+            n = max(3, min(20, int(2e10 / (2 * N * K * O))))
             with torch.inference_mode():
-                ours = timed(lambda: ops.small_linear(x, pick(), None, transposed), 20)  # noqa: B023
-            rows.append(f"| {name} | {O}x{K} | {N} | {base * 1e3:.3f} | {ours * 1e3:.3f} | "
-                        f"{base / ours:.2f}x | {4 * O * K / ours / 1e9:.1f} |")
+                base = timed(lambda: F.linear(x, pick(ws)), n)  # noqa: B023
+                small = (timed(lambda: ops.small_linear(x, pick(ws)), n)  # noqa: B023
+                         if N <= ops.SMALL_GEMM_MAX_ROWS else None)
+                ours = timed(lambda: ops.packed_linear(x, pick(packed)), n)  # noqa: B023
+            rate = (f"{4 * O * K / ours / 1e9:.1f} GB/s" if N <= 8 else
+                    f"{2 * N * K * O / ours / 1e9:.0f} GFLOP/s")
+            rows.append(f"| {name} | {O}x{K} | {N} | {base * 1e3:.3f} | "
+                        f"{'-' if small is None else f'{small * 1e3:.3f}'} | {ours * 1e3:.3f} | "
+                        f"{base / ours:.2f}x | {rate} |")
     return rows
 
 
@@ -91,8 +96,9 @@ def main() -> None:
     print("| sequences | context | gather + SDPA ms | native ms | speedup | KV read GB/s |")
     print("|---|---|---|---|---|---|")
     print("\n".join(attention_rows()), flush=True)
-    print("\n| layer | out x in | rows | PyTorch ms | native ms | speedup | weights GB/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| layer | out x in | rows | PyTorch ms | small-batch ms | packed ms | packed / "
+          "PyTorch | packed rate |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(linear_rows()))
 
 

@@ -31,11 +31,23 @@ def _attention_fn():
 
 
 def _gemm_fn():
-    return _fn("small_gemm", "small_gemm", (_P, _P, _P, _P, _I32, _I64, _I64, _I32, _I32))
+    return _fn("small_gemm", "small_gemm", (_P, _P, _P, _P, _I32, _I64, _I64, _I32))
+
+
+def _packed_fn():
+    return _fn("gemm", "packed_gemm", (_P, _P, _P, _P, _I64, _I64, _I64, _I32))
+
+
+@functools.cache
+def packed_width() -> int | None:
+    """Output features per panel of the packed layout (64 with AVX-512, 16 with AVX2), or None
+    without the kernel."""
+    handle = kernels.load("gemm")
+    return None if handle is None else int(handle.packed_gemm_nr())
 
 
 def available() -> bool:
-    return _attention_fn() is not None and _gemm_fn() is not None
+    return None not in (_attention_fn(), _gemm_fn(), _packed_fn())
 
 
 def _f32_cpu(*ts: torch.Tensor) -> bool:
@@ -61,10 +73,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out if rc == 0 else None
 
 
-def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 transposed: bool = False) -> torch.Tensor | None:
-    """``x @ weight.T + bias`` for 1..8 rows of x (weight ``(O, K)``, or ``(K, O)`` when
-    ``transposed``), every thread streaming its own slice of the weights."""
+def small_linear(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` for 1..8 rows of x, weight ``(O, K)``, every thread streaming its
+    own slice of the weights."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= SMALL_GEMM_MAX_ROWS or torch.is_grad_enabled():
         return None
     fn = _gemm_fn()
@@ -72,8 +84,44 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if fn is None or not _f32_cpu(x, weight) or (bias is not None and not _f32_cpu(bias)):
         return None
     N, K = x.shape
-    O = weight.shape[1] if transposed else weight.shape[0]
+    O = weight.shape[0]
     y = x.new_empty(N, O)
     rc = fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-            y.data_ptr(), N, K, O, int(transposed), torch.get_num_threads())
+            y.data_ptr(), N, K, O, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def pack_weight(weight: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+    """A linear weight ``(O, K)`` as the packed kernel's panels ``(O / NR, K, NR)``, or None
+    where it does not apply: no kernel, not float32 on the CPU, O not a multiple of NR. Without
+    ``force`` only the AVX-512 build packs: the AVX2 build measured slower than PyTorch's GEMM
+    from a few hundred rows up (134 against 178 GFLOP/s at 2048 rows), so layers keep their
+    weights as they are there."""
+    nr = packed_width()
+    if (nr is None or (nr < 64 and not force) or weight.dim() != 2 or not _f32_cpu(weight)
+            or weight.shape[0] % nr):
+        return None
+    O, K = weight.shape
+    return weight.view(O // nr, nr, K).transpose(1, 2).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+    """The ``(O, K)`` weight back from ``pack_weight``'s panels (a copy)."""
+    q, K, nr = packed.shape
+    return packed.transpose(1, 2).reshape(q * nr, K)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ W.T + bias`` for any number of rows, ``packed`` from ``pack_weight(W)``."""
+    fn = _packed_fn()
+    q, K, nr = packed.shape
+    if fn is None or x.shape[-1] != K or x.numel() == 0:
+        return None
+    x2 = x.reshape(-1, K).contiguous()
+    if not _f32_cpu(x2, packed) or (bias is not None and not _f32_cpu(bias)):
+        return None
+    y = x2.new_empty(x2.shape[0], q * nr)
+    rc = fn(x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+            y.data_ptr(), x2.shape[0], K, q * nr, torch.get_num_threads())
+    return y.view(*x.shape[:-1], q * nr) if rc == 0 else None

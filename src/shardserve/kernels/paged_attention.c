@@ -38,71 +38,128 @@ static inline float exp_neg(float x) {
     return p * two_n.f;
 }
 
-/* hd is a multiple of 8; two accumulators keep two FMA chains in flight. */
-static inline float dot(const float *a, const float *b, int hd) {
-    v8 s0 = {0}, s1 = {0};
+/* Query heads sharing one KV head are processed QC at a time: each key and value row is loaded
+ * once for all of them. */
+#define QC 4
+
+static inline float hsum(v8 s) {
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+/* s[c] = scale * dot(q[c], k) for NC query heads against one key row. */
+static inline __attribute__((always_inline)) void score_row(
+        const float *restrict q, const float *restrict k, int NC, int hd, float scale,
+        float *restrict s, int stride) {
+    v8 a[QC] = {{0}}, b[QC] = {{0}};
     int i = 0;
     for (; i + 16 <= hd; i += 16) {
-        s0 += *(const v8 *)(a + i) * *(const v8 *)(b + i);
-        s1 += *(const v8 *)(a + i + 8) * *(const v8 *)(b + i + 8);
+        const v8 k0 = *(const v8 *)(k + i), k1 = *(const v8 *)(k + i + 8);
+        for (int c = 0; c < NC; c++) {
+            a[c] += *(const v8 *)(q + c * hd + i) * k0;
+            b[c] += *(const v8 *)(q + c * hd + i + 8) * k1;
+        }
     }
-    if (i < hd) s0 += *(const v8 *)(a + i) * *(const v8 *)(b + i);
-    s0 += s1;
-    return ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));
+    if (i < hd)
+        for (int c = 0; c < NC; c++) a[c] += *(const v8 *)(q + c * hd + i) * *(const v8 *)(k + i);
+    for (int c = 0; c < NC; c++) s[c * stride] = hsum(a[c] + b[c]) * scale;
 }
 
-static inline void axpy(float *y, float a, const float *x, int hd) {
-    const v8 av = {a, a, a, a, a, a, a, a};
-    for (int i = 0; i < hd; i += 8) *(v8 *)(y + i) += av * *(const v8 *)(x + i);
+/* acc[c] += sum over t of s[c][t] v[t] for NC heads: the accumulators stay in registers across
+ * the block's tokens, two sets (even and odd tokens) to keep two FMA chains per head going. */
+static inline __attribute__((always_inline)) void weigh_values(
+        float *restrict acc, const float *restrict v, int64_t row, int t0, int t1, int NC,
+        int hd, const float *restrict s, int stride) {
+    for (int i = 0; i < hd; i += 8) {
+        v8 a[QC], b[QC];
+        for (int c = 0; c < NC; c++) {
+            a[c] = *(const v8 *)(acc + c * hd + i);
+            b[c] = (v8){0};
+        }
+        int t = t0;
+        for (; t + 2 <= t1; t += 2) {
+            const v8 v0 = *(const v8 *)(v + t * row + i), v1 = *(const v8 *)(v + (t + 1) * row + i);
+            for (int c = 0; c < NC; c++) {
+                a[c] += s[c * stride + t] * v0;
+                b[c] += s[c * stride + t + 1] * v1;
+            }
+        }
+        if (t < t1) {
+            const v8 v0 = *(const v8 *)(v + t * row + i);
+            for (int c = 0; c < NC; c++) a[c] += s[c * stride + t] * v0;
+        }
+        for (int c = 0; c < NC; c++) *(v8 *)(acc + c * hd + i) = a[c] + b[c];
+    }
 }
 
-/* Query heads [h0, h1) of one sequence; their KV heads are h / G. */
+/* Query heads [h, h + n) share one KV head; a constant n (1..QC) unrolls the head loop. */
+#define BY_HEADS(n, call)                                      \
+    switch (n) {                                               \
+    case 1: { const int NC = 1; call; } break;                 \
+    case 2: { const int NC = 2; call; } break;                 \
+    case 3: { const int NC = 3; call; } break;                 \
+    default: { const int NC = QC; call; } break;               \
+    }
+
+/* KV heads [g0, g1) of one sequence and their query heads (q and out start at head g0 * G). */
 static void attend(const float *restrict q, const float *restrict k_cache,
                    const float *restrict v_cache, const int64_t *restrict table,
-                   int64_t first, int64_t last, int h0, int h1, int G, int bs, int nkv,
+                   int64_t first, int64_t last, int g0, int g1, int G, int bs, int nkv,
                    int hd, float scale, float *restrict out) {
-    const int H = h1 - h0;
-    float acc[H][hd], m[H], l[H], s[H][bs];
+    const int H = (g1 - g0) * G;
+    float acc[H * hd], m[H], l[H], s[H * bs];
     for (int h = 0; h < H; h++) {
         m[h] = -FLT_MAX;
         l[h] = 0.0f;
-        memset(acc[h], 0, sizeof(float) * hd);
     }
+    memset(acc, 0, sizeof(acc));
     const int64_t row = (int64_t)nkv * hd;  /* floats between two tokens of a block */
     for (int64_t pos = first - first % bs; pos < last; pos += bs) {
-        const int64_t block = table[pos / bs];
+        const int64_t base = table[pos / bs] * bs * row;
         const int t0 = pos < first ? (int)(first - pos) : 0;
         const int t1 = last - pos < bs ? (int)(last - pos) : bs;
-        const float *kb = k_cache + block * bs * row;
-        const float *vb = v_cache + block * bs * row;
-        for (int t = t0; t < t1; t++)
-            for (int h = 0; h < H; h++)
-                s[h][t] = dot(q + (int64_t)h * hd, kb + t * row + ((h0 + h) / G) * hd, hd) * scale;
+        /* Scores token by token, so the block's keys are read in address order (a pass per KV
+         * head would stride through it, and the prefetchers lose it); the values are fetched
+         * alongside for the pass below. */
+        for (int t = t0; t < t1; t++) {
+            const float *kt = k_cache + base + t * row;
+            for (int i = g0 * hd; i < g1 * hd; i += 16)
+                __builtin_prefetch(v_cache + base + t * row + i);
+            for (int g = g0; g < g1; g++)
+                for (int c0 = 0; c0 < G; c0 += QC) {
+                    const int h = (g - g0) * G + c0;
+                    BY_HEADS(G - c0, score_row(q + (int64_t)h * hd, kt + g * hd, NC, hd, scale,
+                                               s + h * bs + t, bs));
+                }
+        }
         /* Online softmax: s becomes this block's weights under the running maximum. */
         for (int h = 0; h < H; h++) {
+            float *sh = s + h * bs;
             float mx = m[h];
-            for (int t = t0; t < t1; t++) mx = s[h][t] > mx ? s[h][t] : mx;
+            for (int t = t0; t < t1; t++) mx = sh[t] > mx ? sh[t] : mx;
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int t = t0; t < t1; t++) {
-                s[h][t] = exp_neg(s[h][t] - mx);
-                sum += s[h][t];
+                sh[t] = exp_neg(sh[t] - mx);
+                sum += sh[t];
             }
             if (mx > m[h]) {
                 const float correction = exp_neg(m[h] - mx);
                 l[h] *= correction;
-                for (int i = 0; i < hd; i++) acc[h][i] *= correction;
+                for (int i = 0; i < hd; i++) acc[h * hd + i] *= correction;
                 m[h] = mx;
             }
             l[h] += sum;
         }
-        for (int t = t0; t < t1; t++)
-            for (int h = 0; h < H; h++)
-                axpy(acc[h], s[h][t], vb + t * row + ((h0 + h) / G) * hd, hd);
+        for (int g = g0; g < g1; g++)
+            for (int c0 = 0; c0 < G; c0 += QC) {
+                const int h = (g - g0) * G + c0;
+                BY_HEADS(G - c0, weigh_values(acc + h * hd, v_cache + base + g * hd, row, t0,
+                                              t1, NC, hd, s + h * bs, bs));
+            }
     }
     for (int h = 0; h < H; h++) {
         const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-        for (int i = 0; i < hd; i++) out[(int64_t)h * hd + i] = acc[h][i] * inv;
+        for (int i = 0; i < hd; i++) out[(int64_t)h * hd + i] = acc[h * hd + i] * inv;
     }
 }
 
@@ -121,12 +178,12 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t item = 0; item < D * splits; item++) {
         const int64_t d = item / splits;
-        const int h0 = (int)(item % splits) * per * G, h1 = h0 + per * G;
+        const int g0 = (int)(item % splits) * per;
         const int64_t last = context[d];
         const int64_t first = window > 0 && last > window ? last - window : 0;
-        const int64_t at = (d * nh + h0) * hd;
-        attend(q + at, k_cache, v_cache, tables + d * max_blocks, first, last, h0, h1, G, bs,
-               nkv, hd, scale, out + at);
+        const int64_t at = (d * nh + (int64_t)g0 * G) * hd;
+        attend(q + at, k_cache, v_cache, tables + d * max_blocks, first, last, g0, g0 + per, G,
+               bs, nkv, hd, scale, out + at);
     }
     return 0;
 }

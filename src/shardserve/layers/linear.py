@@ -21,17 +21,30 @@ from shardserve.planner.memory import local_kv_heads
 from shardserve.runtime.group import Group
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           transposed: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias`` (``weight`` stored ``(in, out)`` when ``transposed``). A few rows
-    (decode at small batch) go to the native kernel, which streams the weights from every core;
-    more rows are compute-bound and go to PyTorch's GEMM."""
-    y = ops.small_linear(x, weight, bias, transposed)
-    if y is not None:
-        return y
-    if not transposed:
-        return F.linear(x, weight, bias)
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias``. ``weight`` is ``W`` ``(out, in)``, or its panels ``(out / NR, in, NR)``
+    when ``pack_weight`` repacked it at load time: those run the native packed GEMM at every
+    row count. An unpacked weight with a few rows (decode at small batch) takes the native
+    kernel that streams it from every core; the rest takes PyTorch's GEMM."""
+    if weight.dim() == 3:
+        y = ops.packed_linear(x, weight, bias)
+        if y is not None:
+            return y
+        weight = ops.unpack_weight(weight)
+    else:
+        y = ops.small_linear(x, weight, bias)
+        if y is not None:
+            return y
+    return F.linear(x, weight, bias)
+
+
+def pack_weight(param: nn.Parameter) -> None:
+    """Repack a loaded ``(out, in)`` weight for the native GEMM, in place, where it applies
+    (``kernels.ops.pack_weight``); otherwise leave it as it is."""
+    packed = ops.pack_weight(param.data)
+    if packed is not None:
+        param.data = packed
 
 
 def _divide(n: int, tp: int, what: str) -> int:
@@ -58,6 +71,9 @@ class ColumnParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
         start = self.group.rank * self.out_local
         param.data.copy_(src.read(0, start, start + self.out_local))
+
+    def process_weights_after_loading(self) -> None:
+        pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -136,6 +152,9 @@ class RowParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
         start = self.group.rank * self.in_local
         param.data.copy_(src.read(1, start, start + self.in_local))
+
+    def process_weights_after_loading(self) -> None:
+        pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.all_reduce(linear(x, self.weight))

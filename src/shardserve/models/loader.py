@@ -101,6 +101,10 @@ def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats
     missing = [n for n in params if n not in loaded and not _is_tied(model, n, loaded)]
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:5])}")
+    for module in model.modules():  # layouts for the kernels, now that every weight is in
+        hook = getattr(module, "process_weights_after_loading", None)
+        if hook is not None:
+            hook()
     return stats
 
 
