@@ -70,3 +70,39 @@ def test_packed_weight_only_where_the_kernel_takes_it():
     packed = ops.pack_weight(torch.randn(nr, 8), force=True)
     assert ops.packed_linear(torch.randn(2, 9), packed) is None  # wrong input width
     assert ops.packed_linear(torch.randn(2, 8).double(), packed) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_fused_elementwise_match_pytorch(rows):
+    from shardserve.layers.rotary import _rotate
+
+    g = torch.Generator().manual_seed(rows)
+    x, r, w = (torch.randn(rows, 200, generator=g), torch.randn(rows, 200, generator=g),
+               torch.randn(200, generator=g))
+    for residual in (None, r):
+        total = x if residual is None else x + residual
+        ref = w * (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5))
+        out, got_total = ops.add_rms_norm(x, residual, w, 1e-5)
+        torch.testing.assert_close(got_total, total)
+        torch.testing.assert_close(out, ref)
+
+    gate_up = torch.randn(rows, 2 * 96, generator=g) * 8  # both signs, large magnitudes
+    torch.testing.assert_close(ops.silu_mul(gate_up),
+                               F.silu(gate_up[:, :96]) * gate_up[:, 96:])
+
+    # q and k as the QKV projection leaves them: strided views of one (N, q + k + v) tensor
+    nh, nkv, hd = 6, 2, 16
+    qkv = torch.randn(rows, (nh + 2 * nkv) * hd, generator=g)
+    cos, sin = torch.randn(50, hd, generator=g), torch.randn(50, hd, generator=g)
+    pos = torch.randint(0, 50, (rows,), generator=g)
+    q, k = qkv[:, :nh * hd].view(rows, nh, hd), qkv[:, nh * hd:(nh + nkv) * hd].view(rows, nkv, hd)
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    want_q, want_k, v = _rotate(q, c, s), _rotate(k, c, s), qkv[:, (nh + nkv) * hd:].clone()
+    assert ops.rotary_(q, k, cos, sin, pos)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    assert torch.equal(qkv[:, (nh + nkv) * hd:], v)  # v untouched
+    # what the kernels do not take goes back to PyTorch
+    assert ops.silu_mul(gate_up.double()) is None
+    assert not ops.rotary_(q.double(), k.double(), cos, sin, pos)
+    assert ops.add_rms_norm(x, r[:, :100], w, 1e-5) is None

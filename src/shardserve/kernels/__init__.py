@@ -1,11 +1,11 @@
 """Small native kernels for CPUs, compiled on first use with the system C compiler.
 
-Each kernel is one C file beside this module, built with ``-O3 -march=native -fopenmp`` into a
-shared library under ``~/.cache/shardserve/kernels`` (``SHARDSERVE_KERNEL_CACHE`` moves it),
-keyed by the source, the flags and the host CPU, and called through ``ctypes`` with tensor data
-pointers. OpenMP resolves to the ``libgomp`` PyTorch has already loaded, so kernels and PyTorch
-share one thread pool. With no compiler, or ``SHARDSERVE_KERNELS=0``, ``load`` returns ``None``
-and callers keep their plain-PyTorch path.
+Each kernel is one C file beside this module (and the ``*.h`` it shares), built with ``-O3
+-march=native -fopenmp`` into a shared library under ``~/.cache/shardserve/kernels``
+(``SHARDSERVE_KERNEL_CACHE`` moves it), keyed by the sources, the flags and the host CPU, and
+called through ``ctypes`` with tensor data pointers. OpenMP resolves to the ``libgomp`` PyTorch
+has already loaded, so kernels and PyTorch share one thread pool. With no compiler, or
+``SHARDSERVE_KERNELS=0``, ``load`` returns ``None`` and callers keep their plain-PyTorch path.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def _build(name: str) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(_FLAGS).encode(),
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(_FLAGS).encode(),
                                      compiler.encode(), _cpu_id().encode()])).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{key}.so"
     if out.exists():

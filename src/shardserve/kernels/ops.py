@@ -46,8 +46,16 @@ def packed_width() -> int | None:
     return None if handle is None else int(handle.packed_gemm_nr())
 
 
+def _elementwise_fn(name: str):
+    argtypes = {"add_rms_norm": (_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, _I32),
+                "silu_mul": (_P, _P, _I64, _I64, _I32),
+                "rotary": (_P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _I64, _I32)}
+    return _fn("elementwise", name, argtypes[name])
+
+
 def available() -> bool:
-    return None not in (_attention_fn(), _gemm_fn(), _packed_fn())
+    return None not in (_attention_fn(), _gemm_fn(), _packed_fn(),
+                        _elementwise_fn("add_rms_norm"))
 
 
 def _f32_cpu(*ts: torch.Tensor) -> bool:
@@ -125,3 +133,51 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor,
     rc = fn(x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
             y.data_ptr(), x2.shape[0], K, q * nr, torch.get_num_threads())
     return y.view(*x.shape[:-1], q * nr) if rc == 0 else None
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rms_norm(x + residual) * weight, x + residual)`` in one pass over rows of ``x``."""
+    fn = _elementwise_fn("add_rms_norm")
+    x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous()
+    if (fn is None or x.dim() != 2 or not _f32_cpu(x, weight)
+            or (residual is not None and (not _f32_cpu(residual) or residual.shape != x.shape))):
+        return None
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    fn(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+       total.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out, total
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` for ``gate_up = cat([gate, up], -1)`` of shape ``(N, 2 I)``."""
+    fn = _elementwise_fn("silu_mul")
+    gate_up = gate_up.contiguous()
+    if fn is None or gate_up.dim() != 2 or gate_up.shape[1] % 2 or not _f32_cpu(gate_up):
+        return None
+    n, i = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(n, i)
+    fn(gate_up.data_ptr(), out.data_ptr(), n, i, torch.get_num_threads())
+    return out
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            positions: torch.Tensor) -> bool:
+    """Rotate ``q`` (N, nh, hd) and ``k`` (N, nkv, hd) in place by ``positions``, tables
+    ``cos``/``sin`` (P, hd). False (nothing done) where the kernel does not apply."""
+    fn = _elementwise_fn("rotary")
+    if fn is None or q.dim() != 3 or k.dim() != 3 or positions.dtype != torch.int64:
+        return False
+    n, nh, hd = q.shape
+    for t in (q, k):  # each token's heads one contiguous run; tokens at any stride
+        if not (t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(2) == 1
+                and t.stride(1) == hd and t.shape[0] == n and t.shape[2] == hd):
+            return False
+    if not (_f32_cpu(cos, sin) and hd % 2 == 0):
+        return False
+    positions = positions.contiguous()
+    fn(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), n,
+       nh, k.shape[1], hd, q.stride(0), k.stride(0), torch.get_num_threads())
+    return True

@@ -15,36 +15,13 @@
  * Query head h uses KV head h / (num_heads / num_kv_heads).
  */
 #include <float.h>
-#include <math.h>
-#include <stdint.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));  /* unaligned loads */
-
-/* exp(x) for x <= 0 (softmax arguments): Cephes' polynomial, relative error about 2e-7;
- * unlike libm's expf it vectorizes. */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
-    return p * two_n.f;
-}
+#include "vecmath.h"
 
 /* Query heads sharing one KV head are processed QC at a time: each key and value row is loaded
  * once for all of them. */
 #define QC 4
-
-static inline float hsum(v8 s) {
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
 
 /* s[c] = scale * dot(q[c], k) for NC query heads against one key row. */
 static inline __attribute__((always_inline)) void score_row(
@@ -61,7 +38,7 @@ static inline __attribute__((always_inline)) void score_row(
     }
     if (i < hd)
         for (int c = 0; c < NC; c++) a[c] += *(const v8 *)(q + c * hd + i) * *(const v8 *)(k + i);
-    for (int c = 0; c < NC; c++) s[c * stride] = hsum(a[c] + b[c]) * scale;
+    for (int c = 0; c < NC; c++) s[c * stride] = hsum8(a[c] + b[c]) * scale;
 }
 
 /* acc[c] += sum over t of s[c][t] v[t] for NC heads: the accumulators stay in registers across
@@ -137,8 +114,13 @@ static void attend(const float *restrict q, const float *restrict k_cache,
             float mx = m[h];
             for (int t = t0; t < t1; t++) mx = sh[t] > mx ? sh[t] : mx;
             float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int t = t0; t < t1; t++) {
+            int t = t0;
+            for (; t + 8 <= t1; t += 8) {
+                const v8 e = exp_neg8(*(v8 *)(sh + t) - mx);
+                *(v8 *)(sh + t) = e;
+                sum += hsum8(e);
+            }
+            for (; t < t1; t++) {
                 sh[t] = exp_neg(sh[t] - mx);
                 sum += sh[t];
             }

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.kernels import ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float) -> None:
@@ -22,6 +24,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(norm(x + residual), x + residual)``."""
+        fused = ops.add_rms_norm(x, residual, self.weight, self.eps)
+        if fused is not None:
+            return fused
         if residual is not None:
             x = x + residual
         return self._norm(x), x

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from shardserve.kernels import ops
 from shardserve.planner.specs import RopeSpec
 
 
@@ -37,7 +38,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (N, nh, hd), k: (N, nkv, hd), positions: (N,)."""
+        """q: (N, nh, hd), k: (N, nkv, hd), positions: (N,). The native kernel rotates q and k
+        in place (they are views of the QKV projection's fresh output)."""
+        if ops.rotary_(q, k, self.cos, self.sin, positions):
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # (N, 1, hd)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
