@@ -86,8 +86,7 @@ def _digest(path: str, value: object) -> str:
     return value
 
 
-def principal(request: Request) -> Principal:
-    """FastAPI dependency: who is calling; 401 without a valid key when auth is on."""
+def _identify(request: Request) -> Principal:
     auth: Auth | None = request.app.state.auth
     if auth is None:
         return OPEN
@@ -102,8 +101,15 @@ def principal(request: Request) -> Principal:
     return who
 
 
-def require_admin(request: Request) -> Principal:
-    who = principal(request)
+# The dependencies are coroutines because they never block: FastAPI runs a plain function
+# dependency on a worker thread, a thread handoff on every request.
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency: who is calling; 401 without a valid key when auth is on."""
+    return _identify(request)
+
+
+async def require_admin(request: Request) -> Principal:
+    who = _identify(request)
     if request.app.state.auth is None:
         raise APIError(403, "repository control needs an admin key: start the server with "
                             "--auth FILE", None, "forbidden")

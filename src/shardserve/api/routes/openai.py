@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -88,7 +88,7 @@ async def chat_completions(body: ChatRequest, request: Request,
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request,
-                     who: Principal = Depends(principal)) -> dict:
+                     who: Principal = Depends(principal)) -> JSONResponse:
     dep = deployment(request, body.model, who)
     if not dep.is_encoder:
         raise APIError(400, f"model `{body.model}` is generative; embeddings come from an "
@@ -105,8 +105,9 @@ async def embeddings(body: EmbeddingRequest, request: Request,
              if body.encoding_format == "base64" else v.tolist()}
             for i, v in enumerate(vectors)]
     tokens = sum(map(len, ids))
-    return {"object": "list", "data": data, "model": body.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    # A response object skips FastAPI's jsonable_encoder, which walks every float of every vector.
+    return JSONResponse({"object": "list", "data": data, "model": body.model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 async def embed_batch(request: Request, dep, ids: list[list[int]], truncate: bool) -> list:
