@@ -62,11 +62,8 @@ class ParallelLMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(self.per_rank, hidden), requires_grad=False)
             self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
-        n = max(0, self.stop - self.start)
-        param.data[n:].zero_()
-        if n:
-            param.data[:n].copy_(src.read(0, self.start, self.stop))
+    # The same (V_local, H) rows of the same partition as the embedding's.
+    weight_loader = VocabParallelEmbedding.weight_loader
 
     def process_weights_after_loading(self) -> None:
         if not self.tied:
