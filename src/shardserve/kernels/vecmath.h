@@ -13,24 +13,9 @@ static inline float hsum8(v8 s) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
-/* exp(x) for x <= 0: Cephes' polynomial, relative error about 2e-7. */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
-    return p * two_n.f;
-}
-
-/* exp_neg on 8 lanes: GCC does not vectorize the scalar one (floorf, the bit cast). Rounds to
- * nearest with the 1.5 * 2^23 trick instead of floorf; the same polynomial. */
+/* exp(x) for x <= 0 on 8 lanes: Cephes' polynomial, relative error about 2e-7. Written on
+ * vectors because GCC does not vectorize a scalar version (floorf, the bit cast); rounds to
+ * nearest with the 1.5 * 2^23 trick. */
 static inline v8 exp_neg8(v8 x) {
     const v8 lo = (v8){0} - 87.0f, magic = (v8){0} + 12582912.0f;
     const v8i below = x < lo;
@@ -46,5 +31,8 @@ static inline v8 exp_neg8(v8 x) {
     p = p * r * r + r + 1.0f;
     return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
+
+/* One value (the tails of rows): lane 0 of the vector version, so there is one polynomial. */
+static inline float exp_neg(float x) { return exp_neg8((v8){0} + x)[0]; }
 
 #endif
