@@ -12,13 +12,9 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "vecmath.h"
+
 #define MAX_ROWS 8
-
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-
-static inline float hsum(v8 s) {
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
 
 /* y[n][o] = dot(x[n], w[o]) for outputs [o0, o1). N is a constant after inlining. */
 static inline __attribute__((always_inline)) void dot_rows(
@@ -33,7 +29,7 @@ static inline __attribute__((always_inline)) void dot_rows(
             for (int n = 0; n < N; n++) acc[n] += wv * *(const v8 *)(x + n * K + i);
         }
         for (int n = 0; n < N; n++) {
-            float s = hsum(acc[n]);
+            float s = hsum8(acc[n]);
             for (int64_t j = i; j < K; j++) s += wo[j] * x[n * K + j];
             y[n * O + o] = s;
         }

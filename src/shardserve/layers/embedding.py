@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardserve.layers.linear import linear, pack_weight
+from shardserve.layers.linear import linear, pack_in_place
 from shardserve.planner.memory import shard
 from shardserve.runtime.group import Group
 
@@ -47,7 +47,7 @@ class ParallelLMHead(nn.Module):
     """Logits over the full vocabulary, gathered on every rank, with the embedding's vocabulary
     partition. Tied to an embedding it uses that ``(V_local, H)`` parameter as it is (the
     embedding looks rows up in it); untied it holds its own, repacked after loading like every
-    linear layer's (``layers.linear.pack_weight``)."""
+    linear layer's (``layers.linear.pack_in_place``)."""
 
     def __init__(self, vocab_size: int, hidden: int, group: Group,
                  tied: VocabParallelEmbedding | None = None) -> None:
@@ -67,7 +67,7 @@ class ParallelLMHead(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         if not self.tied:
-            pack_weight(self.weight)
+            pack_in_place(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
         local = linear(x, self.weight)

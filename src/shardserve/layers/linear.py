@@ -24,7 +24,7 @@ from shardserve.runtime.group import Group
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias``. ``weight`` is ``W`` ``(out, in)``, or its panels ``(out / NR, in, NR)``
-    when ``pack_weight`` repacked it at load time: those run the native packed GEMM at every
+    when ``pack_in_place`` repacked it at load time: those run the native packed GEMM at every
     row count. An unpacked weight with a few rows (decode at small batch) takes the native
     kernel that streams it from every core; the rest takes PyTorch's GEMM."""
     if weight.dim() == 3:
@@ -39,7 +39,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     return F.linear(x, weight, bias)
 
 
-def pack_weight(param: nn.Parameter) -> None:
+def pack_in_place(param: nn.Parameter) -> None:
     """Repack a loaded ``(out, in)`` weight for the native GEMM, in place, where it applies
     (``kernels.ops.pack_weight``); otherwise leave it as it is."""
     packed = ops.pack_weight(param.data)
@@ -73,7 +73,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(src.read(0, start, start + self.out_local))
 
     def process_weights_after_loading(self) -> None:
-        pack_weight(self.weight)
+        pack_in_place(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -154,7 +154,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(src.read(1, start, start + self.in_local))
 
     def process_weights_after_loading(self) -> None:
-        pack_weight(self.weight)
+        pack_in_place(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.all_reduce(linear(x, self.weight))
