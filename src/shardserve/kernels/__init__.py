@@ -6,6 +6,10 @@ Each kernel is one C file beside this module (and the ``*.h`` it shares), built 
 called through ``ctypes`` with tensor data pointers. OpenMP resolves to the ``libgomp`` PyTorch
 has already loaded, so kernels and PyTorch share one thread pool. With no compiler, or
 ``SHARDSERVE_KERNELS=0``, ``load`` returns ``None`` and callers keep their plain-PyTorch path.
+
+Loading a shared library runs its code, so the cache folder is created 0700 and a folder or
+library owned by another user, or writable by group or others, is refused (the PyTorch path
+runs, and the log says why): nobody else can plant a library under the predictable name.
 """
 
 from __future__ import annotations
@@ -48,10 +52,9 @@ def _build(name: str) -> Path:
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(_FLAGS).encode(),
                                      compiler.encode(), _cpu_id().encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"{name}-{key}.so"
+    out = _private_dir(_cache_dir()) / f"{name}-{key}.so"
     if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+        return _owned(out)
     # Build beside the target and rename: concurrent builders (two workers) never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -60,11 +63,30 @@ def _build(name: str) -> Path:
                              capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed on {source.name}: {res.stderr.strip()[:2000]}")
+        os.chmod(tmp, 0o700)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _owned(path)
+
+
+def _owned(path: Path) -> Path:
+    """``path`` if this user owns it, it is no symlink and only this user may write it."""
+    st = os.lstat(path)
+    if os.path.islink(path) or st.st_uid != os.getuid():
+        raise RuntimeError(f"{path} is not owned by this user (or is a link): not loading "
+                           "native code from it")
+    if st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is writable by group or others (mode "
+                           f"{oct(st.st_mode & 0o777)}): not loading native code from it; "
+                           f"run chmod go-w {path}")
+    return path
 
 
 @functools.cache
