@@ -59,16 +59,26 @@ class Auth:
         if not isinstance(data, dict) or set(data) - {"admin_keys", "tenants"}:
             raise ValueError(f"{path}: expected the fields admin_keys and tenants")
         entries = [(_digest(path, d), Principal(None, None, True))
-                   for d in data.get("admin_keys") or []]
-        for tenant, spec in (data.get("tenants") or {}).items():
+                   for d in _list(path, "admin_keys", data.get("admin_keys"))]
+        tenants = data.get("tenants") or {}
+        if not isinstance(tenants, dict):
+            raise ValueError(f"{path}: tenants must be a mapping of tenant name to "
+                             "{keys: [...], models: [...]}")
+        for tenant, spec in tenants.items():
+            where = f"tenants.{tenant}"
             if not isinstance(spec, dict) or set(spec) - {"keys", "models"}:
-                raise ValueError(f"{path}: tenants.{tenant} needs keys and models")
+                raise ValueError(f"{path}: {where} needs keys and models")
             models = spec.get("models", [])
-            allowed = None if models == "*" else frozenset(models)
+            allowed = None if models == "*" else frozenset(_list(path, f"{where}.models",
+                                                                 models))
             entries += [(_digest(path, d), Principal(str(tenant), allowed, False))
-                        for d in spec.get("keys") or []]
+                        for d in _list(path, f"{where}.keys", spec.get("keys"))]
         if not entries:
             raise ValueError(f"{path}: no keys; add admin_keys or tenants")
+        digests = [d for d, _ in entries]
+        if len(set(digests)) != len(digests):
+            raise ValueError(f"{path}: a key digest is listed twice; each key must belong to "
+                             "exactly one admin or tenant")
         return Auth(tuple(entries))
 
     def identify(self, key: str) -> Principal | None:
@@ -79,8 +89,20 @@ class Auth:
         return found
 
 
+def _list(path: str, where: str, value: object) -> list[str]:
+    """A YAML list of non-empty strings (None: empty). A bare string is refused: it would
+    otherwise be read as a list of its letters."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{path}: {where} must be a list of strings, e.g. [a, b]"
+                         + (' (or "*" for every model)' if where.endswith("models") else ""))
+    return value
+
+
 def _digest(path: str, value: object) -> str:
-    if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
+    if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71 \
+            or not all(c in "0123456789abcdef" for c in value[7:]):
         raise ValueError(f"{path}: keys are stored as 'sha256:<64 hex digits>' "
                          "(see `shardserve hash-key`), never in clear")
     return value
