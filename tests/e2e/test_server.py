@@ -3,6 +3,7 @@ real server on loopback."""
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,9 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: the server's workers open ephemeral
+    loopback sockets (gloo) before the server binds, and could take a port chosen there."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def _start(args: list[str], port: int, env=None) -> subprocess.Popen:
