@@ -185,6 +185,11 @@ class DeploymentConfig:
     tenants: tuple[str, ...] = field(default=(), metadata={
         "help": "tenants (of the --auth file) that may use this model, besides those whose "
                 "entry lists it"})
+    step_timeout_s: float = field(default=300.0, metadata={
+        "help": "a step (or encoder batch) still running after this many seconds means a "
+                "worker is hung: the group is restarted"})
+    max_restarts: int = field(default=5, metadata={
+        "help": "consecutive failed restarts of a replica before it is left FAILED"})
 
     @staticmethod
     def from_folder(folder: str) -> DeploymentConfig:
@@ -210,14 +215,42 @@ class DeploymentConfig:
             raise ValueError(f"{file}: {e}") from None
         if cfg.kind not in ("llm", "encoder"):
             raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm or encoder")
+        _check_fields(file, cfg)
         for name in ("preferred_batch_sizes", "tenants"):
-            if isinstance(getattr(cfg, name), list):
-                object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
-        for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens",
-                     "max_batch_size"):
-            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-                raise ValueError(f"{file}: {name} must be an integer >= 1")
+            object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
         return cfg
+
+
+def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
+    """Each field of a model.yaml has the type its documentation says (a string where a list
+    belongs is an error, not a list of letters)."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x):
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    checks = {"name": (lambda x: isinstance(x, str) and x and "/" not in x,
+                       "a non-empty string without '/'"),
+              "dtype": (lambda x: isinstance(x, str), "a string"),
+              "max_model_len": (lambda x: x is None or (is_int(x) and x >= 1),
+                                "an integer >= 1"),
+              "max_queue_delay_ms": (lambda x: is_num(x) and x >= 0, "a number >= 0"),
+              "step_timeout_s": (lambda x: is_num(x) and x > 0, "a number > 0"),
+              "max_restarts": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+              "preferred_batch_sizes": (lambda x: isinstance(x, list | tuple)
+                                        and all(is_int(v) and v >= 1 for v in x),
+                                        "a list of integers >= 1"),
+              "tenants": (lambda x: isinstance(x, list | tuple)
+                          and all(isinstance(v, str) and v for v in x),
+                          "a list of tenant names, e.g. [acme]")}
+    checks.update({name: (lambda x: is_int(x) and x >= 1, "an integer >= 1")
+                   for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens",
+                                "max_batch_size")})
+    for name, (ok, what) in checks.items():
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"{file}: {name} must be {what}, got "
+                             f"{getattr(cfg, name)!r:.60}")
 
 
 def repository_configs(folder: str) -> list[DeploymentConfig]:
@@ -242,9 +275,30 @@ class ServerLimits:
     max_queue: int = field(default=256, metadata={
         "help": "requests a model holds beyond its max_num_seqs before answering 429"})
     request_timeout_s: float = field(default=600.0, metadata={
-        "help": "a request still generating after this many seconds is aborted"})
+        "help": "a request not answered this many seconds after admission (queued or "
+                "running) is aborted with 504"})
+    drain_timeout_s: float = field(default=10.0, metadata={
+        "help": "an unload lets running requests finish this long, then ends them with 503"})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "a connection that has not sent a request's headers after this many seconds "
+                "is closed"})
+    body_timeout_s: float = field(default=30.0, metadata={
+        "help": "a request whose body has not fully arrived after this many seconds gets 408"})
+    max_connections: int = field(default=512, metadata={
+        "help": "open client connections; more are closed at once"})
+    allowed_origins: str = field(default="", metadata={
+        "help": "comma-separated browser origins allowed to call the API (e.g. "
+                "https://app.example.com); requests carrying any other Origin get 403"})
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_queue", "request_timeout_s"):
+        for name in ("max_body_bytes", "max_n", "max_queue", "request_timeout_s",
+                     "header_timeout_s", "body_timeout_s", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.allowed_origins.split(",")
+                         if o.strip())

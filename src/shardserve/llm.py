@@ -14,6 +14,7 @@ from shardserve.config import (
     SchedulerConfig,
 )
 from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.tokenizer import load_tokenizer
 from shardserve.outputs import (
     EmbeddingOutput,
     EmbeddingRequestOutput,
@@ -26,20 +27,6 @@ def _take(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Remove and return the entries of ``kwargs`` that are fields of dataclass ``cls``."""
     names = {f.name for f in dataclasses.fields(cls)} - {"path"}
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-
-
-def load_tokenizer(config: ModelConfig):
-    if config.tokenizer_path is None:
-        return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(config.tokenizer_path)
-    # A tokenizer.json may carry padding and truncation settings (sentence-transformers'
-    # pad to 128): the engines pad themselves, and cutting a prompt short is for the caller
-    # to ask for, never a silent default.
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
 
 
 class LLM:

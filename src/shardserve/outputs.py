@@ -10,7 +10,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length", "abort"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length", "abort",
+    # "error" (see RequestOutput.error)
     logprobs: list[dict[int, float]] | None = None  # per token: sampled and top-k log-probs
 
 
@@ -22,6 +23,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # set when the request failed; the message is safe to show
 
 
 @dataclass

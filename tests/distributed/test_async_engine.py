@@ -8,7 +8,7 @@ from shardserve import SamplingParams
 from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.engine.llm_engine import LLMEngine
-from shardserve.llm import load_tokenizer
+from shardserve.engine.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engine(checkpoints):
     config = ModelConfig(str(checkpoints["llama"]))
-    eng = AsyncLLMEngine(LLMEngine(config, ParallelConfig(2), DeviceConfig("cpu:2"),
-                                   tokenizer=load_tokenizer(config)))
+    eng = AsyncLLMEngine(lambda: LLMEngine(config, ParallelConfig(2), DeviceConfig("cpu:2"),
+                                           tokenizer=load_tokenizer(config)))
     yield eng
     eng.shutdown()
 

@@ -72,3 +72,45 @@ def test_timeouts_errors_and_bad_settings():
     assert first == 1 and isinstance(second, TimeoutError)
     with pytest.raises(ValueError, match="preferred_batch_sizes"):
         DynamicBatcher(failing, max_batch_size=4, preferred_batch_sizes=[8])
+
+
+def test_a_request_that_breaks_its_batch_fails_alone():
+    def run(items):
+        if -1 in items:
+            raise RuntimeError("input -1 is poison")
+        return [i * 10 for i in items]
+
+    b = DynamicBatcher(run, max_batch_size=8, max_queue_delay_ms=30)
+
+    async def main():
+        return await asyncio.gather(*(b.submit(i) for i in (1, -1, 3)),
+                                    return_exceptions=True)
+
+    one, bad, three = asyncio.run(main())
+    assert (one, three) == (10, 30) and "poison" in str(bad)
+
+
+def test_close_drains_then_refuses_from_another_thread():
+    import threading
+
+    from shardserve.engine.errors import EngineUnavailable
+
+    b = DynamicBatcher(lambda items: time.sleep(0.1) or items, max_batch_size=1)
+
+    async def main():
+        first = asyncio.ensure_future(b.submit(1))
+        queued = [asyncio.ensure_future(b.submit(i)) for i in range(2, 12)]
+        await asyncio.sleep(0.02)  # the first batch is on the model
+        closer = threading.Thread(target=b.close, args=(0.15,))
+        closer.start()
+        await asyncio.sleep(0.01)
+        with pytest.raises(EngineUnavailable):
+            await b.submit(99)
+        results = await asyncio.gather(first, *queued, return_exceptions=True)
+        closer.join()
+        return results
+
+    results = asyncio.run(main())
+    assert results[0] == 1  # in flight when the close came: finished
+    assert any(isinstance(r, EngineUnavailable) for r in results)  # past the drain: refused
+    assert all(r == i + 1 or isinstance(r, EngineUnavailable) for i, r in enumerate(results))

@@ -67,3 +67,14 @@ def test_uncached_blocks_are_reused_before_cached_ones():
 def test_bad_sizes():
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(0, 16)
+
+
+def test_prefix_cache_keys_are_salted_per_tenant():
+    bm = BlockManager(16, 4)
+    tokens = list(range(9))
+    bm.allocate("a", 9, salt="acme")
+    bm.commit("a", tokens, 9)
+    assert len(bm.match_prefix(tokens, "acme")) == 2
+    assert bm.match_prefix(tokens, "globex") == [] and bm.match_prefix(tokens) == []
+    key = bm.blocks[bm.block_ids("a")[0]].key
+    assert isinstance(key, bytes) and len(key) == 32  # SHA-256, not a 64-bit hash()

@@ -63,7 +63,7 @@ def test_bad_dtype_and_max_model_len(checkpoints):
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"), ({"top_k": -1}, "top_k"), ({"seed": "x"}, "seed"),
+    ({"max_tokens": 0}, "max_tokens"), ({"top_k": -2}, "top_k"), ({"seed": "x"}, "seed"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -78,3 +78,19 @@ def test_rope_parameters_in_v4_and_v5_spelling_agree():
     assert v4 == v5 and v4.rope_type == "llama3" and v4.theta == 5e5
     with pytest.raises(ValueError, match="'yarn' is not supported"):
         RopeSpec.from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize("line,error", [
+    ("tenants: acme", "tenants must be a list of tenant names"),
+    ("tenants: [acme, 3]", "tenants must be a list"),
+    ("preferred_batch_sizes: 8", "preferred_batch_sizes must be a list"),
+    ("tp: true", "tp must be an integer"), ("max_restarts: -1", "max_restarts must be"),
+    ("step_timeout_s: 0", "step_timeout_s must be"), ("name: a/b", "name must be"),
+])
+def test_model_yaml_fields_have_their_types(tmp_path, checkpoints, line, error):
+    from shardserve.config import DeploymentConfig
+
+    (tmp_path / "model.yaml").write_text(f"weights: {checkpoints['llama']}\n{line}\n")
+    with pytest.raises(ValueError, match=error) as e:
+        DeploymentConfig.from_folder(str(tmp_path))
+    assert "model.yaml" in str(e.value)

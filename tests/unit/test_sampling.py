@@ -56,3 +56,21 @@ def test_logprobs_are_of_the_raw_distribution():
     logp = torch.log_softmax(logits, -1)
     torch.testing.assert_close(res.logprobs, logp.gather(1, res.token_ids[:, None])[:, 0])
     torch.testing.assert_close(res.top_logprobs, logp.topk(3, -1).values)
+
+
+def test_a_row_without_usable_numbers_fails_alone():
+    logits = torch.randn(4, 50)
+    logits[1, 7] = float("nan")  # e.g. an overflow in this sequence's activations
+    logits[2] = float("-inf")  # nothing left to sample from
+    rows = _rows(2, temperature=0.0) + _rows(2, temperature=1.0, seed=3)
+    res = Sampler()(logits.clone(), rows)
+    assert set(res.failed) == {1, 2} and res.token_ids[1] == res.token_ids[2] == -1
+    assert res.token_ids[0] == logits[0].argmax()
+    alone = Sampler()(logits[3:].clone(), _rows(1, temperature=1.0, seed=3))
+    assert res.token_ids[3] == alone.token_ids[0]  # the others are unaffected
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token():
+    logits = torch.randn(3, 50)
+    res = Sampler()(logits, _rows(3, top_p=1e-50, seed=1))
+    assert not res.failed and torch.equal(res.token_ids, logits.argmax(-1))

@@ -1,78 +1,63 @@
-"""The FastAPI application: protocol routers over a ModelHost."""
+"""The FastAPI application: protocol routers over a ModelHost, behind the request guard."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from shardserve.api.auth import Auth
-from shardserve.api.errors import APIError, api_error_handler, error_body, validation_handler
+from shardserve.api.auth import Auth, Principal, principal
+from shardserve.api.errors import APIError, api_error_handler, validation_handler
+from shardserve.api.guard import RequestGuard
 from shardserve.api.metrics import Metrics
-from shardserve.api.routes import kserve, openai
+from shardserve.api.routes import kserve, openai, repository
 from shardserve.config import ServerLimits
 
 if TYPE_CHECKING:
     from shardserve.engine.host import ModelHost
 
+_POOL_THREADS = 4  # tokenizing and chat templates, off the event loop
 
-def create_app(host: ModelHost, auth: Auth | None = None, repository: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """``auth`` None: no keys (the CLI then binds loopback only) and no repository control."""
+
+def create_app(host: ModelHost, auth: Auth | None = None, repository_dir: str | None = None,
+               limits: ServerLimits | None = None, loopback_only: bool = True) -> FastAPI:
+    """``auth`` None: no keys (the CLI then binds loopback only) and no repository control.
+    ``loopback_only``: the server listens on loopback, so only local Host names are served."""
     limits = limits or ServerLimits()
-    app = FastAPI(title="shardserve", docs_url=None, redoc_url=None)
-    app.state.host, app.state.auth, app.state.repository = host, auth, repository
-    app.state.limits, app.state.metrics = limits, Metrics(host)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="api-cpu")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="shardserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.host, app.state.auth, app.state.repository = host, auth, repository_dir
+    app.state.limits, app.state.metrics, app.state.pool = limits, Metrics(host), pool
+    app.add_middleware(RequestGuard, max_bytes=limits.max_body_bytes,
+                       body_timeout_s=limits.body_timeout_s, origins=limits.origins,
+                       loopback_only=loopback_only)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request, who: Principal = Depends(principal)) -> Response:
+        """Prometheus text. With --auth it needs a key: an admin sees every series, a
+        tenant only its own models'."""
+        visible = None
+        if request.app.state.auth is not None and not who.admin:
+            deployments = request.app.state.host.deployments
+
+            def visible(name: str) -> bool:
+                dep = deployments.get(name)
+                return dep is not None and who.may_use(name, dep.config.tenants)
+        return Response(app.state.metrics.render(visible), media_type=CONTENT_TYPE_LATEST)
 
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.include_router(openai.router)
     app.include_router(kserve.router)
+    app.include_router(repository.router)
     return app
-
-
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or while streaming in."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and int(length) > self.max_bytes:
-            return await self._refuse(scope, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, send)
-
-    async def _refuse(self, scope, send) -> None:
-        body = json.dumps(error_body(scope["path"], 413, f"request body is over "
-                                     f"{self.max_bytes} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass

@@ -1,13 +1,16 @@
 """Prometheus metrics, named after vLLM's with a ``shardserve:`` prefix and labelled by model.
 
 Latencies are observed by the request paths (``observe``); gauges of running and waiting
-requests, KV-cache use and device memory are read from the host when scraped. Each app has
-its own registry, so several servers can live in one process (tests do).
+requests, KV-cache use, readiness and restarts are read from the host when scraped (from what
+each engine loop last published: nothing here touches an engine). Each app has its own
+registry, so several servers can live in one process (tests do). ``render`` can keep only the
+series of the models a caller may see (a tenant's key sees its own models' series only).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -37,8 +40,25 @@ class Metrics:
                                         "replica.", m + ["replica"], registry=r)
         r.register(_HostCollector(host))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, visible: Callable[[str], bool] | None = None) -> bytes:
+        """The exposition text; with ``visible``, only series of models it accepts."""
+        if visible is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Only(self.registry, visible))
+
+
+class _Only:
+    """A registry view holding only samples labelled with a visible model_name."""
+
+    def __init__(self, registry: CollectorRegistry, visible: Callable[[str], bool]) -> None:
+        self.registry, self.visible = registry, visible
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if "model_name" in s.labels
+                              and self.visible(s.labels["model_name"])]
+            if family.samples:
+                yield family
 
 
 @dataclass
@@ -87,16 +107,24 @@ class _HostCollector:
                                       labels=["model_name"])
         batched = CounterMetricFamily("shardserve:encoder_batched_requests",
                                       "Inputs those passes carried.", labels=["model_name"])
+        ready = GaugeMetricFamily("shardserve:model_ready",
+                                  "1 while any replica can serve, else 0.",
+                                  labels=["model_name"])
+        restarts = CounterMetricFamily("shardserve:replica_restarts",
+                                       "Worker groups started again after a failure.",
+                                       labels=["model_name"])
         for name, dep in list(self.host.deployments.items()):
+            ready.add_metric([name], float(dep.ready))
+            restarts.add_metric([name], sum(r.engine.status.restarts for r in dep.replicas))
             if dep.is_encoder:
-                batches.add_metric([name], sum(r.batcher.batches for r in dep.replicas))
-                batched.add_metric([name], sum(r.batcher.items for r in dep.replicas))
+                batchers = [r.engine.batcher for r in dep.replicas]
+                batches.add_metric([name], sum(b.batches for b in batchers))
+                batched.add_metric([name], sum(b.items for b in batchers))
                 continue
-            engines = [r.engine.engine for r in dep.replicas]
-            running.add_metric([name], sum(len(e.scheduler.running) for e in engines))
-            waiting.add_metric([name], sum(len(e.scheduler.waiting) for e in engines))
-            used = sum(e.blocks.num_blocks - e.blocks.num_free for e in engines)
-            kv.add_metric([name], used / sum(e.blocks.num_blocks for e in engines))
+            loads = [r.engine.load for r in dep.replicas]
+            running.add_metric([name], sum(x.running for x in loads))
+            waiting.add_metric([name], sum(x.waiting for x in loads))
+            kv.add_metric([name], sum(x.kv_usage for x in loads) / len(loads))
         mem = GaugeMetricFamily("shardserve:device_memory_used_bytes",
                                 "Bytes planned on each device.", labels=["device"])
         budget = GaugeMetricFamily("shardserve:device_memory_budget_bytes",
@@ -104,4 +132,4 @@ class _HostCollector:
         for row in self.host.device_usage():
             mem.add_metric([row["device"]], row["used"])
             budget.add_metric([row["device"]], row["budget"])
-        yield from (running, waiting, kv, mem, budget, batches, batched)
+        yield from (running, waiting, kv, ready, restarts, mem, budget, batches, batched)

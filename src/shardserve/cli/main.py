@@ -212,6 +212,7 @@ def _server_class():
 
 def _serve(args: argparse.Namespace) -> None:
     import ipaddress
+    import logging
     import os
     from pathlib import Path
 
@@ -220,12 +221,16 @@ def _serve(args: argparse.Namespace) -> None:
     from shardserve import test_models
     from shardserve.api.app import create_app
     from shardserve.api.auth import Auth
+    from shardserve.api.http import protocol
 
     _Server = _server_class()
     from shardserve.config import DeploymentConfig, repository_configs
     from shardserve.engine.host import ModelHost
     from shardserve.runtime.devices import parse_devices
 
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = _build(ServerLimits, args)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -267,11 +272,12 @@ def _serve(args: argparse.Namespace) -> None:
                                                 '"max_tokens": 16'))
             print(f"  curl {url}/v1/{route} -H 'Content-Type: application/json' -d "
                   f"'{{\"model\": \"{dep.config.name}\", {body}}}'", flush=True)
-        app = create_app(host, auth, repo, _build(ServerLimits, args))
-        _Server(uvicorn.Config(app, host=args.host, port=args.port,
-                               log_level="warning", timeout_graceful_shutdown=30)).run()
+        app = create_app(host, auth, repo, limits, loopback_only=loopback)
+        _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                               http=protocol(limits.header_timeout_s, limits.max_connections),
+                               timeout_graceful_shutdown=30)).run()
     finally:
-        host.shutdown()
+        host.shutdown(limits.drain_timeout_s)
 
 
 def _bench(args: argparse.Namespace) -> None:

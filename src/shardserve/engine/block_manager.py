@@ -3,8 +3,11 @@ reused by a later sequence with the same prefix.
 
 Note on the algorithm: the cache is ``num_blocks`` blocks of ``block_size`` tokens on every
 rank; a sequence's block table lists its blocks in order. A block that is full gets a key
-chained from its predecessor's (``(hash(prev_key), tokens)``), so equal keys mean equal
-prefixes; dict equality on the token tuple makes a key collision impossible within a block.
+chained from its predecessor's: SHA-256 of (previous key, the block's token ids), and the
+first block's "previous key" is a digest of the sequence's salt (its tenant). Equal keys mean
+equal prefixes under the same salt: a collision would need a SHA-256 collision (Python's
+``hash()`` is 64 bits and can be collided on purpose: vLLM's CVE-2025-25183), and one tenant
+never hits another's blocks, so time to first token reveals nothing across tenants.
 Freed blocks go to the back of an LRU free list but keep their key, so a later prompt with the
 same prefix takes them back (a hit) until they are evicted for reuse from the front.
 Reference counts let several sequences (``n`` > 1, shared system prompts) hold one block.
@@ -12,10 +15,16 @@ Reference counts let several sequences (``n`` > 1, shared system prompts) hold o
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-BlockKey = tuple[int, tuple[int, ...]]
+BlockKey = bytes  # a SHA-256 digest
+
+
+def _root(salt: str | None) -> BlockKey:
+    return hashlib.sha256(b"shardserve-prefix\0" + (salt or "").encode()).digest()
 
 
 @dataclass
@@ -29,6 +38,7 @@ class Block:
 class BlockTable:
     block_ids: list[int] = field(default_factory=list)
     num_keyed: int = 0  # leading blocks whose keys are registered
+    salt: str | None = None  # whose prefix-cache namespace its blocks are keyed in
 
 
 class BlockManager:
@@ -53,21 +63,22 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # -- prefix cache ----------------------------------------------------------------------
-    def _keys(self, tokens: list[int], count: int, prev: BlockKey | None = None,
-              start: int = 0) -> list[BlockKey]:
+    def _keys(self, tokens: list[int], count: int, prev: BlockKey, start: int = 0
+              ) -> list[BlockKey]:
         keys, bs = [], self.block_size
         for i in range(start, start + count):
-            prev = (hash(prev), tuple(tokens[i * bs:(i + 1) * bs]))
+            prev = hashlib.sha256(prev + array("q", tokens[i * bs:(i + 1) * bs]).tobytes()
+                                  ).digest()
             keys.append(prev)
         return keys
 
-    def match_prefix(self, tokens: list[int]) -> list[int]:
-        """Cached blocks holding the longest prefix of ``tokens`` (leaving at least the last
-        token to compute, so there are logits to sample from)."""
+    def match_prefix(self, tokens: list[int], salt: str | None = None) -> list[int]:
+        """Cached blocks holding the longest prefix of ``tokens`` under ``salt`` (leaving at
+        least the last token to compute, so there are logits to sample from)."""
         if not self.prefix_caching:
             return []
         out = []
-        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size):
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size, _root(salt)):
             block_id = self.cached.get(key)
             if block_id is None:
                 break
@@ -81,12 +92,14 @@ class BlockManager:
         reclaim = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return self.blocks_needed(num_tokens) - have <= self.num_free - reclaim
 
-    def allocate(self, seq_id: str, num_tokens: int, hits: list[int] = ()) -> list[int]:
-        """Grow ``seq_id``'s table to hold ``num_tokens``; returns the blocks added."""
+    def allocate(self, seq_id: str, num_tokens: int, hits: list[int] = (),
+                 salt: str | None = None) -> list[int]:
+        """Grow ``seq_id``'s table to hold ``num_tokens``; returns the blocks added. A new
+        sequence's blocks are keyed under ``salt``."""
         table = self.tables.get(seq_id)
         added = []
         if table is None:
-            table = self.tables[seq_id] = BlockTable(num_keyed=len(hits))
+            table = self.tables[seq_id] = BlockTable(num_keyed=len(hits), salt=salt)
             for b in hits:
                 self._take(b)
                 added.append(b)
@@ -123,7 +136,8 @@ class BlockManager:
         full = min(num_computed // self.block_size, len(table.block_ids))
         if not self.prefix_caching or full <= table.num_keyed:
             return
-        prev = self.blocks[table.block_ids[table.num_keyed - 1]].key if table.num_keyed else None
+        prev = (self.blocks[table.block_ids[table.num_keyed - 1]].key if table.num_keyed
+                else _root(table.salt))
         keys = self._keys(tokens, full - table.num_keyed, prev, table.num_keyed)
         for block_id, key in zip(table.block_ids[table.num_keyed:full], keys, strict=True):
             self.blocks[block_id].key = key

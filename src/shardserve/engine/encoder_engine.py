@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+from shardserve.engine.validation import check_inputs
 from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor
 
@@ -34,24 +35,22 @@ def pooling_config(folder: str) -> tuple[str, bool]:
 class EncoderEngine:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig,
                  device: DeviceConfig | list[Device], max_batch_tokens: int = 16384,
-                 max_batch_size: int = 32) -> None:
+                 max_batch_size: int = 32, label: str = "",
+                 step_timeout_s: float = 300.0) -> None:
         devices, _ = devices_for(model, parallel, device)
         tp = parallel.tensor_parallel_size
         self.config, self.max_batch_tokens = model, max_batch_tokens
         self.max_batch_size = max_batch_size
         self.pooling, self.normalize = pooling_config(model.path)
-        self.executor = Executor(model, devices[:tp])
+        self.executor = Executor(model, devices[:tp], label, step_timeout_s)
 
     def encode(self, token_lists: list[list[int]], pooling: str | None = None,
                normalize: bool | None = None) -> np.ndarray:
-        """(N, H) pooled vectors, or (N, num_labels) logits for a classifier."""
-        limit = self.config.context_len
-        for i, t in enumerate(token_lists):
-            if not t:
-                raise ValueError(f"input {i} is empty")
-            if len(t) > limit:
-                raise ValueError(f"input {i} has {len(t)} tokens; the model takes at most "
-                                 f"{limit}")
+        """(N, H) pooled vectors, or (N, num_labels) logits for a classifier.
+        ``InvalidRequest`` for an empty input, an id outside the vocabulary or one longer
+        than the model takes."""
+        token_lists = check_inputs(token_lists, self.config.spec.vocab_size,
+                                   self.config.context_len)
         pooling = pooling or self.pooling
         normalize = self.normalize if normalize is None else normalize
         if pooling == "none":  # padded hidden states: one batch, in order (for tests)
@@ -79,5 +78,8 @@ class EncoderEngine:
         if batch:
             yield batch
 
-    def shutdown(self) -> None:
-        self.executor.shutdown()
+    def check_health(self, timeout_s: float) -> None:
+        self.executor.check_health(timeout_s)
+
+    def shutdown(self, kill: bool = False) -> None:
+        self.executor.stop(kill)

@@ -1,13 +1,18 @@
 """ModelHost: the deployments of one server, by name, placed on devices by a memory plan and
-loaded and unloaded live (Triton's explicit model control)."""
+loaded and unloaded live (Triton's explicit model control).
+
+A load either places and starts every replica or changes nothing (no planned bytes, no
+worker left). Each replica's engine is supervised (``engine/supervisor.py``): a failed group
+is restarted on the same devices, so a deployment keeps its place in the plan through
+restarts. A model is ready while any replica is; ``pick`` sends requests to ready replicas
+only. An unload takes the model out of the table first (new requests: 404), then drains.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from shardserve.config import (
     CacheConfig,
@@ -16,11 +21,14 @@ from shardserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from shardserve.engine.async_encoder import AsyncEncoder
 from shardserve.engine.async_engine import AsyncLLMEngine
-from shardserve.engine.batcher import DynamicBatcher
 from shardserve.engine.encoder_engine import EncoderEngine
+from shardserve.engine.errors import EngineUnavailable
 from shardserve.engine.llm_engine import LLMEngine
 from shardserve.engine.pipeline import Pipeline, PipelineConfig
+from shardserve.engine.supervisor import RestartPolicy, State
+from shardserve.engine.tokenizer import load_chat_template, load_tokenizer
 from shardserve.models.registry import check_architecture
 from shardserve.planner.memory import (
     activation_bytes,
@@ -33,15 +41,16 @@ from shardserve.runtime.devices import Device
 
 @dataclass
 class Replica:
-    engine: AsyncLLMEngine | EncoderEngine
+    engine: AsyncLLMEngine | AsyncEncoder  # both: name, status, shutdown(drain_timeout_s)
     devices: list[str]
     inflight: int = 0  # admitted HTTP requests not yet answered (the API layer counts)
-    batcher: DynamicBatcher | None = None  # encoders: requests meet here to share passes
 
-    def shutdown(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
-        self.engine.shutdown()
+    @property
+    def ready(self) -> bool:
+        return self.engine.status.state is State.READY
+
+    def shutdown(self, drain_timeout_s: float) -> None:
+        self.engine.shutdown(drain_timeout_s)
 
 
 @dataclass
@@ -61,20 +70,29 @@ class Deployment:
     def inflight(self) -> int:
         return sum(r.inflight for r in self.replicas)
 
+    @property
+    def ready(self) -> bool:
+        return any(r.ready for r in self.replicas)
+
+    @property
+    def state(self) -> State:
+        """READY while any replica is; else RESTARTING while any restarts; else FAILED."""
+        states = {r.engine.status.state for r in self.replicas}
+        for state in (State.READY, State.RESTARTING, State.UNLOADING):
+            if state in states:
+                return state
+        return State.FAILED
+
     def pick(self) -> Replica:
-        """The replica with the fewest requests in flight."""
-        return min(self.replicas, key=lambda r: r.inflight)
-
-
-def load_chat_template(folder: str) -> str | None:
-    path = Path(folder) / "chat_template.jinja"
-    if path.is_file():
-        return path.read_text()
-    cfg = Path(folder) / "tokenizer_config.json"
-    if cfg.is_file():
-        template = json.loads(cfg.read_text()).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+        """The ready replica with the fewest requests in flight; ``EngineUnavailable`` (with
+        the reason) when none is ready."""
+        ready = [r for r in self.replicas if r.ready]
+        if not ready:
+            status = self.replicas[0].engine.status
+            why = f" ({status.reason})" if status.reason else ""
+            raise EngineUnavailable(f"model `{self.config.name}` is "
+                                    f"{self.state.value.lower()}{why}; retry later")
+        return min(ready, key=lambda r: r.inflight)
 
 
 def deployment_need(cfg: DeploymentConfig, model: ModelConfig) -> Need:
@@ -102,18 +120,25 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig) -> Need:
 
 
 def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],
-                   names: list[str], tokenizer) -> Replica:
-    parallel = ParallelConfig(cfg.tp)
+                   key: str, tokenizer) -> AsyncLLMEngine | AsyncEncoder:
+    """Start one replica's supervised engine on ``devices``; ``key`` labels its workers."""
+    parallel, policy = ParallelConfig(cfg.tp), RestartPolicy(max_restarts=cfg.max_restarts)
     if model.is_encoder:
-        engine = EncoderEngine(model, parallel, devices,
-                               max_batch_tokens=cfg.max_batch_size * model.context_len,
-                               max_batch_size=cfg.max_batch_size)
-        batcher = DynamicBatcher(engine.encode, cfg.max_batch_size, cfg.max_queue_delay_ms,
-                                 cfg.preferred_batch_sizes)
-        return Replica(engine, names, batcher=batcher)
-    engine = LLMEngine(model, parallel, devices, CacheConfig(),
-                       SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens), tokenizer)
-    return Replica(AsyncLLMEngine(engine), names)
+        def encoder() -> EncoderEngine:
+            return EncoderEngine(model, parallel, devices,
+                                 max_batch_tokens=cfg.max_batch_size * model.context_len,
+                                 max_batch_size=cfg.max_batch_size, label=key,
+                                 step_timeout_s=cfg.step_timeout_s)
+
+        return AsyncEncoder(encoder, cfg.max_batch_size, cfg.max_queue_delay_ms,
+                            cfg.preferred_batch_sizes, cfg.name, policy)
+
+    def llm() -> LLMEngine:
+        return LLMEngine(model, parallel, devices, CacheConfig(),
+                         SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
+                         tokenizer, key, cfg.step_timeout_s)
+
+    return AsyncLLMEngine(llm, cfg.name, policy)
 
 
 class ModelHost:
@@ -125,33 +150,34 @@ class ModelHost:
         self._lock = threading.Lock()  # load/unload one at a time; serving is not blocked
 
     def load(self, cfg: DeploymentConfig) -> Deployment:
-        """Place and start ``cfg``; on any error nothing changes."""
-        from shardserve.llm import load_tokenizer
-
+        """Place and start ``cfg``; on any error nothing changes (``ValueError`` says why)."""
         with self._lock:
             if cfg.name in self.deployments:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
             model = ModelConfig(cfg.path, cfg.dtype, cfg.max_model_len)
             need = deployment_need(cfg, model)
+            tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
             keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
             place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
                   self.plan)  # every replica fits, or none is placed
-            tokenizer, replicas = load_tokenizer(model), []
+            replicas: list[Replica] = []
             try:
                 for key in keys:
                     names = self.plan.assigned[key]
                     devices = [dataclasses.replace(self.devices[n],
                                                    memory_budget=need.bytes_per_device)
                                for n in names]
-                    replicas.append(_start_replica(cfg, model, devices, names, tokenizer))
-            except BaseException:
+                    replicas.append(Replica(_start_replica(cfg, model, devices, key,
+                                                           tokenizer), names))
+            except BaseException as e:
                 for r in replicas:
-                    r.shutdown()
+                    r.shutdown(0)
                 for key in keys:
                     release(self.plan, key)
+                if isinstance(e, Exception) and not isinstance(e, ValueError):
+                    raise ValueError(f"model {cfg.name!r} failed to start: {e}") from e
                 raise
-            dep = Deployment(cfg, model, replicas, tokenizer, load_chat_template(cfg.path),
-                             need.bytes_per_device)
+            dep = Deployment(cfg, model, replicas, tokenizer, template, need.bytes_per_device)
             self.deployments[cfg.name] = dep
             return dep
 
@@ -163,7 +189,10 @@ class ModelHost:
         self.pipelines[config.name] = pipeline
         return pipeline
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, drain_timeout_s: float = 10.0) -> None:
+        """Stop taking requests for ``name`` at once, let the running ones finish for up to
+        ``drain_timeout_s`` (then end them with ``EngineUnavailable``), free its devices.
+        Call it from a thread other than the event loop's: it blocks."""
         with self._lock:
             users = [p.name for p in self.pipelines.values() if name in p.models()]
             if name in self.deployments and users:
@@ -172,24 +201,30 @@ class ModelHost:
             if dep is None:
                 raise KeyError(name)
             for i, replica in enumerate(dep.replicas):
-                replica.shutdown()
+                replica.shutdown(drain_timeout_s)
                 release(self.plan, f"{name}/{i}")
 
     def get(self, name: str) -> Deployment:
         return self.deployments[name]
 
     def index(self) -> list[dict]:
-        return [{"name": name, "state": "READY",
-                 "replicas": [{"devices": r.devices} for r in dep.replicas],
-                 "bytes_per_device": dep.bytes_per_device}
-                for name, dep in list(self.deployments.items())]
+        rows = []
+        for name, dep in list(self.deployments.items()):
+            replicas = [{"devices": r.devices, "state": r.engine.status.state.value,
+                         "reason": r.engine.status.reason,
+                         "restarts": r.engine.status.restarts} for r in dep.replicas]
+            reasons = [r["reason"] for r in replicas if r["reason"]]
+            rows.append({"name": name, "state": dep.state.value,
+                         "reason": reasons[0] if reasons and not dep.ready else "",
+                         "replicas": replicas, "bytes_per_device": dep.bytes_per_device})
+        return rows
 
     def device_usage(self) -> list[dict]:
         return [{"device": d, "budget": self.plan.budgets[d], "used": self.plan.used(d),
                  "models": [n for n, devs in self.plan.assigned.items() if d in devs]}
                 for d in self.plan.budgets]
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         self.pipelines.clear()
         for name in list(self.deployments):
-            self.unload(name)
+            self.unload(name, drain_timeout_s)

@@ -5,10 +5,16 @@ and how many tokens each computes; the executor runs that on every rank; postpro
 appends the sampled tokens, applies the stop conditions, frees what finished and releases a
 request's other ``n - 1`` completions once its prompt is in the cache (they then take the
 prompt's blocks from the prefix cache instead of computing them again).
+
+A request's failure is that request's: a sequence the sampler could not serve, or whose
+postprocessing raised, ends its request with an error and the batch goes on; a step the
+workers raised on (with every rank still answering) fails the requests of that step only.
+Only a dead or hung group (``WorkerError``) escapes ``step()``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,8 +26,10 @@ from shardserve.config import (
     SchedulerConfig,
 )
 from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.errors import InvalidRequest
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.sequence import Sequence
+from shardserve.engine.validation import check_generation
 from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.planner.memory import (
     activation_bytes,
@@ -30,9 +38,15 @@ from shardserve.planner.memory import (
     kv_bytes_per_token,
 )
 from shardserve.runtime.devices import Device, devices_for
-from shardserve.runtime.executor import Executor
+from shardserve.runtime.executor import Executor, RemoteError
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
 from shardserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class _SequenceFailed(RuntimeError):
+    """A sequence that cannot go on; the message is safe to show the client."""
 
 
 @dataclass
@@ -43,6 +57,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     pending: list[Sequence] = field(default_factory=list)  # siblings waiting for the prompt
+    error: str | None = None  # why it failed, if it did
 
 
 @dataclass
@@ -59,12 +74,13 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig,
                  device: DeviceConfig | list[Device], cache: CacheConfig | None = None,
-                 scheduler: SchedulerConfig | None = None, tokenizer=None) -> None:
+                 scheduler: SchedulerConfig | None = None, tokenizer=None, label: str = "",
+                 step_timeout_s: float = 300.0) -> None:
         cache, scheduler = cache or CacheConfig(), scheduler or SchedulerConfig()
         self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
         self.eos_ids = model.spec.eos_token_ids
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler)
-        self.executor = Executor(model, devices)
+        self.executor = Executor(model, devices, label, step_timeout_s)
         try:
             self.executor.collective_rpc("allocate_kv_cache", num_blocks=num_blocks,
                                          block_size=cache.block_size)
@@ -107,12 +123,15 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, prompt: str | None = None) -> None:
+                    params: SamplingParams, prompt: str | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Queue a request; ``InvalidRequest`` (naming the field) if it cannot run here.
+        ``cache_salt`` (the tenant) keeps its prefix-cache blocks apart from other salts'."""
         self._validate(request_id, prompt_token_ids, params)
         req = _Request(request_id, prompt, list(prompt_token_ids), params, [])
         for i in range(params.n):
             seq = Sequence(f"{request_id}/{i}", request_id, i, list(prompt_token_ids), params,
-                           self._arrivals)
+                           self._arrivals, cache_salt=cache_salt)
             self._arrivals += 1
             req.seqs.append(seq)
             self.seqs[seq.seq_id] = seq
@@ -122,19 +141,14 @@ class LLMEngine:
 
     def _validate(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already running")
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if len(ids) >= self.max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.max_len} tokens and at least one must be left to generate")
-        vocab = self.config.spec.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        check_generation(ids, params, self.config.spec.vocab_size, self.max_len,
+                         self.tokenizer is not None)
         need = self.blocks.blocks_needed(min(len(ids) + params.max_tokens, self.max_len))
         if need > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens needs {need} KV blocks; the cache has "
-                             f"{self.blocks.num_blocks}: lower max_tokens or the prompt")
+            raise InvalidRequest(f"prompt + max_tokens needs {need} KV blocks; the cache has "
+                                 f"{self.blocks.num_blocks}: lower max_tokens or the prompt",
+                                 "max_tokens")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now: its blocks are free when this returns."""
@@ -152,8 +166,11 @@ class LLMEngine:
         """Finished sequences' worker state is dropped with the next step; with no next step
         in sight, send the release on its own."""
         if self._finished_ids and not self.has_unfinished() and self.executor.alive:
-            self.executor.execute_step(StepInput(finished_ids=self._finished_ids))
-            self._finished_ids = []
+            ids, self._finished_ids = self._finished_ids, []
+            try:
+                self.executor.execute_step(StepInput(finished_ids=ids))
+            except RemoteError:  # try again with the next step
+                self._finished_ids.extend(ids)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -168,7 +185,13 @@ class LLMEngine:
             return []
         inp = self._step_input(sched)
         t1 = time.perf_counter()
-        out = self.executor.execute_step(inp)
+        try:
+            out = self.executor.execute_step(inp)
+        except RemoteError as e:  # the group is fine; this batch's requests are not
+            self._finished_ids.extend(inp.finished_ids)  # the workers may not have seen them
+            outputs = self._fail_step(sched, str(e))
+            self._release_if_idle()
+            return outputs
         t2 = time.perf_counter()
         outputs = self._postprocess(sched, out)
         self._release_if_idle()
@@ -218,15 +241,22 @@ class LLMEngine:
         updated: dict[str, _Request] = {}
         for row, (seq_id, token) in enumerate(zip(out.req_ids, out.token_ids.tolist(),
                                                   strict=True)):
-            seq = self.seqs[seq_id]
-            req = self.requests[seq.request_id]
-            self._append(seq, token, out, row)
+            seq = self.seqs.get(seq_id)
+            if seq is None:  # its request failed earlier in this loop (a sibling's error)
+                continue
+            req = updated[seq.request_id] = self.requests[seq.request_id]
+            try:
+                if seq_id in out.failed:
+                    raise _SequenceFailed(out.failed[seq_id])
+                self._append(seq, token, out, row)
+            except Exception as e:  # this request's failure, not the batch's
+                self._fail_request(req, e)
+                continue
             if req.pending:  # the prompt is cached now: its siblings can start
                 for sib in reversed(req.pending):
                     self.scheduler.add(sib, front=True)
                 req.pending = []
-            updated[req.request_id] = req
-        self.stats.generation_tokens += len(out.req_ids)
+        self.stats.generation_tokens += len(out.req_ids) - len(out.failed)
         outputs = []
         for req in updated.values():
             done = all(s.finished for s in req.seqs)
@@ -235,6 +265,29 @@ class LLMEngine:
             if done or self.stream:
                 outputs.append(self._output(req))
         return outputs
+
+    def _fail_step(self, sched: SchedulerOutput, error: str) -> list[RequestOutput]:
+        """End every request of a step the workers raised on; the rest go on."""
+        failed = {item.seq.request_id: self.requests[item.seq.request_id]
+                  for item in sched.scheduled if item.seq.request_id in self.requests}
+        for req in failed.values():
+            self._fail_request(req, _SequenceFailed(f"the step running it failed ({error})"))
+            del self.requests[req.request_id]
+        return [self._output(req) for req in failed.values()]
+
+    def _fail_request(self, req: _Request, error: Exception) -> None:
+        """Finish all of ``req``'s sequences with an error; the output says why."""
+        if isinstance(error, _SequenceFailed):
+            req.error = str(error)
+        else:
+            log.exception("request %s failed in postprocessing", req.request_id)
+            req.error = f"internal error while finishing the request ({type(error).__name__})"
+        req.pending = []
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq, "error")
+                self._forget(seq)
 
     def _append(self, seq: Sequence, token: int, out: StepOutput, row: int) -> None:
         seq.output_token_ids.append(token)
@@ -253,8 +306,6 @@ class LLMEngine:
             self._forget(seq)
 
     def _check_stop_strings(self, seq: Sequence) -> None:
-        if self.tokenizer is None:
-            raise ValueError("stop strings need the model's tokenizer.json")
         old = len(seq.text)
         self._detokenize(seq)
         # Only text that is new this step can complete a match.
@@ -294,15 +345,19 @@ class LLMEngine:
                 for s in req.seqs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              all(s.finished for s in req.seqs),
-                             sum(s.num_cached_prompt for s in req.seqs))
+                             sum(s.num_cached_prompt for s in req.seqs), req.error)
 
     def _text(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
+        if self.tokenizer is None or seq.finish_reason == "error":
+            return seq.text if seq.stop_text_len is None else seq.text[:seq.stop_text_len]
         self._detokenize(seq, final=seq.finished)  # unfinished: hold back a partial character
         if seq.stop_text_len is not None:
             return seq.text[:seq.stop_text_len]
         return seq.text
 
-    def shutdown(self) -> None:
-        self.executor.shutdown()
+    def check_health(self, timeout_s: float) -> None:
+        self.executor.check_health(timeout_s)
+
+    def shutdown(self, kill: bool = False) -> None:
+        """Stop the workers: politely, or at once with ``kill`` (after a failure)."""
+        self.executor.stop(kill)

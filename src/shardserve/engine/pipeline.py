@@ -13,23 +13,31 @@ Each step reads the request (``{input}``) and earlier steps' outputs by name: ``
 gives a vector, ``nearest`` the label whose examples are closest by cosine, ``generate`` the
 text an LLM writes from the template (one per label of the ``by`` step, or a single string).
 The last step's output is the pipeline's. A step that fails names itself in the error.
+
+The steps reach their models through ``PipelineOps`` that the caller supplies (the server's
+admission: the caller's tenant must be allowed every step model, each step counts against
+its model's queue, and the request's deadline and connection hold for the whole pipeline).
 """
 
 from __future__ import annotations
 
-import itertools
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from shardserve.engine.errors import PipelineError
-from shardserve.sampling_params import SamplingParams
 
 _KINDS = {"embed": "encoder", "nearest": None, "generate": "llm"}
-_ids = itertools.count()
+
+
+class PipelineOps(Protocol):
+    """How a pipeline's steps reach models (the server routes them through admission)."""
+
+    async def embed(self, model: str, texts: list[str]) -> np.ndarray: ...
+    async def generate(self, model: str, prompt: str, max_tokens: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -119,54 +127,37 @@ class Pipeline:
     def models(self) -> set[str]:
         return {s.model for s in self.config.steps if s.model}
 
-    async def run(self, text: str) -> dict[str, Any]:
-        """Every step's output by name, and ``output``: the last step's."""
+    async def run(self, text: str, ops: PipelineOps) -> dict[str, Any]:
+        """Every step's output by name, and ``output``: the last step's. A step's failure is a
+        ``PipelineError`` whose message starts with the step's name and whose ``__cause__``
+        is what the step raised (the caller maps it: a refusal stays a refusal)."""
         ctx: dict[str, Any] = {"input": text}
         for step in self.config.steps:
             try:
-                ctx[step.name] = await getattr(self, f"_{step.kind}")(step, ctx)
+                ctx[step.name] = await getattr(self, f"_{step.kind}")(step, ctx, ops)
             except Exception as e:
                 raise PipelineError(f"step {step.name!r} ({step.kind}) failed: {e}") from e
         ctx["output"] = ctx[self.config.steps[-1].name]
         return ctx
 
-    async def _embed(self, step: Step, ctx: dict[str, Any]) -> np.ndarray:
-        return (await self._vectors(step.model, [ctx["input"]]))[0]
+    async def _embed(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> np.ndarray:
+        return (await ops.embed(step.model, [ctx["input"]]))[0]
 
-    async def _vectors(self, model: str, texts: list[str]) -> np.ndarray:
-        dep = self.host.deployments[model]
-        limit = dep.model.context_len
-        ids = [dep.tokenizer.encode(t).ids for t in texts]
-        for t in ids:
-            if len(t) > limit:
-                raise ValueError(f"the text has {len(t)} tokens; {model} takes at most {limit}")
-        replica = dep.pick()
-        rows = [await replica.batcher.submit(t, size=len(t)) for t in ids]
-        return np.stack(rows)
-
-    async def _nearest(self, step: Step, ctx: dict[str, Any]) -> str:
+    async def _nearest(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> str:
         if step.name not in self._examples:  # the examples' vectors, computed once
             source = next(s for s in self.config.steps if s.name == step.source)
             labels = [label for label, texts in step.labels.items() for _ in texts]
             texts = [t for texts in step.labels.values() for t in texts]
-            self._examples[step.name] = (labels, _unit(await self._vectors(source.model,
-                                                                          texts)))
+            self._examples[step.name] = (labels, _unit(await ops.embed(source.model, texts)))
         labels, examples = self._examples[step.name]
         return labels[int(np.argmax(examples @ _unit(ctx[step.source][None])[0]))]
 
-    async def _generate(self, step: Step, ctx: dict[str, Any]) -> str:
+    async def _generate(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> str:
         template = step.template
         if isinstance(template, dict):
             template = template[ctx[step.by]]
         prompt = template.format(**{k: v for k, v in ctx.items() if isinstance(v, str)})
-        dep = self.host.deployments[step.model]
-        ids = dep.tokenizer.encode(prompt).ids
-        params = SamplingParams(max_tokens=step.max_tokens, temperature=0)
-        last = None
-        async for out in dep.pick().engine.generate(ids, params,
-                                                    f"pipe-{next(_ids)}", prompt):
-            last = out
-        return last.outputs[0].text
+        return await ops.generate(step.model, prompt, step.max_tokens)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

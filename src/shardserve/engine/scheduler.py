@@ -84,13 +84,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             tokens = seq.token_ids
-            hits = self.blocks.match_prefix(tokens)
+            hits = self.blocks.match_prefix(tokens, seq.cache_salt)
             cached = len(hits) * bs
             n = min(len(tokens) - cached, budget)
             if not self.blocks.can_allocate(seq.seq_id, cached + n, hits):
                 break
             self.waiting.popleft()
-            new_blocks = self.blocks.allocate(seq.seq_id, cached + n, hits)
+            new_blocks = self.blocks.allocate(seq.seq_id, cached + n, hits, seq.cache_salt)
             seq.num_computed = cached
             seq.num_cached_prompt += min(cached, len(seq.prompt_token_ids))
             seq.status = Status.RUNNING

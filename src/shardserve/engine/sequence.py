@@ -36,6 +36,7 @@ class Sequence:
     read_offset: int = 0
     num_preemptions: int = 0
     num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache
+    cache_salt: str | None = None  # prefix-cache namespace (the tenant): no sharing across
 
     @property
     def token_ids(self) -> list[int]:
@@ -59,7 +60,7 @@ class Sequence:
     def check_stop(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> None:
         """After appending ``token``: finish on EOS, a stop token, max_tokens or context."""
         p = self.params
-        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_set:
             self.finish_reason = "stop"
         elif len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= max_len:
             self.finish_reason = "length"

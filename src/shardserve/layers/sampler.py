@@ -6,11 +6,15 @@ by their temperature, softmax, drop tokens below ``min_p`` x the top probability
 top-k / top-p nucleus, and draw. A row with a seed draws from its own generator, so its tokens
 do not depend on what else is in the batch. Log-probabilities are those of the model's raw
 distribution (before penalties and temperature), as vLLM returns them by default.
+
+A row whose logits or probabilities are not usable (NaN, or no mass left after filtering)
+fails alone: it is listed in ``failed`` with the reason, its token is -1, and the other rows
+are sampled as usual. One request's numbers never fail the batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,25 +35,34 @@ class SampleResult:
     logprobs: torch.Tensor | None = None  # (B,)
     top_ids: torch.Tensor | None = None  # (B, K)
     top_logprobs: torch.Tensor | None = None  # (B, K)
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why it has no token
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
-        """logits: (B, V) -> one token per row."""
+        """logits: (B, V) -> one token per row (-1 for a row listed in ``failed``)."""
         logits = logits.float()
         result = SampleResult(torch.empty(len(rows), dtype=torch.long, device=logits.device))
         k = max(r.params["logprobs"] for r in rows)  # -1: no row asked
         logp = torch.log_softmax(logits, dim=-1) if k >= 0 else None
         for i, r in enumerate(rows):
             _apply_penalties(logits[i], r)
+        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist()
+        result.failed.update((i, "the model's logits for this sequence are not finite")
+                             for i in bad)
         greedy = [i for i, r in enumerate(rows) if r.params["temperature"] == 0]
         if greedy:
             result.token_ids[greedy] = logits[greedy].argmax(dim=-1)
-        sampled = [i for i, r in enumerate(rows) if r.params["temperature"] > 0]
+        sampled = [i for i, r in enumerate(rows)
+                   if r.params["temperature"] > 0 and i not in result.failed]
         if sampled:
-            result.token_ids[sampled] = _sample(logits[sampled], [rows[i] for i in sampled])
+            tokens, failed = _sample(logits[sampled], [rows[i] for i in sampled])
+            result.token_ids[sampled] = tokens
+            result.failed.update((sampled[j], why) for j, why in failed.items())
+        if result.failed:
+            result.token_ids[list(result.failed)] = -1
         if logp is not None:
-            result.logprobs = logp.gather(1, result.token_ids[:, None])[:, 0]
+            result.logprobs = logp.gather(1, result.token_ids.clamp(min=0)[:, None])[:, 0]
             if k > 0:
                 result.top_logprobs, result.top_ids = logp.topk(k, dim=-1)
         return result
@@ -69,7 +82,8 @@ def _apply_penalties(row: torch.Tensor, r: RowState) -> None:
             row -= p["frequency_penalty"] * counts + p["presence_penalty"] * (counts > 0)
 
 
-def _sample(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+def _sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, dict[int, str]]:
+    """(tokens, {row: why}) for rows that sample; a row with no usable distribution fails."""
     dev = logits.device
     temp = torch.tensor([r.params["temperature"] for r in rows], device=dev)
     probs = torch.softmax(logits / temp[:, None], dim=-1)
@@ -78,10 +92,15 @@ def _sample(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
     probs = _top_k_top_p(probs, [r.params["top_k"] for r in rows],
                          [r.params["top_p"] for r in rows])
-    out = torch.empty(len(rows), dtype=torch.long, device=dev)
-    for j, r in enumerate(rows):
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    out = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+    failed = {}
+    for j, (r, ok) in enumerate(zip(rows, usable.tolist(), strict=True)):
+        if not ok:
+            failed[j] = "sampling found no finite probability mass for this sequence"
+            continue
         out[j] = torch.multinomial(probs[j], 1, generator=r.generator)[0]
-    return out
+    return out, failed
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -95,5 +114,6 @@ def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     # token is always kept); the mass is of the renormalised distribution.
     sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
     keep = (rank < k[:, None]) & ((sorted_p.cumsum(-1) - sorted_p) < p[:, None])
+    keep[:, 0] = True  # the most likely token survives any p, however small
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
     return filtered

@@ -46,7 +46,8 @@ class StepInput:
 
 @dataclass
 class StepOutput:
-    """Rank 0's answer: a token for each sequence whose known tokens are now all computed."""
+    """Rank 0's answer: a token for each sequence whose known tokens are now all computed
+    (-1 for a sequence in ``failed``, which the sampler could not serve; the rest went on)."""
 
     req_ids: list[str]
     token_ids: np.ndarray  # (B,) int64
@@ -55,13 +56,14 @@ class StepOutput:
     top_logprobs: np.ndarray | None = None  # (B, K) float32
     comm_seconds: float = 0.0  # rank 0's time in collectives during this step
     worker_seconds: float = 0.0  # rank 0's time from receiving the step to answering
+    failed: dict[str, str] = field(default_factory=dict)  # seq id -> why it has no token
 
 
 @dataclass
 class WorkerInit:
     rank: int
     world_size: int
-    store_port: int
+    store_path: str  # the rendezvous FileStore (a private folder; no TCP listener)
     device_kind: str
     device_index: int
     cores: list[int]
@@ -88,7 +90,8 @@ class Reply:
 
 @dataclass
 class Error:
-    message: str
+    message: str  # one line, safe to show a client: "ValueError: ..."
+    detail: str = ""  # the traceback, for the server's log only
 
 
 @dataclass

@@ -89,6 +89,10 @@ class ModelRunner:
         self.seqs.clear()
         self.cache_bytes = 0
 
+    def ping(self) -> int:
+        """Answer at once: the executor's health check (a hung rank never answers)."""
+        return self.group.rank
+
     def stats(self) -> dict:
         return {"rank": self.group.rank, "weight_bytes": self.weight_bytes,
                 "cache_bytes": self.cache_bytes, "budget": self.budget,
@@ -226,7 +230,8 @@ class ModelRunner:
         np_ = lambda x: None if x is None else x.cpu().numpy()  # noqa: E731
         return StepOutput(req_ids, np_(res.token_ids), np_(res.logprobs), np_(res.top_ids),
                           np_(res.top_logprobs), self.group.comm_seconds - comm0,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0,
+                          {req_ids[i]: why for i, why in res.failed.items()})
 
 
 def _nbytes(model: torch.nn.Module) -> int:

@@ -1,8 +1,13 @@
 """A worker process: one device, one rank of one deployment's group.
 
-Started by the executor as ``python -m shardserve.runtime.worker FD_IN FD_OUT``; it reads a
-``WorkerInit`` from its pipe, pins itself to its cores, joins the group over loopback, loads
-its shard, and then serves steps and control calls until told to stop or its parent goes.
+Started by the executor as ``python -P -m shardserve.runtime.worker FD_IN FD_OUT LABEL``
+(``-P`` and a neutral working directory: nothing from the caller's folder is importable; LABEL
+only names the process for ``ps``: deployment, replica and rank). It reads a ``WorkerInit``
+from its pipe, pins itself to its cores, joins the group through a private file store (no TCP
+listener; gloo's own pair sockets bind loopback), loads its shard, and then serves steps and
+control calls until told to stop or its parent goes. An exception in a step or call is
+answered as an ``Error`` (a one-line message, the traceback apart for the log) and the worker
+keeps serving: only the executor decides that a group has failed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from shardserve.runtime.messages import decode as _decode
 from shardserve.runtime.messages import encode as _encode
 
 # The only methods a Call may name.
-_CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode")
+_CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping")
 
 
 def _die_with_parent() -> None:
@@ -55,8 +60,7 @@ def _join_group(init: WorkerInit):
     from shardserve.runtime.shm import ShmExchange
 
     if init.world_size > 1:
-        store = dist.TCPStore("127.0.0.1", init.store_port, is_master=False,
-                              timeout=timedelta(seconds=60))
+        store = dist.FileStore(init.store_path, init.world_size)
         backend = "nccl" if init.device_kind == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=init.rank,
                                 world_size=init.world_size, timeout=timedelta(minutes=5))
@@ -78,7 +82,7 @@ def serve(conn_in: Connection, conn_out: Connection) -> None:
         config = ModelConfig(init.model_path, init.dtype, init.max_model_len)
         runner = ModelRunner(config, group, device, init.memory_budget)
     except Exception as e:  # report why we could not start, then exit
-        conn_out.send_bytes(_encode(Error(_describe(e))))
+        conn_out.send_bytes(_encode(_error(e)))
         return
     conn_out.send_bytes(_encode(Reply(runner.stats())))
     while True:
@@ -98,13 +102,12 @@ def serve(conn_in: Connection, conn_out: Connection) -> None:
             else:
                 conn_out.send_bytes(_encode(Error(f"unknown message {type(msg).__name__}")))
         except Exception as e:
-            conn_out.send_bytes(_encode(Error(_describe(e))))
+            conn_out.send_bytes(_encode(_error(e)))
 
 
-def _describe(e: Exception) -> str:
-    if isinstance(e, ValueError | MemoryError):
-        return f"{type(e).__name__}: {e}"
-    return "".join(traceback.format_exception(e))
+def _error(e: Exception) -> Error:
+    first = (str(e).strip().splitlines() or [""])[0][:500]
+    return Error(f"{type(e).__name__}: {first}", "".join(traceback.format_exception(e)))
 
 
 def main() -> None:

@@ -1,31 +1,30 @@
 """Open Inference Protocol (KServe v2): health, server and model metadata, and text in, text
 out for generative models (``/generate`` as Triton's generate extension, ``/infer`` with a
-``text_input`` BYTES tensor)."""
+``text_input`` BYTES tensor), tensors for encoders, and pipelines.
+
+Readiness follows KServe: a model is ready while any of its replicas can serve (503 while it
+restarts or after it failed); the server is ready while every model is."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
 
-from shardserve.api.auth import Principal, principal, require_admin
+from shardserve.api.admission import embed, finish, http_error, in_pool, start_generation
+from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError
 from shardserve.api.protocol import GenerateRequest, InferRequest
-from shardserve.api.routes.openai import (
-    _last,
-    _start,
-    deployment,
-    embed_batch,
-    encode,
-    generative,
-)
-from shardserve.config import repository_configs
-from shardserve.engine.errors import PipelineError
+from shardserve.api.routes.openai import deployment, encode, generative
+from shardserve.engine.errors import InvalidRequest, PipelineError
 from shardserve.sampling_params import SamplingParams
 
-router = APIRouter()
+# Clients such as tritonclient send JSON with no content type: read it as JSON all the same
+# (a body declared as anything but JSON is refused with 415 by the request guard).
+router = APIRouter(strict_content_type=False)
 _PARAMS = {f for f in SamplingParams.__dataclass_fields__}
 
 
@@ -42,50 +41,9 @@ async def live() -> dict:
 
 
 @router.get("/v2/health/ready")
-async def ready(request: Request) -> dict:
-    return {"ready": True}
-
-
-@router.get("/v2/repository/index")
-async def repository_index(request: Request, who: Principal = Depends(principal)
-                           ) -> list[dict]:
-    host = request.app.state.host
-    return [row for row in host.index()
-            if who.may_use(row["name"], host.deployments[row["name"]].config.tenants)]
-
-
-@router.get("/v2/repository/devices")
-async def devices(request: Request, who: Principal = Depends(require_admin)) -> list[dict]:
-    """shardserve extension: each device's budget, bytes planned and models."""
-    return request.app.state.host.device_usage()
-
-
-@router.post("/v2/repository/models/{name}/load")
-async def load(name: str, request: Request, who: Principal = Depends(require_admin)) -> dict:
-    """Place and start a model of the repository; refused (and nothing changed) if it does
-    not fit. The other models keep serving meanwhile."""
-    host, repo = request.app.state.host, request.app.state.repository
-    if name in host.deployments:
-        return {"name": name, "state": "READY"}
-    configs = {c.name: c for c in repository_configs(repo)} if repo else {}
-    if name not in configs:
-        raise APIError(404, f"no model named {name!r} in the repository")
-    try:
-        await asyncio.to_thread(host.load, configs[name])
-    except ValueError as e:
-        raise APIError(400, f"cannot load {name!r}: {e}") from None
-    return {"name": name, "state": "READY"}
-
-
-@router.post("/v2/repository/models/{name}/unload")
-async def unload(name: str, request: Request, who: Principal = Depends(require_admin)
-                 ) -> dict:
-    """Stop taking requests for the model, finish the running ones, free its devices."""
-    try:
-        await asyncio.to_thread(request.app.state.host.unload, name)
-    except KeyError:
-        raise APIError(404, f"model {name!r} is not loaded") from None
-    return {"name": name, "state": "UNAVAILABLE"}
+async def ready(request: Request) -> JSONResponse:
+    down = [n for n, d in list(request.app.state.host.deployments.items()) if not d.ready]
+    return JSONResponse({"ready": not down}, status_code=503 if down else 200)
 
 
 @router.get("/v2/models/{name}")
@@ -114,9 +72,13 @@ async def model_metadata(name: str, request: Request,
 @router.get("/v2/models/{name}/ready")
 async def model_ready(name: str, request: Request,
                       who: Principal = Depends(principal)) -> Response:
-    if _pipeline(request, name, who) is None:
-        deployment(request, name, who)
-    return Response(status_code=200)
+    pipe = _pipeline(request, name, who)
+    host = request.app.state.host
+    if pipe is not None:
+        ok = all(m in host.deployments and host.deployments[m].ready for m in pipe.models())
+    else:
+        ok = deployment(request, name, who).ready
+    return Response(status_code=200 if ok else 503)
 
 
 @router.post("/v2/models/{name}/generate")
@@ -127,22 +89,16 @@ async def generate(name: str, body: GenerateRequest, request: Request,
 
 
 @router.post("/v2/models/{name}/infer")
-async def infer(name: str, request: Request, who: Principal = Depends(principal)) -> dict:
-    # Clients (tritonclient among them) send JSON without a JSON content type: parse it here.
+async def infer(name: str, body: InferRequest, request: Request,
+                who: Principal = Depends(principal)) -> dict:
     if request.headers.get("inference-header-content-length"):
         raise APIError(400, "the binary tensor extension is not supported; send JSON tensors "
                             "(binary_data=False)")
-    try:
-        body = InferRequest.model_validate_json(await request.body())
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise APIError(400, f"invalid field {field!r}: {first['msg']}") from None
     # We always answer with JSON tensors, which every client reads.
     body.parameters.pop("binary_data_output", None)
     pipe = _pipeline(request, name, who)
     if pipe is not None:
-        return await _infer_pipeline(pipe, body)
+        return await _infer_pipeline(request, pipe, body, who)
     dep = deployment(request, name, who)
     if dep.is_encoder:
         return await _infer_encoder(request, dep, body)
@@ -165,17 +121,52 @@ def _single_text(body: InferRequest) -> str:
 
 
 def _pipeline(request: Request, name: str, who: Principal):
+    """The pipeline ``name`` if this caller may use it and every model its steps call."""
     pipe = request.app.state.host.pipelines.get(name)
-    return pipe if pipe is not None and who.may_use(name) else None
+    if pipe is None or not who.may_use(name):
+        return None
+    host = request.app.state.host
+    for model in pipe.models():
+        dep = host.deployments.get(model)
+        if dep is not None and not who.may_use(model, dep.config.tenants):
+            return None
+    return pipe
 
 
-async def _infer_pipeline(pipe, body: InferRequest) -> dict:
+class _Ops:
+    """A pipeline's steps through the same admission as direct requests, as the caller."""
+
+    def __init__(self, request: Request, who: Principal) -> None:
+        self.request, self.who = request, who
+
+    async def embed(self, model: str, texts: list[str]) -> np.ndarray:
+        dep = deployment(self.request, model, self.who)
+        ids = [await in_pool(self.request, encode, dep, t) for t in texts]
+        return np.stack(await embed(self.request, dep, ids, truncate=False))
+
+    async def generate(self, model: str, prompt: str, max_tokens: int) -> str:
+        dep = generative(deployment(self.request, model, self.who))
+        ids = await in_pool(self.request, encode, dep, prompt)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        gen = await start_generation(self.request, dep, ids, params,
+                                     f"pipe-{uuid.uuid4().hex}", prompt, self.who)
+        return (await finish(self.request, gen)).outputs[0].text
+
+
+async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Principal) -> dict:
     """A pipeline: text_input in; text_output (the last step's) and every labelled or
-    generated step's output by name."""
+    generated step's output by name. A step's refusal keeps its status (400, 404, 429, 503),
+    its message naming the step."""
+    limits = request.app.state.limits
     try:
-        ctx = await pipe.run(_single_text(body))
+        ctx = await asyncio.wait_for(pipe.run(_single_text(body), _Ops(request, who)),
+                                     limits.request_timeout_s)
     except PipelineError as e:
-        raise APIError(500, f"pipeline {pipe.name!r}: {e}") from None
+        cause = http_error(e.__cause__ or e)
+        raise APIError(cause.status, f"pipeline {pipe.name!r}: {e}", cause.param, cause.code,
+                       cause.headers) from None
+    except TimeoutError:
+        raise http_error(TimeoutError()) from None
     outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1],
                 "data": [str(ctx["output"])]}]
     outputs += [{"name": s.name, "datatype": "BYTES", "shape": [1], "data": [str(ctx[s.name])]}
@@ -200,7 +191,7 @@ async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
         if len(t.data) != count or not all(isinstance(x, str) for x in t.data):
             raise APIError(400, f"text_input has shape {t.shape} but holds {len(t.data)} "
                                 "values; it must hold that many strings")
-        ids = [encode(dep, x) for x in t.data]
+        ids = [await in_pool(request, encode, dep, x) for x in t.data]
     elif t.name == "input_ids":
         if t.datatype not in ("INT32", "INT64") or len(t.shape) != 2:
             raise APIError(400, "input_ids must be an INT32 or INT64 tensor of shape [N, T]")
@@ -211,8 +202,10 @@ async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
         ids = [t.data[i * T:(i + 1) * T] for i in range(t.shape[0])]
     else:
         raise APIError(400, "the input must be named text_input or input_ids")
-    truncate = bool(body.parameters.get("truncate", False))
-    vectors = await embed_batch(request, dep, ids, truncate)
+    truncate = body.parameters.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise APIError(400, "parameter truncate must be true or false")
+    vectors = await embed(request, dep, ids, truncate, param=t.name)
     width = len(vectors[0])
     return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "embedding", "datatype": "FP32",
@@ -228,8 +221,9 @@ async def _complete(request: Request, name: str, who: Principal, prompt: str,
         raise APIError(400, f"unknown parameter {unknown[0]!r}; known: {sorted(_PARAMS)}")
     try:
         params = SamplingParams(**parameters)
-    except (ValueError, TypeError) as e:
-        raise APIError(400, str(e).split(", got ")[0]) from None
-    outputs = await _start(request, dep, encode(dep, prompt), params,
-                           f"v2-{uuid.uuid4().hex}", prompt)
-    return (await _last(outputs)).outputs[0].text
+    except InvalidRequest as e:
+        raise APIError(400, f"parameter {e}", e.param) from None
+    ids = await in_pool(request, encode, dep, prompt)
+    gen = await start_generation(request, dep, ids, params, f"v2-{uuid.uuid4().hex}", prompt,
+                                 who, "text_input")
+    return (await finish(request, gen)).outputs[0].text

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -15,11 +14,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shardserve.api.admission import embed, finish, http_error, in_pool, start_generation
 from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError, error_body
-from shardserve.api.metrics import RequestTimer
 from shardserve.api.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
-from shardserve.engine.errors import EngineUnavailable
+from shardserve.engine.errors import InvalidRequest
 from shardserve.outputs import RequestOutput
 
 router = APIRouter()
@@ -50,15 +49,15 @@ async def completions(body: CompletionRequest, request: Request,
                       who: Principal = Depends(principal)):
     dep = generative(deployment(request, body.model, who))
     if isinstance(body.prompt, str):
-        ids, text = encode(dep, body.prompt), body.prompt
+        ids, text = await in_pool(request, encode, dep, body.prompt), body.prompt
     else:
         ids, text = list(body.prompt), None
     params = _params(body, body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    outputs = await _start(request, dep, ids, params, rid, text)
+    gen = await start_generation(request, dep, ids, params, rid, text, who)
     if body.stream:
-        return _sse(_completion_chunks(outputs, rid, body, dep, params))
-    final = await _last(outputs)
+        return EventStream(_completion_chunks(gen, rid, body, dep, params), gen.aclose)
+    final = await finish(request, gen)
     choices = [{"index": c.index, "text": c.text, "finish_reason": _reason(c.finish_reason),
                 "logprobs": _completion_logprobs(dep, c) if body.logprobs is not None else None}
                for c in final.outputs]
@@ -70,14 +69,14 @@ async def completions(body: CompletionRequest, request: Request,
 async def chat_completions(body: ChatRequest, request: Request,
                            who: Principal = Depends(principal)):
     dep = generative(deployment(request, body.model, who))
-    prompt = render_chat(dep, body)
-    ids = encode(dep, prompt, add_special_tokens=False)
+    prompt = await in_pool(request, render_chat, dep, body)
+    ids = await in_pool(request, encode, dep, prompt, False)
     params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = await _start(request, dep, ids, params, rid, prompt)
+    gen = await start_generation(request, dep, ids, params, rid, prompt, who, "messages")
     if body.stream:
-        return _sse(_chat_chunks(outputs, rid, body, params))
-    final = await _last(outputs)
+        return EventStream(_chat_chunks(gen, rid, body, params), gen.aclose)
+    final = await finish(request, gen)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "finish_reason": _reason(c.finish_reason),
                 "logprobs": _chat_logprobs(dep, c) if body.logprobs else None}
@@ -98,8 +97,9 @@ async def embeddings(body: EmbeddingRequest, request: Request,
         inputs = [inputs]
     if not inputs:
         raise APIError(400, "input is empty", "input")
-    ids = [encode(dep, x) if isinstance(x, str) else list(x) for x in inputs]
-    vectors = await embed_batch(request, dep, ids, body.truncate)
+    ids = [await in_pool(request, encode, dep, x) if isinstance(x, str) else list(x)
+           for x in inputs]
+    vectors = await embed(request, dep, ids, body.truncate)
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
              if body.encoding_format == "base64" else v.tolist()}
@@ -108,31 +108,6 @@ async def embeddings(body: EmbeddingRequest, request: Request,
     # A response object skips FastAPI's jsonable_encoder, which walks every float of every vector.
     return JSONResponse({"object": "list", "data": data, "model": body.model,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
-
-async def embed_batch(request: Request, dep, ids: list[list[int]], truncate: bool) -> list:
-    """Each input through the deployment's dynamic batcher; rows back in order."""
-    limit, limits = dep.model.context_len, request.app.state.limits
-    for i, t in enumerate(ids):
-        if not t:
-            raise APIError(400, f"input {i} is empty", "input")
-        if len(t) > limit and not truncate:
-            raise APIError(400, f"input {i} has {len(t)} tokens; the model takes at most "
-                                f"{limit} (send \"truncate\": true to cut it)", "input",
-                           "context_length_exceeded")
-    replica = dep.pick()
-    if len(replica.batcher.queue) + len(ids) > limits.max_queue * dep.config.max_batch_size:
-        raise APIError(429, f"model `{dep.config.name}` has too many requests queued; retry "
-                            "shortly", None, "rate_limited", headers={"Retry-After": "1"})
-    replica.inflight += 1
-    try:
-        return await asyncio.gather(*(replica.batcher.submit(t[:limit], size=len(t[:limit]))
-                                      for t in ids))
-    except TimeoutError:
-        raise APIError(504, "the request timed out waiting for a batch", None,
-                       "timeout") from None
-    finally:
-        replica.inflight -= 1
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -166,68 +141,8 @@ def render_chat(dep, body: ChatRequest) -> str:
 def _params(body, logprobs):
     try:
         return body.sampling_params(_DEFAULT_MAX_TOKENS, logprobs)
-    except ValueError as e:  # "top_p must be in (0, 1], got 2.0": name the rule, not the input
-        message = str(e).split(", got ")[0]
-        raise APIError(400, message, message.split(" ", 1)[0], "invalid_value") from None
-
-
-async def _start(request: Request, dep, ids, params, rid, text
-                 ) -> AsyncIterator[RequestOutput]:
-    """Admit a request and start generating. Refusals (queue full, limits, the engine's own
-    checks) become error responses here, before any response starts; once admitted, the
-    request ends with exactly one final output, or is aborted if the client goes away or the
-    deadline passes."""
-    limits, name = request.app.state.limits, dep.config.name
-    if params.n > limits.max_n:
-        raise APIError(400, f"n may be at most {limits.max_n}", "n", "invalid_value")
-    if len(ids) >= dep.model.context_len:
-        raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is "
-                            f"{dep.model.context_len}", "prompt", "context_length_exceeded")
-    if params.max_tokens > dep.model.context_len:
-        raise APIError(400, f"max_tokens may be at most the model's context, "
-                            f"{dep.model.context_len}", "max_tokens", "invalid_value")
-    if dep.inflight >= len(dep.replicas) * dep.config.max_num_seqs + limits.max_queue:
-        raise APIError(429, f"model `{name}` has too many requests queued; retry shortly",
-                       None, "rate_limited", headers={"Retry-After": "1"})
-    replica = dep.pick()
-    replica.inflight += 1
-    timer = RequestTimer(request.app.state.metrics, name)
-    timer.metrics.replica_requests.labels(name, str(dep.replicas.index(replica))).inc()
-    gen = replica.engine.generate(ids, params, rid, text)
-    try:
-        first = await anext(gen)
-    except BaseException as e:
-        replica.inflight -= 1
-        if isinstance(e, ValueError):
-            raise APIError(400, str(e), "prompt", "invalid_request") from None
-        if isinstance(e, EngineUnavailable):
-            raise APIError(503, str(e), None, "unavailable") from None
-        raise
-
-    async def admitted():
-        deadline = time.monotonic() + limits.request_timeout_s
-        try:
-            out = first
-            timer.observe(out)
-            yield out
-            async for out in gen:
-                timer.observe(out)
-                yield out
-                if not out.finished and time.monotonic() > deadline:
-                    raise APIError(504, f"the request ran past {limits.request_timeout_s:.0f}s"
-                                        " and was stopped", None, "timeout")
-        finally:
-            replica.inflight -= 1
-            await gen.aclose()  # aborts the request if it has not finished
-
-    return admitted()
-
-
-async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    final = None
-    async for out in outputs:
-        final = out
-    return final
+    except InvalidRequest as e:  # "top_p must be in (0, 1], got 2.0"
+        raise APIError(400, str(e), e.param, "invalid_value") from None
 
 
 def _reason(reason: str | None) -> str | None:
@@ -263,16 +178,33 @@ def _chat_logprobs(dep, c) -> dict:
     return {"content": content}
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    async def body():
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except APIError as e:  # the response has started: the error is the last event
-            yield f"data: {json.dumps(error_body('/v1', e.status, e.message, e.param, e.code))}\n\n"
-        yield "data: [DONE]\n\n"
+class EventStream(StreamingResponse):
+    """Server-sent events of ``chunks``, ending with ``data: [DONE]``. An error after the
+    response started is the last event before ``[DONE]``. ``on_close`` runs however the
+    response ends (finished, failed, or the client gone before the first event), so the
+    request's admission is always released and an unfinished request aborted."""
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    def __init__(self, chunks: AsyncIterator[dict], on_close: Callable[[], Awaitable[None]]
+                 ) -> None:
+        super().__init__(_events(chunks), media_type="text/event-stream")
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+async def _events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except Exception as e:  # the response has started: the error is the last event
+        err = http_error(e)
+        body = error_body("/v1", err.status, err.message, err.param, err.code)
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 async def _deltas(outputs: AsyncIterator[RequestOutput], params):
