@@ -194,13 +194,14 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
 
     def _abort(self, request_id: str, done: _Stream | None) -> None:
-        stream = self._streams.pop(request_id, None)
-        if self._engine is not None:
-            out = self._engine.abort_request(request_id)
-            if stream is not None and out is not None:
-                stream.put(out)
-        if done is not None:
-            done.put(None)
+        try:
+            out = None if self._engine is None else self._engine.abort_request(request_id)
+            stream = self._streams.pop(request_id, None)  # (kept if the abort raised)
+            if stream is not None:
+                stream.put(out if out is not None else RequestFailed("the request was aborted"))
+        finally:
+            if done is not None:
+                done.put(None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
