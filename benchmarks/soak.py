@@ -204,15 +204,29 @@ def main() -> None:
         stop.set()
         for c in clients:
             c.join(150)
-        index = _index(port)
+        index, admitted = json.loads(_get(port, "/v2/repository/index")), _admitted(port)
         code = _stop(proc)
-    print(json.dumps(_summary(args, tally, samples, kills, index, code), indent=2))
+    summary = _summary(args, tally, samples, kills, index, code)
+    summary["admitted_at_the_end"] = admitted  # every admission released: 0 per model
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
 
 
-def _index(port: int):
+def _get(port: int, path: str) -> bytes:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/v2/repository/index")
-    return json.loads(conn.getresponse().read())
+    conn.request("GET", path)
+    return conn.getresponse().read()
+
+
+def _admitted(port: int) -> dict[str, float]:
+    """shardserve:num_requests_admitted per model, once the clients have stopped."""
+    time.sleep(2)  # the last abandoned requests' aborts land
+    out = {}
+    for line in _get(port, "/metrics").decode().splitlines():
+        if line.startswith("shardserve:num_requests_admitted{"):
+            out[line.split('model_name="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _summary(args, tally: Counter, samples: list, kills: list, index, code: int) -> dict:
@@ -232,8 +246,6 @@ def _summary(args, tally: Counter, samples: list, kills: list, index, code: int)
                "after_warmup": {k: spread(k) for k in ("server_rss", "server_fds",
                                                        "workers", "workers_rss")},
                "samples": samples, "server_exit_code": code}
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -232,29 +232,36 @@ def test_slow_clients_cannot_hold_a_connection(server):
         assert reply.startswith(b"HTTP/1.1 408"), reply
 
 
-def _running(server, model):
+def _gauge(server, name, model="big"):
     text = server.call("/metrics")[1].decode()
     for line in text.splitlines():
-        if line.startswith(f'shardserve:num_requests_running{{model_name="{model}"}}'):
+        if line.startswith(f'shardserve:{name}{{model_name="{model}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
-def test_a_non_streaming_client_that_leaves_is_aborted(server):
+def _settles(server, name, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while _gauge(server, name) != 0:
+        assert time.monotonic() < deadline, f"{name} stayed above 0"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_is_aborted_and_released(server, stream):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(
-        {"model": "big", "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True}),
+        {"model": "big", "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True,
+         "stream": stream}),
         {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN}"})
     deadline = time.monotonic() + 30
-    while _running(server, "big") == 0:
+    while _gauge(server, "num_requests_running") == 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.sock.shutdown(socket.SHUT_RDWR)  # before reading a byte of the answer
     conn.close()
-    deadline = time.monotonic() + 5
-    while _running(server, "big") != 0:
-        assert time.monotonic() < deadline, "the abandoned request kept running"
-        time.sleep(0.05)
+    _settles(server, "num_requests_running")  # aborted: its blocks are free
+    _settles(server, "num_requests_admitted")  # and its admission released
 
 
 def test_a_fuzz_run_finds_no_server_error(server, tmp_path):

@@ -113,8 +113,12 @@ class _HostCollector:
         restarts = CounterMetricFamily("shardserve:replica_restarts",
                                        "Worker groups started again after a failure.",
                                        labels=["model_name"])
+        admitted = GaugeMetricFamily("shardserve:num_requests_admitted",
+                                     "HTTP requests admitted and not yet answered.",
+                                     labels=["model_name"])
         for name, dep in list(self.host.deployments.items()):
             ready.add_metric([name], float(dep.ready))
+            admitted.add_metric([name], dep.inflight)
             restarts.add_metric([name], sum(r.engine.status.restarts for r in dep.replicas))
             if dep.is_encoder:
                 batchers = [r.engine.batcher for r in dep.replicas]
@@ -132,4 +136,5 @@ class _HostCollector:
         for row in self.host.device_usage():
             mem.add_metric([row["device"]], row["used"])
             budget.add_metric([row["device"]], row["budget"])
-        yield from (running, waiting, kv, ready, restarts, mem, budget, batches, batched)
+        yield from (running, waiting, kv, ready, restarts, admitted, mem, budget, batches,
+                    batched)
