@@ -85,6 +85,23 @@ class ModelConfig:
     def context_len(self) -> int:
         return self.max_model_len or self.spec.max_position
 
+    @cached_property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids: config.json's and generation_config.json's (Llama-3 lists
+        several there: <|end_of_text|>, <|eom_id|>, <|eot_id|>), in that order."""
+        ids = list(self.spec.eos_token_ids)
+        path = Path(self.path) / "generation_config.json"
+        if path.is_file():
+            try:
+                extra = json.loads(path.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{path}: not a JSON object ({e})") from None
+            extra = [extra] if isinstance(extra, int) else extra or []
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in extra):
+                raise ValueError(f"{path}: eos_token_id must be an integer or a list of them")
+            ids += [i for i in extra if i not in ids]
+        return tuple(ids)
+
     @property
     def tokenizer_path(self) -> str | None:
         p = Path(self.path) / "tokenizer.json"

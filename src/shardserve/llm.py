@@ -110,7 +110,7 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError(f"{self.model_config.path} has no tokenizer.json; pass "
                              "prompt_token_ids instead of text prompts")
-        return [e.ids for e in self.tokenizer.encode_batch(list(prompts))], list(prompts)
+        return self.tokenizer.encode_batch(list(prompts)), list(prompts)
 
     def close(self) -> None:
         self.engine.shutdown()

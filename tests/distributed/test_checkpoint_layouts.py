@@ -40,3 +40,35 @@ def test_bfloat16_checkpoint_serves(tmp_path):
     spec = llm.model_config.spec
     assert stats[0]["weight_bytes"] == weight_bytes_per_device(spec, 2, "bfloat16")
     assert stats[0]["bytes_read"] == stats[0]["weight_bytes"]  # read as stored, in bf16
+
+
+@pytest.mark.parametrize("part", ["k_proj", "up_proj"])
+def test_a_missing_part_of_a_merged_parameter_is_refused_by_name(tmp_path, part):
+    from safetensors.torch import load_file, save_file
+
+    path = test_models.write(tmp_path / "m", "llama", "tiny")
+    weights = load_file(str(path / "model.safetensors"))
+    name = next(n for n in weights if f".1.{'self_attn' if part == 'k_proj' else 'mlp'}."
+                f"{part}." in n)
+    del weights[name]
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(RuntimeError, match=f"lacks tensors for: {name}"):
+        LLM(str(path), tensor_parallel_size=2)
+
+
+def test_generation_stops_on_every_eos_id_of_generation_config(tmp_path):
+    import json
+
+    path = test_models.write(tmp_path / "m", "llama", "tiny")
+    with LLM(str(path)) as llm:
+        free = llm.generate(prompt_token_ids=[[1, 9, 40, 7]], sampling_params=GREEDY)
+    tokens = free[0].outputs[0].token_ids
+    for stop_at in (3, 7):
+        (path / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": [2, tokens[stop_at]]}))
+        with LLM(str(path)) as llm:
+            out = llm.generate(prompt_token_ids=[[1, 9, 40, 7]],
+                               sampling_params=SamplingParams(max_tokens=12, temperature=0))
+        first = tokens.index(tokens[stop_at])
+        assert out[0].outputs[0].token_ids == tokens[:first + 1]
+        assert out[0].outputs[0].finish_reason == "stop"

@@ -78,7 +78,7 @@ class LLMEngine:
                  step_timeout_s: float = 300.0) -> None:
         cache, scheduler = cache or CacheConfig(), scheduler or SchedulerConfig()
         self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
-        self.eos_ids = model.spec.eos_token_ids
+        self.eos_ids = model.eos_token_ids
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler)
         self.executor = Executor(model, devices, label, step_timeout_s)
         try:

@@ -81,6 +81,7 @@ def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats
     packed = getattr(model, "packed_modules_mapping", {})
     ignored = getattr(model, "ignored_weights", ())
     loaded: set[str] = set()
+    shards: set[tuple[str, object]] = set()  # (merged parameter, shard) pairs filled
     by_file: dict[str, list[str]] = {}
     for name, path in checkpoint_files(folder).items():
         by_file.setdefault(path, []).append(name)
@@ -98,7 +99,9 @@ def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats
                 loader(param, LazyTensor(name, f.get_slice(name), dtype, stats), shard_id)
                 stats.tensors += 1
                 loaded.add(target)
+                shards.add((target, shard_id))
     missing = [n for n in params if n not in loaded and not _is_tied(model, n, loaded)]
+    missing += _missing_shards(loaded, shards, packed)
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:5])}")
     for module in model.modules():  # layouts for the kernels, now that every weight is in
@@ -113,6 +116,18 @@ def _map_name(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, ob
         if f".{part}." in name:
             return name.replace(f".{part}.", f".{merged}."), shard_id
     return name, None
+
+
+def _missing_shards(loaded: set[str], shards: set[tuple[str, object]],
+                    packed: dict[str, tuple[str, object]]) -> list[str]:
+    """Checkpoint names of the parts of merged parameters that were never read: a fused
+    ``qkv_proj`` whose ``k_proj`` is absent would otherwise run on uninitialised memory."""
+    out = []
+    for target in sorted(loaded):
+        for part, (merged, shard_id) in packed.items():
+            if f".{merged}." in target and (target, shard_id) not in shards:
+                out.append(target.replace(f".{merged}.", f".{part}."))
+    return out
 
 
 def _is_tied(model: nn.Module, name: str, loaded: set[str]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,8 +70,7 @@ async def completions(body: CompletionRequest, request: Request,
 async def chat_completions(body: ChatRequest, request: Request,
                            who: Principal = Depends(principal)):
     dep = generative(deployment(request, body.model, who))
-    prompt = await in_pool(request, render_chat, dep, body)
-    ids = await in_pool(request, encode, dep, prompt, False)
+    prompt, ids = await in_pool(request, chat_prompt, dep, body)
     params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     gen = await start_generation(request, dep, ids, params, rid, prompt, who, "messages")
@@ -122,18 +122,44 @@ def encode(dep, text: str, add_special_tokens: bool = True) -> list[int]:
     if dep.tokenizer is None:
         raise APIError(400, f"model `{dep.config.name}` has no tokenizer; send token ids",
                        "prompt")
-    return dep.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    return dep.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def render_chat(dep, body: ChatRequest) -> str:
+_MARK = re.compile("\ue000(\\d+)\ue001")  # a message's index between private-use characters
+
+
+def chat_prompt(dep, body: ChatRequest) -> tuple[str, list[int]]:
+    """The rendered prompt and its token ids. Special-token text inside a message's content
+    (``<|eot_id|>`` typed by a user) is encoded as text, never as a control token: the
+    template is rendered with a marker for each content, and the pieces between markers are
+    encoded as template text, the contents literally."""
+    if dep.tokenizer is None:
+        raise APIError(400, f"model `{body.model}` has no tokenizer for chat", "messages")
+    messages = [m.model_dump() for m in body.messages]
+    prompt, tok = render_chat(dep, body.model, messages), dep.tokenizer
+    if not any(tok.has_special_text(m["content"]) for m in messages):
+        return prompt, tok.encode(prompt, add_special_tokens=False)
+    marked = render_chat(dep, body.model, [{**m, "content": f"\ue000{i}\ue001"}
+                                           for i, m in enumerate(messages)])
+    ids: list[int] = []
+    for i, piece in enumerate(_MARK.split(marked)):
+        if i % 2:
+            ids += tok.encode_literal(messages[int(piece)]["content"])
+        elif piece:
+            ids += tok.encode(piece, add_special_tokens=False)
+    return prompt, ids
+
+
+def render_chat(dep, model: str, messages: list[dict]) -> str:
     if dep.chat_template is None:
-        raise APIError(400, f"model `{body.model}` has no chat template (no chat_template in "
+        raise APIError(400, f"model `{model}` has no chat template (no chat_template in "
                             "its tokenizer_config.json or chat_template.jinja); use "
                             "/v1/completions", "messages", "no_chat_template")
+    tok = dep.tokenizer
     try:
         return _JINJA.from_string(dep.chat_template).render(
-            messages=[m.model_dump() for m in body.messages], add_generation_prompt=True,
-            bos_token="<s>", eos_token="</s>")
+            messages=messages, add_generation_prompt=True,
+            bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
     except TemplateError as e:
         raise APIError(400, f"the chat template failed: {e}", "messages") from None
 
@@ -211,19 +237,25 @@ async def _deltas(outputs: AsyncIterator[RequestOutput], params):
     """(output, [(index, new text, finish_reason)]) per step, one entry for every completion
     that produced tokens (its text delta may be empty: clients time tokens by chunks). While a
     completion runs, text that could still become a stop string is held back, so no streamed
-    text is taken back."""
+    text is taken back. A finished completion sends its finish_reason once, however long its
+    siblings (n > 1) go on."""
     hold = max((len(s) for s in params.stop), default=1) - 1
     sent: dict[int, int] = {}
     tokens: dict[int, int] = {}
+    done: set[int] = set()
     async for out in outputs:
         deltas = []
         for c in out.outputs:
+            if c.index in done:
+                continue
             visible = c.text if c.finish_reason else c.text[:max(0, len(c.text) - hold)]
             start = sent.get(c.index, 0)
             if len(c.token_ids) > tokens.get(c.index, 0) or c.finish_reason:
                 deltas.append((c.index, visible[start:], _reason(c.finish_reason)))
                 sent[c.index] = max(start, len(visible))
                 tokens[c.index] = len(c.token_ids)
+            if c.finish_reason:
+                done.add(c.index)
         yield out, deltas
 
 
