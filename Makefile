@@ -12,6 +12,8 @@ $(BIN)/.installed: pyproject.toml
 	# The pinned CPU wheel first: with it installed, the package's torch range needs nothing more.
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# Build the native CPU kernels now; without a compiler this says so (PyTorch paths run).
+	$(BIN)/python -m shardserve.kernels || true
 	touch $@
 
 setup: $(BIN)/.installed

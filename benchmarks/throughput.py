@@ -1,9 +1,14 @@
 """Offline throughput of the paged engine against transformers ``generate``, in one run.
 
-    python benchmarks/throughput.py [--workloads A,M,B] [--out benchmarks/.cache]
+    python benchmarks/throughput.py [--workloads A,M,B] [--dtypes float32,bfloat16]
+                                    [--tps 1,2] [--out benchmarks/.cache]
 
 Model: llama-110m shape (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate 2048,
-vocab 32000, untied), random weights, float32, EOS ignored. shardserve runs at tp=1 on
+vocab 32000, untied), random weights, stored in each of ``--dtypes`` (the same seed: a
+bfloat16 checkpoint is the float32 one rounded), EOS ignored. transformers runs in the
+checkpoint's dtype; shardserve takes it with dtype auto (16-bit weights read into float32
+registers by the native kernels: runtime/precision.py), and the ratio of each 16-bit row to
+the float32 row of the same workload and tp is printed too. shardserve runs at tp=1 on
 ``cpu:1`` (one process, 2 threads) and at tp=2 on ``cpu:2`` (two processes, 1 thread each):
 both use the same 2 cores transformers uses with its 2 threads.
 
@@ -72,50 +77,68 @@ def run_hf(model, prompts, outs, batch: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default="A,M,B")
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--tps", default="1,2")
     ap.add_argument("--out", default=str(Path(__file__).parent / ".cache"))
     args = ap.parse_args()
-    names = args.workloads.split(",")
-    path = Path(args.out) / "llama-110m-random-f32"
-    if not (path / "config.json").is_file():
-        test_models.write(path, "llama", "llama-110m", seed=0, tokenizer=False)
+    names, tps = args.workloads.split(","), [int(t) for t in args.tps.split(",")]
 
     from machine import gemm_flops, memory_bandwidth
+
+    flops, bw = gemm_flops(), memory_bandwidth()
+    print(f"machine: float32 GEMM {flops / 1e9:.0f} GFLOP/s, memory read {bw / 1e9:.1f} GB/s "
+          f"({torch.get_num_threads()} threads)", flush=True)
+    rows = []
+    for dtype in args.dtypes.split(","):
+        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw)
+    print("\n| workload | dtype | tp | transformers tok/s | shardserve tok/s | speedup | "
+          "machine fraction (shardserve / transformers) | steps | per-step control overhead |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        frac = (f"{r['bandwidth_fraction']:.0%} / {r['transformers_bandwidth_fraction']:.0%} "
+                "of memory bandwidth" if r["workload"] == "B" else
+                f"{r['gemm_fraction']:.0%} / {r['transformers_gemm_fraction']:.0%} of "
+                "float32 GEMM")
+        print(f"| {r['workload']} | {r['dtype']} | {r['tp']} | {r['transformers_tok_s']:.1f} | "
+              f"{r['shardserve_tok_s']:.1f} | {r['speedup']:.2f}x | {frac} | {r['steps']} | "
+              f"IPC {r['ipc_overhead_share']:.1%}, scheduling {r['engine_cpu_share']:.1%}, "
+              f"collectives {r['collectives_share']:.1%} |")
+    f32 = {(r["workload"], r["tp"]): r["shardserve_tok_s"] for r in rows
+           if r["dtype"] == "float32"}
+    for r in rows:
+        if r["dtype"] != "float32" and (r["workload"], r["tp"]) in f32:
+            print(f"{r['workload']} tp={r['tp']}: shardserve {r['dtype']} / shardserve float32 "
+                  f"= {r['shardserve_tok_s'] / f32[(r['workload'], r['tp'])]:.2f}x")
+
+
+def run_dtype(root: Path, dtype: str, names, tps, flops, bw) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from shardserve.config import ModelConfig
     from shardserve.planner.memory import weight_params_per_device
 
+    path = root / ("llama-110m-random-f32" if dtype == "float32" else f"llama-110m-{dtype}")
+    if not (path / "config.json").is_file():
+        test_models.write(path, "llama", "llama-110m", seed=0, dtype=dtype, tokenizer=False)
     spec = ModelConfig(str(path)).spec
     matmul_params = weight_params_per_device(spec, 1) - spec.vocab_size * spec.hidden_size
-    flops, bw = gemm_flops(), memory_bandwidth()
-    weight_bytes = 4 * weight_params_per_device(spec, 1)
-    print(f"machine: float32 GEMM {flops / 1e9:.0f} GFLOP/s, memory read {bw / 1e9:.1f} GB/s "
-          f"({torch.get_num_threads()} threads); model {weight_bytes / 1e9:.2f} GB", flush=True)
-
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    weight_bytes = torch.tensor([], dtype=getattr(torch, dtype)).element_size() * \
+        weight_params_per_device(spec, 1)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
     run_hf(hf, *workload("B"), batch=1)  # warm up
     base = {}
     for name in names:
         prompts, outs = workload(name)
         base[name] = run_hf(hf, prompts, outs, {"A": 64, "M": 16, "B": 1}[name])
-        print(f"transformers {name}: {sum(outs) / base[name]:.1f} output tok/s", flush=True)
+        print(f"transformers {dtype} {name}: {sum(outs) / base[name]:.1f} output tok/s",
+              flush=True)
     del hf
     gc.collect()
-
     rows = []
-    for tp in (1, 2):
-        rows += run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params)
-    print("\n| workload | tp | transformers tok/s | shardserve tok/s | speedup | machine fraction "
-          "(shardserve / transformers) | steps | per-step control overhead |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        frac = (f"{r['bandwidth_fraction']:.0%} / {r['transformers_bandwidth_fraction']:.0%} "
-                "of memory bandwidth" if r["workload"] == "B" else
-                f"{r['gemm_fraction']:.0%} / {r['transformers_gemm_fraction']:.0%} of GEMM")
-        print(f"| {r['workload']} | {r['tp']} | {r['transformers_tok_s']:.1f} | "
-              f"{r['shardserve_tok_s']:.1f} | {r['speedup']:.2f}x | {frac} | {r['steps']} | "
-              f"IPC {r['ipc_overhead_share']:.1%}, scheduling {r['engine_cpu_share']:.1%}, "
-              f"collectives {r['collectives_share']:.1%} |")
+    for tp in tps:
+        rows += [{"dtype": dtype, **r} for r in run_engine(path, tp, names, base, flops, bw,
+                                                           weight_bytes, matmul_params)]
+    return rows
 
 
 def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params) -> list[dict]:

@@ -1,6 +1,7 @@
 """The command line as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,17 @@ def test_plan_a_repository(tmp_path):
     bad = _cli("plan", "--repository", str(tmp_path), "--devices", "cpu:2", "--device-memory",
                "1MiB", check=False)
     assert bad.returncode == 2 and "needs" in bad.stderr and "free" in bad.stderr
+
+
+def test_plan_says_which_kernels_run_a_checkpoint(tmp_path):
+    model = tmp_path / "bf16"
+    _cli("make-test-model", "--arch", "llama", "--dtype", "bfloat16", "--out", str(model))
+    plan = json.loads(_cli("plan", "--model", str(model), "--devices", "cpu:1").stdout)
+    assert plan["dtype"] == "bfloat16" and plan["compute_dtype"] == "float32"
+    assert plan["kernels"] == "native-bfloat16/float32" and "registers" in plan["kernels_note"]
+    no_kernels = subprocess.run(
+        [sys.executable, "-m", "shardserve.cli.main", "plan", "--model", str(model),
+         "--devices", "cpu:1"], capture_output=True, text=True, timeout=240,
+        env={**os.environ, "SHARDSERVE_KERNELS": "0"})
+    slow = json.loads(no_kernels.stdout)
+    assert slow["kernels"] == "pytorch-bfloat16" and "slower" in slow["kernels_note"]

@@ -64,7 +64,7 @@ def test_packed_linear_matches_f_linear(rows, in_features):
 def test_packed_weight_only_where_the_kernel_takes_it():
     nr = ops.packed_width()
     assert ops.pack_weight(torch.randn(nr + 1, 8), force=True) is None  # not whole panels
-    assert ops.pack_weight(torch.randn(nr, 8, dtype=torch.bfloat16), force=True) is None
+    assert ops.pack_weight(torch.randint(0, 9, (nr, 8), dtype=torch.int8), force=True) is None
     # AVX-512 builds pack layers' weights; the AVX2 build leaves them to PyTorch's GEMM
     assert (ops.pack_weight(torch.randn(nr, 8)) is not None) == (nr >= 64)
     packed = ops.pack_weight(torch.randn(nr, 8), force=True)
@@ -106,3 +106,23 @@ def test_fused_elementwise_match_pytorch(rows):
     assert ops.silu_mul(gate_up.double()) is None
     assert not ops.rotary_(q.double(), k.double(), cos, sin, pos)
     assert ops.add_rms_norm(x, r[:, :100], w, 1e-5) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 97])
+def test_16_bit_weights_run_in_float32_registers(dtype, rows):
+    """A 16-bit weight is exactly its float32 value: the kernels must equal F.linear on the
+    weight converted to float32, at every row count, packed or not."""
+    nr = ops.packed_width()
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(2 * nr, 300, generator=g).to(dtype)
+    b = torch.randn(2 * nr, generator=g)
+    x = torch.randn(rows, 300, generator=g)
+    want = F.linear(x, w.float(), b)
+    with torch.inference_mode():
+        packed = ops.pack_weight(w)
+        assert packed is not None and packed.dtype == dtype  # 16-bit: packed on every build
+        torch.testing.assert_close(linear(x, packed, b), want, atol=1e-4, rtol=1e-5)
+        if rows <= ops.SMALL_GEMM_MAX_ROWS:
+            torch.testing.assert_close(ops.small_linear(x, w, b), want, atol=1e-4, rtol=1e-5)
+        assert ops.small_linear(x.to(dtype), w) is None  # activations stay float32

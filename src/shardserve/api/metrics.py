@@ -116,7 +116,12 @@ class _HostCollector:
         admitted = GaugeMetricFamily("shardserve:num_requests_admitted",
                                      "HTTP requests admitted and not yet answered.",
                                      labels=["model_name"])
+        info = GaugeMetricFamily("shardserve:model_info", "The kernel path and dtypes a "
+                                 "model runs with (value 1).",
+                                 labels=["model_name", "kernels", "dtype", "compute_dtype"])
         for name, dep in list(self.host.deployments.items()):
+            p = dep.precision
+            info.add_metric([name, p.label, p.weights, p.compute], 1.0)
             ready.add_metric([name], float(dep.ready))
             admitted.add_metric([name], dep.inflight)
             restarts.add_metric([name], sum(r.engine.status.restarts for r in dep.replicas))
@@ -136,5 +141,5 @@ class _HostCollector:
         for row in self.host.device_usage():
             mem.add_metric([row["device"]], row["used"])
             budget.add_metric([row["device"]], row["budget"])
-        yield from (running, waiting, kv, ready, restarts, admitted, mem, budget, batches,
-                    batched)
+        yield from (running, waiting, kv, ready, restarts, admitted, info, mem, budget,
+                    batches, batched)

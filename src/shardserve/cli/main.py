@@ -148,6 +148,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from shardserve.planner.memory import format_bytes, weight_bytes_per_device
     from shardserve.runtime.devices import parse_devices
+    from shardserve.runtime.precision import choose
 
     if args.repository:
         return _plan_repository(args)
@@ -155,11 +156,14 @@ def _plan(args: argparse.Namespace) -> None:
     parallel = _build(ParallelConfig, args)
     parallel.check_model(model.spec)
     devices = parse_devices(args.devices, args.device_memory)
-    tp, dtype = parallel.tensor_parallel_size, model.torch_dtype_name
-    need = weight_bytes_per_device(model.spec, tp, dtype)
+    precision = choose(model, devices[0].kind)
+    tp = parallel.tensor_parallel_size
+    need = weight_bytes_per_device(model.spec, tp, precision.weights, precision.compute)
     budget = devices[0].memory_budget
     print(json.dumps({"model": model.path, "architecture": model.spec.architecture,
-                      "tp": tp, "dtype": dtype, "weight_bytes_per_device": need,
+                      "tp": tp, "dtype": precision.weights, "compute_dtype": precision.compute,
+                      "kernels": precision.label, "kernels_note": precision.note,
+                      "weight_bytes_per_device": need,
                       "weights_per_device": format_bytes(need), "budget_per_device": budget,
                       "devices": [d.name for d in devices[:tp]], "fits": need <= budget},
                      indent=2))
@@ -171,16 +175,21 @@ def _plan_repository(args: argparse.Namespace) -> None:
     from shardserve.planner.memory import format_bytes
     from shardserve.planner.placement import place
     from shardserve.runtime.devices import parse_devices
+    from shardserve.runtime.precision import choose
 
     devices = parse_devices(args.devices, args.device_memory)
-    needs = []
+    needs, labels = [], {}
     for c in repository_configs(args.repository):
-        need = deployment_need(c, ModelConfig(c.path, c.dtype, c.max_model_len))
+        model = ModelConfig(c.path, c.dtype, c.max_model_len)
+        precision = choose(model, devices[0].kind)
+        need = deployment_need(c, model, precision)
         needs += [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
+        labels[c.name] = precision.label
     plan = place({d.name: d.memory_budget for d in devices}, needs)
     print(json.dumps({
         "models": [{"name": n.name.rsplit("/", 1)[0], "replica": int(n.name.rsplit("/", 1)[1]),
                     "tp": n.tp, "devices": plan.assigned[n.name],
+                    "kernels": labels[n.name.rsplit("/", 1)[0]],
                     "bytes_per_device": n.bytes_per_device,
                     "per_device": format_bytes(n.bytes_per_device)} for n in needs],
         "devices": [{"device": d, "budget": b, "used": plan.used(d)}
@@ -256,10 +265,16 @@ def _serve(args: argparse.Namespace) -> None:
                      for p in sorted(Path(repo).glob("*/pipeline.yaml"))]
     host = ModelHost(parse_devices(args.devices, args.device_memory))
     try:
+        if args.devices.startswith("cpu"):
+            from shardserve import kernels
+
+            ready, detail = kernels.status()
+            print(f"native CPU kernels: {'ready' if ready else 'UNAVAILABLE'}: {detail}",
+                  flush=True)
         for cfg in configs:
             dep = host.load(cfg)
             where = "; ".join(", ".join(r.devices) for r in dep.replicas)
-            print(f"loaded {cfg.name} on {where}", flush=True)
+            print(f"loaded {cfg.name} on {where}: {dep.precision.label}", flush=True)
         for pipe in pipelines:
             host.add_pipeline(pipe)
             print(f"pipeline {pipe.name}: {' -> '.join(s.name for s in pipe.steps)}",

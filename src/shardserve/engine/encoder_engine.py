@@ -37,12 +37,13 @@ class EncoderEngine:
                  device: DeviceConfig | list[Device], max_batch_tokens: int = 16384,
                  max_batch_size: int = 32, label: str = "",
                  step_timeout_s: float = 300.0) -> None:
-        devices, _ = devices_for(model, parallel, device)
+        devices, _, self.precision = devices_for(model, parallel, device)
         tp = parallel.tensor_parallel_size
         self.config, self.max_batch_tokens = model, max_batch_tokens
         self.max_batch_size = max_batch_size
         self.pooling, self.normalize = pooling_config(model.path)
-        self.executor = Executor(model, devices[:tp], label, step_timeout_s)
+        self.executor = Executor(model, devices[:tp], label, step_timeout_s,
+                                 self.precision.compute)
 
     def encode(self, token_lists: list[list[int]], pooling: str | None = None,
                normalize: bool | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ only. An unload takes the model out of the table first (new requests: 404), then
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ from shardserve.planner.memory import (
 )
 from shardserve.planner.placement import Need, Plan, place, release
 from shardserve.runtime.devices import Device
+from shardserve.runtime.precision import Precision, choose
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Deployment:
     tokenizer: object | None
     chat_template: str | None
     bytes_per_device: int
+    precision: Precision
 
     @property
     def is_encoder(self) -> bool:
@@ -95,18 +100,18 @@ class Deployment:
         return min(ready, key=lambda r: r.inflight)
 
 
-def deployment_need(cfg: DeploymentConfig, model: ModelConfig) -> Need:
-    """Bytes per device: weights, one step's activations, and a KV cache that holds
-    ``max_num_seqs`` sequences of full length (encoders: weights and a batch's
-    activations)."""
-    spec, dtype = model.spec, model.torch_dtype_name
+def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precision) -> Need:
+    """Bytes per device: weights (in their dtype), one step's activations, and a KV cache that
+    holds ``max_num_seqs`` sequences of full length (both in the compute dtype; encoders:
+    weights and a batch's activations)."""
+    spec, dtype = model.spec, precision.compute
     check_architecture(spec.architecture)
     ParallelConfig(cfg.tp).check_model(spec)
     if model.is_encoder != (cfg.kind == "encoder"):
         what, kind = ("an encoder", "encoder") if model.is_encoder else ("generative", "llm")
         raise ValueError(f"{cfg.name}: model.yaml says kind {cfg.kind!r} but "
                          f"{spec.architecture} is {what}; set kind: {kind}")
-    weights = weight_bytes_per_device(spec, cfg.tp, dtype)
+    weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute)
     if model.is_encoder:
         per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size // cfg.tp) * 4
         act = cfg.max_batch_size * model.context_len * per_token
@@ -155,7 +160,8 @@ class ModelHost:
             if cfg.name in self.deployments:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
             model = ModelConfig(cfg.path, cfg.dtype, cfg.max_model_len)
-            need = deployment_need(cfg, model)
+            precision = choose(model, next(iter(self.devices.values())).kind)
+            need = deployment_need(cfg, model, precision)
             tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
             keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
             place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
@@ -177,7 +183,10 @@ class ModelHost:
                 if isinstance(e, Exception) and not isinstance(e, ValueError):
                     raise ValueError(f"model {cfg.name!r} failed to start: {e}") from e
                 raise
-            dep = Deployment(cfg, model, replicas, tokenizer, template, need.bytes_per_device)
+            dep = Deployment(cfg, model, replicas, tokenizer, template, need.bytes_per_device,
+                             precision)
+            level = logging.INFO if precision.kernels == "native" else logging.WARNING
+            log.log(level, "%s: %s (%s)", cfg.name, precision.label, precision.note)
             self.deployments[cfg.name] = dep
             return dep
 
@@ -216,13 +225,23 @@ class ModelHost:
             reasons = [r["reason"] for r in replicas if r["reason"]]
             rows.append({"name": name, "state": dep.state.value,
                          "reason": reasons[0] if reasons and not dep.ready else "",
-                         "replicas": replicas, "bytes_per_device": dep.bytes_per_device})
+                         "replicas": replicas, "bytes_per_device": dep.bytes_per_device,
+                         "precision": dep.precision.label})
         return rows
 
     def device_usage(self) -> list[dict]:
-        return [{"device": d, "budget": self.plan.budgets[d], "used": self.plan.used(d),
-                 "models": [n for n, devs in self.plan.assigned.items() if d in devs]}
-                for d in self.plan.budgets]
+        """Each device's budget, bytes planned, and the replicas on it with the kernel path
+        each runs (``runtime/precision.py``)."""
+        rows = []
+        for d in self.plan.budgets:
+            keys = [k for k, devs in self.plan.assigned.items() if d in devs]
+            rows.append({"device": d, "budget": self.plan.budgets[d], "used": self.plan.used(d),
+                         "models": keys, "kernels": {k: self._label(k) for k in keys}})
+        return rows
+
+    def _label(self, key: str) -> str:
+        dep = self.deployments.get(key.rsplit("/", 1)[0])
+        return dep.precision.label if dep is not None else "loading"
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         self.pipelines.clear()

@@ -80,7 +80,8 @@ class LLMEngine:
         self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
         self.eos_ids = model.eos_token_ids
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler)
-        self.executor = Executor(model, devices, label, step_timeout_s)
+        log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
+        self.executor = Executor(model, devices, label, step_timeout_s, self.precision.compute)
         try:
             self.executor.collective_rpc("allocate_kv_cache", num_blocks=num_blocks,
                                          block_size=cache.block_size)
@@ -100,9 +101,10 @@ class LLMEngine:
 
     def _plan(self, model: ModelConfig, parallel: ParallelConfig,
               device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig):
-        """Check everything fits before any worker starts; returns (num_blocks, devices)."""
-        spec, dtype = model.spec, model.torch_dtype_name
-        devices, weights = devices_for(model, parallel, device)
+        """Check everything fits before any worker starts; returns (num_blocks, devices).
+        Weights count in their dtype, activations and the KV cache in the compute dtype."""
+        devices, weights, self.precision = devices_for(model, parallel, device)
+        spec, dtype = model.spec, self.precision.compute
         tp, budget = parallel.tensor_parallel_size, devices[0].memory_budget
         act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)
         free = budget - weights - act

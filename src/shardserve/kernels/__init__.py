@@ -89,6 +89,30 @@ def _owned(path: Path) -> Path:
     return path
 
 
+KERNELS = ("gemm", "small_gemm", "paged_attention", "elementwise")
+
+
+@functools.cache
+def status() -> tuple[bool, str]:
+    """(every kernel is built and loads, one line saying which or why not). Builds them on
+    the first call (a few seconds; ``python -m shardserve.kernels`` does it ahead)."""
+    if os.environ.get("SHARDSERVE_KERNELS", "1") == "0":
+        return False, "SHARDSERVE_KERNELS=0"
+    failed = []
+    for name in KERNELS:
+        try:
+            import torch  # noqa: F401  (as in load)
+
+            ctypes.CDLL(str(_build(name)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            failed.append(f"{name}: {str(e).splitlines()[0][:200]}")
+    if failed:
+        return False, "; ".join(failed)
+    isa = "AVX-512" if "avx512f" in _cpu_id() else "AVX2" if "avx2" in _cpu_id() else \
+        platform.machine()
+    return True, f"{', '.join(KERNELS)} built for {isa} in {_cache_dir()}"
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library ``name`` (a C file in this folder), or ``None`` where it

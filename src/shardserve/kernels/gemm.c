@@ -13,10 +13,15 @@
  * x run against one block before the next; a thread takes a contiguous run of panels (its own
  * slice of the weights) and, when there are fewer panels than threads can share, rows as well.
  *
+ * Weights may be float32 or 16-bit (bfloat16, float16: vecmath.h), converted to float32 as
+ * each panel row is loaded, once for the MR rows of the tile; x, y and the bias are float32.
+ *
  *   x (N, K) and y (N, O) contiguous, O a multiple of NR; p as above; bias (O,) or NULL
  */
 #include <omp.h>
 #include <stdint.h>
+
+#include "vecmath.h"
 
 #if defined(__AVX512F__)
 typedef float vec __attribute__((vector_size(64), aligned(4)));
@@ -33,11 +38,26 @@ typedef float vec __attribute__((vector_size(32), aligned(4)));
 
 int packed_gemm_nr(void) { return NR; }
 
-/* y[0:mr, 0:NR] (+)= x[0:mr, 0:kc] p[0:kc, 0:NR]; `first` starts from zero (or the bias when
- * given), otherwise from y. mr is a constant after inlining, so the tile stays in registers. */
+/* LANES consecutive weights of type wtype (elements from p + i) as floats. */
+static inline vec loadv(const void *p, int64_t i, int wtype) {
+    if (wtype == W_F32) return *(const vec *)((const float *)p + i);
+    const uint16_t *h = (const uint16_t *)p + i;
+#if LANES == 16
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)h);
+    if (wtype == W_BF16) return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+    return (vec)_mm512_cvtph_ps(raw);
+#else
+    return wtype == W_BF16 ? (vec)bf16x8(h) : (vec)f16x8(h);
+#endif
+}
+
+/* y[0:mr, 0:NR] (+)= x[0:mr, 0:kc] p[0:kc, 0:NR] (p: elements from p0 + off); `first` starts
+ * from zero (or the bias when given), otherwise from y. mr and wtype are constants after
+ * inlining, so the tile stays in registers. */
 static inline __attribute__((always_inline)) void micro(
-        int mr, const float *restrict x, int64_t ldx, const float *restrict p, int kc,
-        float *restrict y, int64_t ldy, int first, const float *restrict bias) {
+        int mr, const float *restrict x, int64_t ldx, const void *restrict p0, int64_t off,
+        int kc, float *restrict y, int64_t ldy, int first, const float *restrict bias,
+        int wtype) {
     vec acc[MR][NV];
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < NV; v++)
@@ -45,7 +65,7 @@ static inline __attribute__((always_inline)) void micro(
                         : bias ? *(const vec *)(bias + v * LANES) : (vec){0};
     for (int k = 0; k < kc; k++) {
         vec b[NV];
-        for (int v = 0; v < NV; v++) b[v] = *(const vec *)(p + k * NR + v * LANES);
+        for (int v = 0; v < NV; v++) b[v] = loadv(p0, off + k * NR + v * LANES, wtype);
         for (int i = 0; i < mr; i++) {
             const vec a = (vec){0} + x[i * ldx + k];
             for (int v = 0; v < NV; v++) acc[i][v] += a * b[v];
@@ -55,25 +75,41 @@ static inline __attribute__((always_inline)) void micro(
         for (int v = 0; v < NV; v++) *(vec *)(y + i * ldy + v * LANES) = acc[i][v];
 }
 
-/* Rows [m0, m1) of y against panel block p (kc x NR). */
-static void rows(const float *x, const float *p, float *y, int64_t m0, int64_t m1, int64_t K,
-                 int64_t O, int kc, int first, const float *bias) {
+/* Rows [m0, m1) of y against the panel block at element `off` of p (kc x NR). */
+static inline __attribute__((always_inline)) void rows(
+        const float *x, const void *p, int64_t off, float *y, int64_t m0, int64_t m1,
+        int64_t K, int64_t O, int kc, int first, const float *bias, int wtype) {
     int64_t m = m0;
-    for (; m + MR <= m1; m += MR) micro(MR, x + m * K, K, p, kc, y + m * O, O, first, bias);
+    for (; m + MR <= m1; m += MR)
+        micro(MR, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype);
     switch (m1 - m) {  /* the last rows, with a constant count each */
     case 0: break;
-    case 1: micro(1, x + m * K, K, p, kc, y + m * O, O, first, bias); break;
-    case 2: micro(2, x + m * K, K, p, kc, y + m * O, O, first, bias); break;
-    case 3: micro(3, x + m * K, K, p, kc, y + m * O, O, first, bias); break;
-    case 4: micro(4, x + m * K, K, p, kc, y + m * O, O, first, bias); break;
-    default: micro(5, x + m * K, K, p, kc, y + m * O, O, first, bias); break;
+    case 1: micro(1, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
+    case 2: micro(2, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
+    case 3: micro(3, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
+    case 4: micro(4, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
+    default: micro(5, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
     }
 }
 
-/* Returns 0, or -1 for a shape it does not take (the caller runs its own GEMM). */
-int packed_gemm(const float *x, const float *p, const float *bias, float *y, int64_t N,
-                int64_t K, int64_t O, int num_threads) {
-    if (N < 1 || K < 1 || O < NR || O % NR || num_threads < 1) return -1;
+#define ROWS(NAME, WTYPE)                                                                   \
+    static void NAME(const float *x, const void *p, int64_t off, float *y, int64_t m0,      \
+                     int64_t m1, int64_t K, int64_t O, int kc, int first, const float *b) { \
+        rows(x, p, off, y, m0, m1, K, O, kc, first, b, WTYPE);                              \
+    }
+ROWS(rows_f32, W_F32)
+ROWS(rows_bf16, W_BF16)
+ROWS(rows_f16, W_F16)
+
+/* Returns 0, or -1 for a shape or weight type it does not take (the caller runs its GEMM). */
+int packed_gemm(const float *x, const void *p, const float *bias, float *y, int64_t N,
+                int64_t K, int64_t O, int num_threads, int wtype) {
+    if (N < 1 || K < 1 || O < NR || O % NR || num_threads < 1 || wtype < W_F32
+            || wtype > W_F16)
+        return -1;
+    void (*block)(const float *, const void *, int64_t, float *, int64_t, int64_t, int64_t,
+                  int64_t, int, int, const float *) =
+        wtype == W_BF16 ? rows_bf16 : wtype == W_F16 ? rows_f16 : rows_f32;
     const int64_t panels = O / NR;
     /* Rows are split too only when panels alone would leave threads idle and the rows are
      * many: splitting rows makes each thread read the same weights again. */
@@ -84,11 +120,10 @@ int packed_gemm(const float *x, const float *p, const float *bias, float *y, int
     for (int64_t it = 0; it < items; it++) {
         const int64_t q = it / parts, part = it % parts;
         const int64_t m0 = N * part / parts, m1 = N * (part + 1) / parts;
-        const float *pq = p + q * K * NR;
         const float *bq = bias ? bias + q * NR : 0;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int kc = K - k0 < KC ? (int)(K - k0) : KC;
-            rows(x + k0, pq + k0 * NR, y + q * NR, m0, m1, K, O, kc, k0 == 0, bq);
+            block(x + k0, p, q * K * NR + k0 * NR, y + q * NR, m0, m1, K, O, kc, k0 == 0, bq);
         }
     }
     return 0;

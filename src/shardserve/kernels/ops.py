@@ -31,11 +31,20 @@ def _attention_fn():
 
 
 def _gemm_fn():
-    return _fn("small_gemm", "small_gemm", (_P, _P, _P, _P, _I32, _I64, _I64, _I32))
+    return _fn("small_gemm", "small_gemm", (_P, _P, _P, _P, _I32, _I64, _I64, _I32, _I32))
 
 
 def _packed_fn():
-    return _fn("gemm", "packed_gemm", (_P, _P, _P, _P, _I64, _I64, _I64, _I32))
+    return _fn("gemm", "packed_gemm", (_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32))
+
+
+# Weight types the linear kernels take (vecmath.h): 16-bit weights are read into float32
+# registers, so activations, accumulation and results stay float32.
+_WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _weight_cpu(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype in _WTYPES and w.is_contiguous()
 
 
 @functools.cache
@@ -83,31 +92,33 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ weight.T + bias`` for 1..8 rows of x, weight ``(O, K)``, every thread streaming its
-    own slice of the weights."""
+    """``x @ weight.T + bias`` for 1..8 rows of float32 ``x``, weight ``(O, K)`` in float32,
+    bfloat16 or float16, every thread streaming its own slice of the weights."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= SMALL_GEMM_MAX_ROWS or torch.is_grad_enabled():
         return None
     fn = _gemm_fn()
     x = x.contiguous()
-    if fn is None or not _f32_cpu(x, weight) or (bias is not None and not _f32_cpu(bias)):
+    if (fn is None or not _f32_cpu(x) or not _weight_cpu(weight)
+            or (bias is not None and not _f32_cpu(bias))):
         return None
     N, K = x.shape
     O = weight.shape[0]
     y = x.new_empty(N, O)
     rc = fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-            y.data_ptr(), N, K, O, torch.get_num_threads())
+            y.data_ptr(), N, K, O, torch.get_num_threads(), _WTYPES[weight.dtype])
     return y if rc == 0 else None
 
 
 def pack_weight(weight: torch.Tensor, force: bool = False) -> torch.Tensor | None:
-    """A linear weight ``(O, K)`` as the packed kernel's panels ``(O / NR, K, NR)``, or None
-    where it does not apply: no kernel, not float32 on the CPU, O not a multiple of NR. Without
-    ``force`` only the AVX-512 build packs: the AVX2 build measured slower than PyTorch's GEMM
-    from a few hundred rows up (134 against 178 GFLOP/s at 2048 rows), so layers keep their
-    weights as they are there."""
+    """A linear weight ``(O, K)`` as the packed kernel's panels ``(O / NR, K, NR)`` in its own
+    dtype, or None where it does not apply: no kernel, not on the CPU, O not a multiple of NR.
+    16-bit weights always pack (the kernel is their only fast path at every row count).
+    Float32 ones, without ``force``, only in the AVX-512 build: the AVX2 build measured slower
+    than PyTorch's GEMM from a few hundred rows up (134 against 178 GFLOP/s at 2048 rows), so
+    layers keep float32 weights as they are there."""
     nr = packed_width()
-    if (nr is None or (nr < 64 and not force) or weight.dim() != 2 or not _f32_cpu(weight)
-            or weight.shape[0] % nr):
+    if (nr is None or weight.dim() != 2 or not _weight_cpu(weight) or weight.shape[0] % nr
+            or (weight.dtype == torch.float32 and nr < 64 and not force)):
         return None
     O, K = weight.shape
     return weight.view(O // nr, nr, K).transpose(1, 2).contiguous()
@@ -127,11 +138,13 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor,
     if fn is None or x.shape[-1] != K or x.numel() == 0:
         return None
     x2 = x.reshape(-1, K).contiguous()
-    if not _f32_cpu(x2, packed) or (bias is not None and not _f32_cpu(bias)):
+    if not _f32_cpu(x2) or not _weight_cpu(packed) or (bias is not None
+                                                        and not _f32_cpu(bias)):
         return None
     y = x2.new_empty(x2.shape[0], q * nr)
     rc = fn(x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-            y.data_ptr(), x2.shape[0], K, q * nr, torch.get_num_threads())
+            y.data_ptr(), x2.shape[0], K, q * nr, torch.get_num_threads(),
+            _WTYPES[packed.dtype])
     return y.view(*x.shape[:-1], q * nr) if rc == 0 else None
 
 

@@ -1,16 +1,64 @@
 /* Shared by the kernels: 8-lane float vectors (GCC vector extensions: AVX2 registers, or half
- * an AVX-512 one) and exp for softmax and SiLU arguments. */
+ * an AVX-512 one), 16-bit weights read as float32, and exp for softmax and SiLU arguments. */
 #ifndef SHARDSERVE_VECMATH_H
 #define SHARDSERVE_VECMATH_H
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));  /* unaligned loads */
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline float hsum8(v8 s) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+/* Weight types a linear kernel takes: float32, or 16 bits per weight read into float32
+ * registers (bfloat16 is the high half of a float32; float16 converts with F16C). Half the
+ * bytes of float32 for the same float32 arithmetic: a memory-bound pass over the weights
+ * takes about half the time. */
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+#endif
+}
+
+/* 8 consecutive 16-bit weights as floats. */
+static inline v8 bf16x8(const uint16_t *p) {
+#if defined(__AVX2__)
+    return (v8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
+    v8 out;
+    for (int i = 0; i < 8; i++) out[i] = bf16_to_f32(p[i]);
+    return out;
+#endif
+}
+
+static inline v8 f16x8(const uint16_t *p) {
+#if defined(__F16C__) && defined(__AVX__)
+    return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    v8 out;
+    for (int i = 0; i < 8; i++) out[i] = f16_to_f32(p[i]);
+    return out;
+#endif
 }
 
 /* exp(x) for x <= 0 on 8 lanes: Cephes' polynomial, relative error about 2e-7. Written on

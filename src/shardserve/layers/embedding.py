@@ -27,6 +27,7 @@ class VocabParallelEmbedding(nn.Module):
         self.stop = min(self.start + self.per_rank, vocab_size)  # rows that hold real tokens
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.out_dtype: torch.dtype | None = None  # rows handed out in it (None: the table's)
 
     def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
         n = max(0, self.stop - self.start)
@@ -36,18 +37,29 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, H)
         if self.group.size == 1:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         owned = (ids >= self.start) & (ids < self.stop)
-        y = F.embedding((ids - self.start) * owned, self.weight)
+        y = self._rows((ids - self.start) * owned)
         y.mul_(owned.unsqueeze(-1).to(y.dtype))
         return self.group.all_reduce(y)
+
+    def _rows(self, local_ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dim() == 3:  # a tied head packed the table into panels (q, H, NR)
+            nr = w.shape[2]
+            y = w[local_ids // nr, :, local_ids % nr]
+        else:
+            y = F.embedding(local_ids, w)
+        return y if self.out_dtype is None else y.to(self.out_dtype)
 
 
 class ParallelLMHead(nn.Module):
     """Logits over the full vocabulary, gathered on every rank, with the embedding's vocabulary
-    partition. Tied to an embedding it uses that ``(V_local, H)`` parameter as it is (the
-    embedding looks rows up in it); untied it holds its own, repacked after loading like every
-    linear layer's (``layers.linear.pack_in_place``)."""
+    partition. Untied it holds its own weight, repacked after loading like every linear
+    layer's (``layers.linear.pack_in_place``). Tied to an embedding it shares that
+    ``(V_local, H)`` parameter: a float32 one stays as it is; a 16-bit one is packed too (no
+    other kernel runs it fast at many rows) and the embedding reads its rows from the
+    panels."""
 
     def __init__(self, vocab_size: int, hidden: int, group: Group,
                  tied: VocabParallelEmbedding | None = None) -> None:
@@ -66,7 +78,7 @@ class ParallelLMHead(nn.Module):
     weight_loader = VocabParallelEmbedding.weight_loader
 
     def process_weights_after_loading(self) -> None:
-        if not self.tied:
+        if not self.tied or self.weight.dtype != torch.float32:
             pack_in_place(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)

@@ -36,6 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
         y = ops.small_linear(x, weight, bias)
         if y is not None:
             return y
+    if weight.dtype != x.dtype:  # a 16-bit weight no kernel took: correct, not fast
+        weight = weight.to(x.dtype)
     return F.linear(x, weight, bias)
 
 

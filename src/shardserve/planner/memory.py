@@ -77,8 +77,24 @@ def _encoder_params_per_device(spec: EncoderSpec, tp: int) -> int:
     return spec.num_layers * (attn + mlp) + emb + head
 
 
-def weight_bytes_per_device(spec: TransformerSpec | EncoderSpec, tp: int, dtype: str) -> int:
-    return weight_params_per_device(spec, tp) * DTYPE_BYTES[dtype]
+def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> int:
+    """Of those, the ones in vectors (norms, biases): held in the compute dtype when it
+    differs from the weights' (``runtime/precision.py``)."""
+    if isinstance(spec, EncoderSpec):
+        return 0  # encoders hold everything in one dtype
+    h, hd = spec.hidden_size, spec.head_dim
+    bias = (spec.num_heads // tp + 2 * local_kv_heads(spec.num_kv_heads, tp)) * hd \
+        if spec.qkv_bias else 0
+    return spec.num_layers * (2 * h + bias) + h
+
+
+def weight_bytes_per_device(spec: TransformerSpec | EncoderSpec, tp: int, dtype: str,
+                            vector_dtype: str | None = None) -> int:
+    """Bytes of weights one rank holds: matrices in ``dtype``, vectors (norms, biases) in
+    ``vector_dtype`` (default the same)."""
+    vectors = vector_params_per_device(spec, tp)
+    return ((weight_params_per_device(spec, tp) - vectors) * DTYPE_BYTES[dtype]
+            + vectors * DTYPE_BYTES[vector_dtype or dtype])
 
 
 def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str) -> int:
@@ -87,16 +103,20 @@ def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str) -> int:
     return 2 * spec.num_layers * kv * DTYPE_BYTES[dtype]
 
 
-def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: int) -> int:
+def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: int,
+               vector_dtype: str | None = None) -> int:
     """Weight bytes per device at ``tp``; ``ValueError`` naming the need and a fix if too big."""
-    need = weight_bytes_per_device(spec, tp, dtype)
+    def need_at(t: int) -> int:
+        return weight_bytes_per_device(spec, t, dtype, vector_dtype)
+
+    need = need_at(tp)
     if need <= budget:
         return need
     fits = [t for t in range(tp + 1, spec.num_heads + 1)
-            if spec.tp_ok(t) and weight_bytes_per_device(spec, t, dtype) <= budget]
+            if spec.tp_ok(t) and need_at(t) <= budget]
     hint = "no tensor-parallel size makes it fit; raise --device-memory"
     if fits:
-        per = format_bytes(weight_bytes_per_device(spec, fits[0], dtype))
+        per = format_bytes(need_at(fits[0]))
         hint = f"use tp>={fits[0]} (needs {per} per device) or raise --device-memory"
     if fits and fits[0] > max_tp:
         hint += f"; tp={fits[0]} needs {fits[0]} devices (you have {max_tp})"

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
 from shardserve.planner.memory import parse_bytes
+
+if TYPE_CHECKING:
+    from shardserve.runtime.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,13 @@ def parse_devices(text: str, device_memory: str | int | None = None) -> list[Dev
 
 
 def devices_for(model: ModelConfig, parallel: ParallelConfig,
-                device: DeviceConfig | list[Device]) -> tuple[list[Device], int]:
+                device: DeviceConfig | list[Device]) -> tuple[list[Device], int, Precision]:
     """Check, before any worker starts, that ``model`` is served and splits at this tp, and
     that its shard fits the devices (a ``DeviceConfig`` to parse, or devices the host placed
-    it on). Returns every device and the weight bytes per device."""
+    it on). Returns every device, the weight bytes per device and the precision it runs in."""
     from shardserve.models.registry import check_architecture
     from shardserve.planner.memory import check_fits
+    from shardserve.runtime.precision import choose
 
     spec = model.spec
     check_architecture(spec.architecture)
@@ -64,9 +69,10 @@ def devices_for(model: ModelConfig, parallel: ParallelConfig,
     if tp > len(devices):
         raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; "
                          f"{', '.join(d.name for d in devices)} are {len(devices)}")
-    weights = check_fits(spec, tp, model.torch_dtype_name, devices[0].memory_budget,
-                         len(devices))
-    return devices, weights
+    precision = choose(model, devices[0].kind)
+    weights = check_fits(spec, tp, precision.weights, devices[0].memory_budget, len(devices),
+                         precision.compute)
+    return devices, weights, precision
 
 
 def split_cores(n: int) -> list[tuple[int, ...]]:

@@ -103,8 +103,8 @@ class Executor:
     check from another thread never interleaves with a step."""
 
     def __init__(self, config: ModelConfig, devices: list[Device], label: str = "",
-                 step_timeout_s: float = 300.0, load_timeout_s: float = 1800.0,
-                 shm_slot_bytes: int = 8 << 20) -> None:
+                 step_timeout_s: float = 300.0, compute_dtype: str | None = None,
+                 load_timeout_s: float = 1800.0, shm_slot_bytes: int = 8 << 20) -> None:
         self.config, self.devices = config, devices
         self.step_timeout_s = step_timeout_s
         self.grace_s = 10.0  # how long the peers of a rank that raised get to answer
@@ -124,6 +124,7 @@ class Executor:
                     device_index=w.device.index, cores=list(w.device.cores),
                     memory_budget=w.device.memory_budget,
                     model_path=os.path.abspath(config.path), dtype=config.torch_dtype_name,
+                    compute_dtype=compute_dtype or config.torch_dtype_name,
                     max_model_len=config.context_len, shm_path=shm_path,
                     shm_slot_bytes=shm_slot_bytes))
             self.load_stats = self._gather_all(load_timeout_s, what="loading")

@@ -69,7 +69,8 @@ class WorkerInit:
     cores: list[int]
     memory_budget: int
     model_path: str
-    dtype: str
+    dtype: str  # of the linear and embedding weights
+    compute_dtype: str  # of activations, norms, biases and the KV cache
     max_model_len: int
     shm_path: str | None = None  # shared-memory collectives file (CPU groups on one host)
     shm_slot_bytes: int = 0

@@ -44,19 +44,26 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
+    """``compute_dtype`` (``runtime/precision.py``): of activations, vectors (norms, biases)
+    and the KV cache; the linear and embedding weights stay in the config's dtype."""
+
     def __init__(self, config: ModelConfig, group: Group, device: torch.device,
-                 budget: int) -> None:
+                 budget: int, compute_dtype: str | None = None) -> None:
         self.config, self.group, self.device, self.budget = config, group, device, budget
-        self.dtype = getattr(torch, config.torch_dtype_name)
+        self.dtype = getattr(torch, config.torch_dtype_name)  # the weights'
+        self.compute_name = compute_dtype or config.torch_dtype_name
+        self.compute = getattr(torch, self.compute_name)
         cls = model_class(config.spec.architecture)
         with _default_dtype(self.dtype), torch.device("meta"):
-            need = _nbytes(cls(config.spec, config.context_len, group))
+            need = _nbytes(cls(config.spec, config.context_len, group), self.compute)
         if need > budget:
             raise MemoryError(f"rank {group.rank}: weights need {format_bytes(need)}, the device "
                               f"budget is {format_bytes(budget)}")
         with _default_dtype(self.dtype), device:
             self.model = cls(config.spec, config.context_len, group)
         self.load_stats: LoadStats = load_weights(self.model, config.path, self.dtype)
+        if self.compute != self.dtype:
+            _mixed_precision(self.model, self.compute)
         self.weight_bytes = _nbytes(self.model)
         self.sampler = Sampler()
         self.seqs: dict[str, _Seq] = {}
@@ -67,8 +74,7 @@ class ModelRunner:
     # -- control verbs ---------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
         """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer."""
-        per_token = kv_bytes_per_token(self.config.spec, self.group.size,
-                                       self.config.torch_dtype_name)
+        per_token = kv_bytes_per_token(self.config.spec, self.group.size, self.compute_name)
         need = per_token * num_blocks * block_size
         if self.weight_bytes + need > self.budget:
             raise MemoryError(
@@ -78,8 +84,8 @@ class ModelRunner:
         self.free_kv_cache()
         for attn in self.model.attention_layers():
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=self.compute, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.compute, device=self.device)
         self.block_size, self.cache_bytes = block_size, need
         return need
 
@@ -108,7 +114,7 @@ class ModelRunner:
         try:
             n = len(token_ids)
             for a in layers:
-                a.k_cache = torch.zeros(1, n, a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                a.k_cache = torch.zeros(1, n, a.num_kv_heads, a.head_dim, dtype=self.compute,
                                         device=self.device)
                 a.v_cache = torch.zeros_like(a.k_cache)
             ids = torch.tensor(token_ids, device=self.device)
@@ -234,5 +240,20 @@ class ModelRunner:
                           {req_ids[i]: why for i, why in res.failed.items()})
 
 
-def _nbytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def _nbytes(model: torch.nn.Module, vectors: torch.dtype | None = None) -> int:
+    """Bytes of the parameters, counting vectors in ``vectors`` when given (before
+    ``_mixed_precision`` converts them)."""
+    size = None if vectors is None else torch.tensor([], dtype=vectors).element_size()
+    return sum(p.numel() * (size if size and p.dim() == 1 else p.element_size())
+               for p in model.parameters())
+
+
+def _mixed_precision(model: torch.nn.Module, compute: torch.dtype) -> None:
+    """After loading: vectors (norms, biases) to the compute dtype, embeddings hand out rows
+    in it; matrices stay in their own dtype (the native kernels read them as they are)."""
+    for p in model.parameters():
+        if p.dim() == 1:
+            p.data = p.data.to(compute)
+    for module in model.modules():
+        if hasattr(module, "out_dtype"):
+            module.out_dtype = compute
