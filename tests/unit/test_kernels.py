@@ -64,7 +64,9 @@ def test_packed_linear_matches_f_linear(rows, in_features):
 def test_packed_weight_only_where_the_kernel_takes_it():
     nr = ops.packed_width()
     assert ops.pack_weight(torch.randn(nr + 1, 8), force=True) is None  # not whole panels
-    assert ops.pack_weight(torch.randint(0, 9, (nr, 8), dtype=torch.int8), force=True) is None
+    assert ops.pack_weight(torch.randint(0, 9, (nr, 8)), force=True) is None  # int64
+    padded = ops.pack_weight(torch.randn(nr + 1, 8).bfloat16(), pad=True)  # zero rows added
+    assert padded.shape == (2, 8, nr) and not padded[1, :, 1:].any()
     # AVX-512 builds pack layers' weights; the AVX2 build leaves them to PyTorch's GEMM
     assert (ops.pack_weight(torch.randn(nr, 8)) is not None) == (nr >= 64)
     packed = ops.pack_weight(torch.randn(nr, 8), force=True)
@@ -126,3 +128,57 @@ def test_16_bit_weights_run_in_float32_registers(dtype, rows):
         if rows <= ops.SMALL_GEMM_MAX_ROWS:
             torch.testing.assert_close(ops.small_linear(x, w, b), want, atol=1e-4, rtol=1e-5)
         assert ops.small_linear(x.to(dtype), w) is None  # activations stay float32
+
+
+def test_int8_quantization_is_per_output_channel_and_symmetric():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 300, generator=g) * torch.logspace(-3, 1, 40)[:, None]
+    w[7] = 0  # an all-zero row keeps a usable scale
+    for dtype in (torch.float32, torch.bfloat16):
+        q, scale = ops.quantize_int8(w.to(dtype))
+        assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (40,)
+        assert q.abs().max() <= 127 and (q.abs().amax(1)[scale != 1] == 127).all()
+        assert scale[7] == 1 and not q[7].any()
+        err = (ops.dequantize_int8(q, scale) - w.to(dtype).float()).abs()
+        assert (err <= scale[:, None] * 0.5001).all()  # round to nearest, per row
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 97, 300])
+@pytest.mark.parametrize("in_features", [37, 768, 1100])
+def test_int8_packed_linear_equals_the_dequantized_weight(rows, in_features):
+    """int8 panels times the scales, applied once after the last K block with the bias: the
+    same as F.linear on the dequantized float32 weight, at every tile shape and K split."""
+    nr = ops.packed_width()
+    g = torch.Generator().manual_seed(rows + in_features)
+    w = torch.randn(3 * nr, in_features, generator=g)
+    b = torch.randn(3 * nr, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    q, scale = ops.quantize_int8(w)
+    packed = ops.pack_weight(q)
+    assert packed is not None and packed.dtype == torch.int8
+    want_w = ops.dequantize_int8(q, scale)
+    with torch.inference_mode():
+        for bias in (None, b):
+            got = ops.packed_linear(x, packed, bias, scale)
+            torch.testing.assert_close(got, F.linear(x, want_w, bias), atol=2e-3, rtol=1e-4)
+            torch.testing.assert_close(linear(x, packed, bias, scale), got)
+        # no kernel for float64 activations: the dequantized PyTorch path, same answer
+        x64 = x.double()
+        torch.testing.assert_close(linear(x64, packed, b.double(), scale),
+                                   F.linear(x64, want_w.double(), b.double()))
+        # against the unquantized weight: int8's error, small next to the output
+        rel = (ops.packed_linear(x, packed, None, scale) - F.linear(x, w)).norm() / (
+            F.linear(x, w).norm())
+        assert rel < 0.01
+
+
+def test_int8_panels_need_their_scales():
+    nr = ops.packed_width()
+    q, scale = ops.quantize_int8(torch.randn(2 * nr, 64))
+    packed = ops.pack_weight(q)
+    x = torch.randn(3, 64)
+    assert ops.packed_linear(x, packed) is None  # no scales
+    assert ops.packed_linear(x, packed, None, scale[:-1]) is None  # wrong length
+    assert ops.packed_linear(x, ops.pack_weight(torch.randn(2 * nr, 64), force=True), None,
+                             scale) is None  # scales for float weights
+    assert ops.small_linear(x, q) is None  # int8 only runs packed

@@ -80,3 +80,31 @@ def test_classifier_bytes_include_pooler_and_labels():
             model = model_class(spec.architecture)(spec, 64, group)
         held = sum(p.numel() * p.element_size() for p in model.parameters())
         assert held == weight_bytes_per_device(spec, 2, "float32")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("size", ["tiny", "small", "llama-110m"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_int8_bytes_equal_what_the_runner_plans_for_the_marked_layers(arch, size, tp):
+    """The planner's int8 bytes match the runner's count over the layers it marks for
+    quantization (every linear layer and the LM head, tied or not): one byte per weight and
+    a float32 scale per output feature, the rest in the checkpoint's dtype."""
+    from shardserve.runtime.model_runner import _nbytes, _quantize
+
+    spec = spec_from_hf(test_models.hf_config(arch, size))
+    for group in FakeGroup.make(tp):
+        with torch.device("meta"):
+            model = _quantize(model_class(spec.architecture)(spec, 64, group), "int8")
+        assert _nbytes(model, torch.float32, "int8") == weight_bytes_per_device(
+            spec, tp, "float32", "float32", "int8")
+
+
+def test_int8_is_about_a_quarter_of_float32():
+    spec = TransformerSpec.from_hf(test_models.hf_config("llama", "tinyllama"))
+    f32 = weight_bytes_per_device(spec, 1, "float32")
+    bf16 = weight_bytes_per_device(spec, 1, "bfloat16", "float32", "int8")
+    # the untied embedding (65.5M of 1.1B weights) stays in the checkpoint's dtype
+    assert 0.26 < bf16 / f32 < 0.27
+    with pytest.raises(ValueError, match="int8 weights per device"):
+        check_fits(spec, 1, "bfloat16", bf16 - 1, max_tp=1, vector_dtype="float32",
+                   quantization="int8")

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--name", help="with --model: the name clients use (default: folder name)")
     sv.add_argument("--tp", type=int, default=1, help="with --model: tensor-parallel size")
     sv.add_argument("--max-model-len", type=int, default=None, help="with --model")
+    sv.add_argument("--dtype", default="auto", help="with --model: as ModelConfig.dtype")
+    sv.add_argument("--quantization", default=None, help="with --model: int8 (weight-only)")
     _add_fields(sv, DeviceConfig)
     sv.add_argument("--auth", help="YAML file of hashed API keys, tenants and their models "
                                    "(see shardserve.api.auth); required to bind beyond loopback")
@@ -158,10 +160,12 @@ def _plan(args: argparse.Namespace) -> None:
     devices = parse_devices(args.devices, args.device_memory)
     precision = choose(model, devices[0].kind)
     tp = parallel.tensor_parallel_size
-    need = weight_bytes_per_device(model.spec, tp, precision.weights, precision.compute)
+    need = weight_bytes_per_device(model.spec, tp, precision.weights, precision.compute,
+                                   precision.quantization)
     budget = devices[0].memory_budget
     print(json.dumps({"model": model.path, "architecture": model.spec.architecture,
                       "tp": tp, "dtype": precision.weights, "compute_dtype": precision.compute,
+                      "quantization": precision.quantization,
                       "kernels": precision.label, "kernels_note": precision.note,
                       "weight_bytes_per_device": need,
                       "weights_per_device": format_bytes(need), "budget_per_device": budget,
@@ -180,7 +184,7 @@ def _plan_repository(args: argparse.Namespace) -> None:
     devices = parse_devices(args.devices, args.device_memory)
     needs, labels = [], {}
     for c in repository_configs(args.repository):
-        model = ModelConfig(c.path, c.dtype, c.max_model_len)
+        model = c.model_config()
         precision = choose(model, devices[0].kind)
         need = deployment_need(c, model, precision)
         needs += [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
@@ -251,7 +255,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.model:
         configs = [DeploymentConfig(name=args.name or Path(args.model).name,
                                     path=str(Path(args.model).resolve()), tp=args.tp,
-                                    max_model_len=args.max_model_len)]
+                                    max_model_len=args.max_model_len, dtype=args.dtype,
+                                    quantization=args.quantization)]
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"
         repo = args.repository or str(test_models.write_repository(cache / "repository"))

@@ -111,7 +111,8 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
         what, kind = ("an encoder", "encoder") if model.is_encoder else ("generative", "llm")
         raise ValueError(f"{cfg.name}: model.yaml says kind {cfg.kind!r} but "
                          f"{spec.architecture} is {what}; set kind: {kind}")
-    weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute)
+    weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
+                                      precision.quantization)
     if model.is_encoder:
         per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size // cfg.tp) * 4
         act = cfg.max_batch_size * model.context_len * per_token
@@ -159,7 +160,7 @@ class ModelHost:
         with self._lock:
             if cfg.name in self.deployments:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
-            model = ModelConfig(cfg.path, cfg.dtype, cfg.max_model_len)
+            model = cfg.model_config()
             precision = choose(model, next(iter(self.devices.values())).kind)
             need = deployment_need(cfg, model, precision)
             tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)

@@ -13,10 +13,14 @@
  * x run against one block before the next; a thread takes a contiguous run of panels (its own
  * slice of the weights) and, when there are fewer panels than threads can share, rows as well.
  *
- * Weights may be float32 or 16-bit (bfloat16, float16: vecmath.h), converted to float32 as
- * each panel row is loaded, once for the MR rows of the tile; x, y and the bias are float32.
+ * Weights may be float32, 16-bit (bfloat16, float16: vecmath.h) or int8, converted to float32
+ * as each panel row is loaded, once for the MR rows of the tile; x, y and the bias are
+ * float32. int8 weights W = scale[o] * P (weight-only quantization, one scale per output
+ * feature): the tile accumulates x P over all of K and the last K block multiplies by the
+ * scales and adds the bias, so the scales cost nothing per weight.
  *
- *   x (N, K) and y (N, O) contiguous, O a multiple of NR; p as above; bias (O,) or NULL
+ *   x (N, K) and y (N, O) contiguous, O a multiple of NR; p as above; bias (O,) or NULL;
+ *   scale (O,) for int8 weights, else NULL
  */
 #include <omp.h>
 #include <stdint.h>
@@ -35,12 +39,24 @@ typedef float vec __attribute__((vector_size(32), aligned(4)));
 #define NR (LANES * NV)
 #define MR 6
 #define KC 512
+/* Software prefetch this far ahead while a tile streams a panel block from memory: at decode
+ * sizes the hardware prefetcher alone left a 16-bit panel stream at ~10 GB/s of this AVX2
+ * machine's ~21 (a bfloat16 llama-110m decode step: 17 -> 12.4 ms of linear layers). */
+#define PF_BYTES 2048
 
 int packed_gemm_nr(void) { return NR; }
 
 /* LANES consecutive weights of type wtype (elements from p + i) as floats. */
 static inline vec loadv(const void *p, int64_t i, int wtype) {
     if (wtype == W_F32) return *(const vec *)((const float *)p + i);
+    if (wtype == W_I8) {
+        const int8_t *b = (const int8_t *)p + i;
+#if LANES == 16
+        return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b)));
+#else
+        return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)));
+#endif
+    }
     const uint16_t *h = (const uint16_t *)p + i;
 #if LANES == 16
     const __m256i raw = _mm256_loadu_si256((const __m256i *)h);
@@ -52,18 +68,23 @@ static inline vec loadv(const void *p, int64_t i, int wtype) {
 }
 
 /* y[0:mr, 0:NR] (+)= x[0:mr, 0:kc] p[0:kc, 0:NR] (p: elements from p0 + off); `first` starts
- * from zero (or the bias when given), otherwise from y. mr and wtype are constants after
- * inlining, so the tile stays in registers. */
+ * from zero (or the bias when given), otherwise from y. With int8 weights the bias and the
+ * scales come in at the `last` block instead. mr and wtype are constants after inlining, so
+ * the tile stays in registers. */
 static inline __attribute__((always_inline)) void micro(
         int mr, const float *restrict x, int64_t ldx, const void *restrict p0, int64_t off,
-        int kc, float *restrict y, int64_t ldy, int first, const float *restrict bias,
-        int wtype) {
+        int kc, float *restrict y, int64_t ldy, int first, int last, const float *restrict bias,
+        const float *restrict scale, int wtype, int stream) {
     vec acc[MR][NV];
+    const int late_bias = wtype == W_I8;
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < NV; v++)
             acc[i][v] = !first ? *(const vec *)(y + i * ldy + v * LANES)
-                        : bias ? *(const vec *)(bias + v * LANES) : (vec){0};
+                        : bias && !late_bias ? *(const vec *)(bias + v * LANES) : (vec){0};
+    const int64_t wsize = wtype == W_F32 ? 4 : wtype == W_I8 ? 1 : 2;
+    const char *pb = (const char *)p0 + off * wsize;
     for (int k = 0; k < kc; k++) {
+        if (stream) __builtin_prefetch(pb + (k * NR) * wsize + PF_BYTES, 0, 0);
         vec b[NV];
         for (int v = 0; v < NV; v++) b[v] = loadv(p0, off + k * NR + v * LANES, wtype);
         for (int i = 0; i < mr; i++) {
@@ -71,6 +92,12 @@ static inline __attribute__((always_inline)) void micro(
             for (int v = 0; v < NV; v++) acc[i][v] += a * b[v];
         }
     }
+    if (late_bias && last)
+        for (int v = 0; v < NV; v++) {
+            const vec s = *(const vec *)(scale + v * LANES);
+            const vec b = bias ? *(const vec *)(bias + v * LANES) : (vec){0};
+            for (int i = 0; i < mr; i++) acc[i][v] = acc[i][v] * s + b;
+        }
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < NV; v++) *(vec *)(y + i * ldy + v * LANES) = acc[i][v];
 }
@@ -78,38 +105,46 @@ static inline __attribute__((always_inline)) void micro(
 /* Rows [m0, m1) of y against the panel block at element `off` of p (kc x NR). */
 static inline __attribute__((always_inline)) void rows(
         const float *x, const void *p, int64_t off, float *y, int64_t m0, int64_t m1,
-        int64_t K, int64_t O, int kc, int first, const float *bias, int wtype) {
+        int64_t K, int64_t O, int kc, int first, int last, const float *bias,
+        const float *scale, int wtype) {
+#define TILE(MROWS, STREAM) micro(MROWS, x + m * K, K, p, off, kc, y + m * O, O, first, last, \
+                                  bias, scale, wtype, STREAM)
     int64_t m = m0;
-    for (; m + MR <= m1; m += MR)
-        micro(MR, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype);
+    /* The first tile streams the block from memory (prefetched); the rest find it in L2. */
+    for (; m + MR <= m1; m += MR) TILE(MR, m == m0);
+    const int s = m == m0;
     switch (m1 - m) {  /* the last rows, with a constant count each */
     case 0: break;
-    case 1: micro(1, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
-    case 2: micro(2, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
-    case 3: micro(3, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
-    case 4: micro(4, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
-    default: micro(5, x + m * K, K, p, off, kc, y + m * O, O, first, bias, wtype); break;
+    case 1: TILE(1, s); break;
+    case 2: TILE(2, s); break;
+    case 3: TILE(3, s); break;
+    case 4: TILE(4, s); break;
+    default: TILE(5, s); break;
     }
+#undef TILE
 }
 
+typedef void (*rows_fn)(const float *, const void *, int64_t, float *, int64_t, int64_t,
+                        int64_t, int64_t, int, int, int, const float *, const float *);
 #define ROWS(NAME, WTYPE)                                                                   \
     static void NAME(const float *x, const void *p, int64_t off, float *y, int64_t m0,      \
-                     int64_t m1, int64_t K, int64_t O, int kc, int first, const float *b) { \
-        rows(x, p, off, y, m0, m1, K, O, kc, first, b, WTYPE);                              \
+                     int64_t m1, int64_t K, int64_t O, int kc, int first, int last,         \
+                     const float *b, const float *s) {                                      \
+        rows(x, p, off, y, m0, m1, K, O, kc, first, last, b, s, WTYPE);                     \
     }
 ROWS(rows_f32, W_F32)
 ROWS(rows_bf16, W_BF16)
 ROWS(rows_f16, W_F16)
+ROWS(rows_i8, W_I8)
 
 /* Returns 0, or -1 for a shape or weight type it does not take (the caller runs its GEMM). */
-int packed_gemm(const float *x, const void *p, const float *bias, float *y, int64_t N,
-                int64_t K, int64_t O, int num_threads, int wtype) {
+int packed_gemm(const float *x, const void *p, const float *bias, const float *scale, float *y,
+                int64_t N, int64_t K, int64_t O, int num_threads, int wtype) {
     if (N < 1 || K < 1 || O < NR || O % NR || num_threads < 1 || wtype < W_F32
-            || wtype > W_F16)
+            || wtype > W_I8 || (wtype == W_I8) != (scale != 0))
         return -1;
-    void (*block)(const float *, const void *, int64_t, float *, int64_t, int64_t, int64_t,
-                  int64_t, int, int, const float *) =
-        wtype == W_BF16 ? rows_bf16 : wtype == W_F16 ? rows_f16 : rows_f32;
+    const rows_fn block = wtype == W_BF16 ? rows_bf16 : wtype == W_F16 ? rows_f16
+                          : wtype == W_I8 ? rows_i8 : rows_f32;
     const int64_t panels = O / NR;
     /* Rows are split too only when panels alone would leave threads idle and the rows are
      * many: splitting rows makes each thread read the same weights again. */
@@ -120,10 +155,11 @@ int packed_gemm(const float *x, const void *p, const float *bias, float *y, int6
     for (int64_t it = 0; it < items; it++) {
         const int64_t q = it / parts, part = it % parts;
         const int64_t m0 = N * part / parts, m1 = N * (part + 1) / parts;
-        const float *bq = bias ? bias + q * NR : 0;
+        const float *bq = bias ? bias + q * NR : 0, *sq = scale ? scale + q * NR : 0;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int kc = K - k0 < KC ? (int)(K - k0) : KC;
-            block(x + k0, p, q * K * NR + k0 * NR, y + q * NR, m0, m1, K, O, kc, k0 == 0, bq);
+            block(x + k0, p, q * K * NR + k0 * NR, y + q * NR, m0, m1, K, O, kc, k0 == 0,
+                  k0 + kc >= K, bq, sq);
         }
     }
     return 0;

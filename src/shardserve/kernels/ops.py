@@ -35,12 +35,13 @@ def _gemm_fn():
 
 
 def _packed_fn():
-    return _fn("gemm", "packed_gemm", (_P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32))
+    return _fn("gemm", "packed_gemm", (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32))
 
 
-# Weight types the linear kernels take (vecmath.h): 16-bit weights are read into float32
-# registers, so activations, accumulation and results stay float32.
-_WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Weight types the linear kernels take (vecmath.h): 16-bit and int8 weights are read into
+# float32 registers, so activations, accumulation and results stay float32. int8 only packed,
+# with a scale per output feature.
+_WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 
 
 def _weight_cpu(w: torch.Tensor) -> bool:
@@ -98,7 +99,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor,
         return None
     fn = _gemm_fn()
     x = x.contiguous()
-    if (fn is None or not _f32_cpu(x) or not _weight_cpu(weight)
+    if (fn is None or not _f32_cpu(x) or not _weight_cpu(weight) or weight.dtype == torch.int8
             or (bias is not None and not _f32_cpu(bias))):
         return None
     N, K = x.shape
@@ -109,17 +110,22 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor,
     return y if rc == 0 else None
 
 
-def pack_weight(weight: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, force: bool = False,
+                pad: bool = False) -> torch.Tensor | None:
     """A linear weight ``(O, K)`` as the packed kernel's panels ``(O / NR, K, NR)`` in its own
-    dtype, or None where it does not apply: no kernel, not on the CPU, O not a multiple of NR.
-    16-bit weights always pack (the kernel is their only fast path at every row count).
-    Float32 ones, without ``force``, only in the AVX-512 build: the AVX2 build measured slower
-    than PyTorch's GEMM from a few hundred rows up (134 against 178 GFLOP/s at 2048 rows), so
+    dtype, or None where it does not apply: no kernel, not on the CPU, O not a multiple of NR
+    (with ``pad``, zero rows make it one: the caller drops the extra outputs). 16-bit and int8
+    weights always pack (the kernel is their only fast path at every row count). Float32
+    ones, without ``force``, only in the AVX-512 build: the AVX2 build measured slower than
+    PyTorch's GEMM from a few hundred rows up (134 against 178 GFLOP/s at 2048 rows), so
     layers keep float32 weights as they are there."""
     nr = packed_width()
-    if (nr is None or weight.dim() != 2 or not _weight_cpu(weight) or weight.shape[0] % nr
+    if (nr is None or weight.dim() != 2 or not _weight_cpu(weight)
+            or (weight.shape[0] % nr and not pad)
             or (weight.dtype == torch.float32 and nr < 64 and not force)):
         return None
+    if weight.shape[0] % nr:
+        weight = torch.cat([weight, weight.new_zeros(-weight.shape[0] % nr, weight.shape[1])])
     O, K = weight.shape
     return weight.view(O // nr, nr, K).transpose(1, 2).contiguous()
 
@@ -130,21 +136,48 @@ def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(q * nr, K)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x @ W.T + bias`` for any number of rows, ``packed`` from ``pack_weight(W)``."""
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a ``(O, K)`` weight: ``(q, scale)`` with
+    ``weight ~= q * scale[:, None]``, ``q`` in -127..127 and ``scale`` float32 ``(O,)``
+    (max |w| of the row / 127; a zero row gets scale 1). Rows go a block at a time so a large
+    layer needs no float32 copy of itself."""
+    O = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(O, dtype=torch.float32, device=weight.device)
+    step = max(1, (1 << 22) // max(1, weight.shape[1]))
+    for r in range(0, O, step):
+        w = weight[r:r + step].float()
+        s = w.abs().amax(dim=1) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[r:r + step] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r:r + step] = s
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale[:, None]`` in ``dtype``: the weight an int8 layer stands for."""
+    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ W.T + bias`` for any number of rows, ``packed`` from ``pack_weight(W)``; for int8
+    panels ``W = panels * scale[:, None]`` (``quantize_int8``)."""
     fn = _packed_fn()
     q, K, nr = packed.shape
     if fn is None or x.shape[-1] != K or x.numel() == 0:
         return None
     x2 = x.reshape(-1, K).contiguous()
-    if not _f32_cpu(x2) or not _weight_cpu(packed) or (bias is not None
-                                                        and not _f32_cpu(bias)):
+    if (not _f32_cpu(x2) or not _weight_cpu(packed)
+            or (bias is not None and not _f32_cpu(bias))
+            or (scale is not None) != (packed.dtype == torch.int8)
+            or (scale is not None and (not _f32_cpu(scale) or scale.numel() != q * nr))):
         return None
     y = x2.new_empty(x2.shape[0], q * nr)
     rc = fn(x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-            y.data_ptr(), x2.shape[0], K, q * nr, torch.get_num_threads(),
-            _WTYPES[packed.dtype])
+            None if scale is None else scale.data_ptr(), y.data_ptr(), x2.shape[0], K, q * nr,
+            torch.get_num_threads(), _WTYPES[packed.dtype])
     return y.view(*x.shape[:-1], q * nr) if rc == 0 else None
 
 

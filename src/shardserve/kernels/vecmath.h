@@ -20,8 +20,9 @@ static inline float hsum8(v8 s) {
 /* Weight types a linear kernel takes: float32, or 16 bits per weight read into float32
  * registers (bfloat16 is the high half of a float32; float16 converts with F16C). Half the
  * bytes of float32 for the same float32 arithmetic: a memory-bound pass over the weights
- * takes about half the time. */
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+ * takes about half the time. int8 (the packed GEMM only): a quarter of the bytes, integers
+ * -127..127 read into float32 registers, times one float32 scale per output feature. */
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_I8 = 3 };
 
 static inline float bf16_to_f32(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;

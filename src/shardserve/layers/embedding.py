@@ -28,6 +28,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.out_dtype: torch.dtype | None = None  # rows handed out in it (None: the table's)
+        self.weight_scale: torch.Tensor | None = None  # int8 rows of a quantized tied head
 
     def weight_loader(self, param: nn.Parameter, src, shard_id=None) -> None:
         n = max(0, self.stop - self.start)
@@ -48,6 +49,9 @@ class VocabParallelEmbedding(nn.Module):
         if w.dim() == 3:  # a tied head packed the table into panels (q, H, NR)
             nr = w.shape[2]
             y = w[local_ids // nr, :, local_ids % nr]
+            if self.weight_scale is not None:  # and quantized them: int8 rows times scales
+                scale = self.weight_scale[local_ids].unsqueeze(-1)
+                return y.to(scale.dtype).mul_(scale).to(self.out_dtype or scale.dtype)
         else:
             y = F.embedding(local_ids, w)
         return y if self.out_dtype is None else y.to(self.out_dtype)
@@ -59,7 +63,10 @@ class ParallelLMHead(nn.Module):
     layer's (``layers.linear.pack_in_place``). Tied to an embedding it shares that
     ``(V_local, H)`` parameter: a float32 one stays as it is; a 16-bit one is packed too (no
     other kernel runs it fast at many rows) and the embedding reads its rows from the
-    panels."""
+    panels. With ``quantization = "int8"`` the head's weight is int8 panels with a scale per
+    vocabulary row; a tied embedding reads its rows from those (one scale per token row)."""
+
+    quantization: str | None = None
 
     def __init__(self, vocab_size: int, hidden: int, group: Group,
                  tied: VocabParallelEmbedding | None = None) -> None:
@@ -73,14 +80,23 @@ class ParallelLMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(self.per_rank, hidden), requires_grad=False)
             self.weight.weight_loader = self.weight_loader
+        # A plain reference, not a submodule: the table loads under the embedding's name.
+        self._tied_to = [tied] if tied is not None else []
+        self.weight_scale: torch.Tensor | None = None
 
     # The same (V_local, H) rows of the same partition as the embedding's.
     weight_loader = VocabParallelEmbedding.weight_loader
 
     def process_weights_after_loading(self) -> None:
-        if not self.tied or self.weight.dtype != torch.float32:
-            pack_in_place(self.weight)
+        if not self.tied or self.weight.dtype != torch.float32 or self.quantization:
+            # whole panels: a vocabulary slice that is not a multiple of the panel width
+            # gets zero rows, whose logits forward drops
+            self.weight_scale = pack_in_place(self.weight, self.quantization, pad=True)
+            for embedding in self._tied_to:
+                embedding.weight_scale = self.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
-        local = linear(x, self.weight)
+        local = linear(x, self.weight, scale=self.weight_scale)
+        if local.shape[-1] != self.per_rank:  # panel padding
+            local = local[..., :self.per_rank].contiguous()
         return self.group.all_gather(local, dim=-1)[..., :self.vocab_size]

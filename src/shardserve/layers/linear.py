@@ -21,17 +21,20 @@ from shardserve.planner.memory import local_kv_heads
 from shardserve.runtime.group import Group
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias``. ``weight`` is ``W`` ``(out, in)``, or its panels ``(out / NR, in, NR)``
     when ``pack_in_place`` repacked it at load time: those run the native packed GEMM at every
-    row count. An unpacked weight with a few rows (decode at small batch) takes the native
-    kernel that streams it from every core; the rest takes PyTorch's GEMM."""
+    row count. int8 panels stand for ``W = panels * scale[:, None]``. An unpacked weight with a
+    few rows (decode at small batch) takes the native kernel that streams it from every core;
+    the rest takes PyTorch's GEMM."""
     if weight.dim() == 3:
-        y = ops.packed_linear(x, weight, bias)
+        y = ops.packed_linear(x, weight, bias, scale)
         if y is not None:
             return y
         weight = ops.unpack_weight(weight)
+        if scale is not None:  # no kernel took it: correct, not fast
+            weight = ops.dequantize_int8(weight, scale, x.dtype)
     else:
         y = ops.small_linear(x, weight, bias)
         if y is not None:
@@ -41,12 +44,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     return F.linear(x, weight, bias)
 
 
-def pack_in_place(param: nn.Parameter) -> None:
+QUANTIZATIONS = ("int8",)
+
+
+def pack_in_place(param: nn.Parameter, quantization: str | None = None,
+                  pad: bool = False) -> torch.Tensor | None:
     """Repack a loaded ``(out, in)`` weight for the native GEMM, in place, where it applies
-    (``kernels.ops.pack_weight``); otherwise leave it as it is."""
-    packed = ops.pack_weight(param.data)
+    (``kernels.ops.pack_weight``; ``pad``: up to whole panels with zero rows, whose outputs
+    the caller drops); otherwise leave it as it is. With ``quantization="int8"`` the panels
+    hold int8 and the per-output-feature scales are returned (None where the weight could
+    not be packed: it stays as it is, unquantized)."""
+    if quantization == "int8":
+        nr = ops.packed_width()
+        if nr is None or param.dim() != 2 or (param.shape[0] % nr and not pad):
+            return None
+        q, scale = ops.quantize_int8(param.data)
+        packed = ops.pack_weight(q, pad=pad)
+        if packed is None:
+            return None
+        param.data = packed
+        return torch.cat([scale, scale.new_ones(packed.shape[0] * nr - len(scale))])
+    packed = ops.pack_weight(param.data, pad=pad)
     if packed is not None:
         param.data = packed
+    return None
+
+
+class _Quantizable(nn.Module):
+    """A layer whose ``weight`` may be held as int8 panels with ``weight_scale`` (O,): set
+    ``quantization`` before loading (``ModelRunner``); ``process_weights_after_loading`` packs
+    and quantizes."""
+
+    quantization: str | None = None
+    weight: nn.Parameter
+    weight_scale: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        self.weight_scale = pack_in_place(self.weight, self.quantization)
 
 
 def _divide(n: int, tp: int, what: str) -> int:
@@ -55,7 +89,7 @@ def _divide(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_Quantizable):
     """``y[..., shard] = x @ W[shard].T``: the output stays split across ranks."""
 
     def __init__(self, in_features: int, out_features: int, group: Group,
@@ -74,11 +108,8 @@ class ColumnParallelLinear(nn.Module):
         start = self.group.rank * self.out_local
         param.data.copy_(src.read(0, start, start + self.out_local))
 
-    def process_weights_after_loading(self) -> None:
-        pack_in_place(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -137,7 +168,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data[dst:dst + size].copy_(src.read(0, start, start + size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Quantizable):
     """``y = all_reduce(x[..., shard] @ W[:, shard].T) + b``: input split, output whole."""
 
     def __init__(self, in_features: int, out_features: int, group: Group,
@@ -155,9 +186,6 @@ class RowParallelLinear(nn.Module):
         start = self.group.rank * self.in_local
         param.data.copy_(src.read(1, start, start + self.in_local))
 
-    def process_weights_after_loading(self) -> None:
-        pack_in_place(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group.all_reduce(linear(x, self.weight))
+        y = self.group.all_reduce(linear(x, self.weight, scale=self.weight_scale))
         return y if self.bias is None else y + self.bias

@@ -75,21 +75,30 @@ def checkpoint_files(folder: str) -> dict[str, str]:
 
 def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats:
     """Fill every parameter of ``model`` from the checkpoint in ``folder``; raise on a missing
-    or unexpected tensor."""
+    or unexpected tensor.
+
+    A module's ``process_weights_after_loading`` (packing, quantization) runs as soon as its
+    own parameters are all read, so each layer's full-precision copy is freed as loading goes
+    and the load peaks near the converted model's size, not twice it."""
     stats = LoadStats()
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
     ignored = getattr(model, "ignored_weights", ())
+    tied: dict[str, str] = getattr(model, "tied_weights", {})
     loaded: set[str] = set()
     shards: set[tuple[str, object]] = set()  # (merged parameter, shard) pairs filled
     by_file: dict[str, list[str]] = {}
+    remaining: dict[str, int] = {}  # parameter -> checkpoint tensors still to read into it
     for name, path in checkpoint_files(folder).items():
+        if any(s in name for s in ignored):
+            continue
         by_file.setdefault(path, []).append(name)
+        target = _map_name(name, packed)[0]
+        remaining[target] = remaining.get(target, 0) + 1
+    hooks = _Hooks(model, tied, remaining)
     for path, names in by_file.items():
         with safe_open(path, framework="pt") as f:
             for name in names:
-                if any(s in name for s in ignored):
-                    continue
                 target, shard_id = _map_name(name, packed)
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} ({Path(path).name}) matches no "
@@ -100,15 +109,54 @@ def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats
                 stats.tensors += 1
                 loaded.add(target)
                 shards.add((target, shard_id))
+                remaining[target] -= 1
+                if not _missing_shards({target}, shards, packed):
+                    hooks.read(target)
     missing = [n for n in params if n not in loaded and not _is_tied(model, n, loaded)]
     missing += _missing_shards(loaded, shards, packed)
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks tensors for: {', '.join(missing[:5])}")
-    for module in model.modules():  # layouts for the kernels, now that every weight is in
-        hook = getattr(module, "process_weights_after_loading", None)
-        if hook is not None:
-            hook()
+    hooks.run_rest()
     return stats
+
+
+class _Hooks:
+    """Runs each module's ``process_weights_after_loading`` once, when every parameter it owns
+    directly is complete: all its checkpoint tensors read (for a tied parameter, those under
+    its own name, if any, and those of the one it is tied to)."""
+
+    def __init__(self, model: nn.Module, tied: dict[str, str], remaining: dict[str, int]):
+        self.tied, self.remaining = tied, remaining
+        self.pending: dict[str, tuple[nn.Module, list[str]]] = {}
+        self.owners: dict[str, list[str]] = {}  # parameter -> modules waiting on it
+        for mname, module in model.named_modules(remove_duplicate=False):
+            if not hasattr(module, "process_weights_after_loading") or mname in self.pending:
+                continue
+            own = [f"{mname}.{n}" if mname else n
+                   for n, _ in module.named_parameters(recurse=False, remove_duplicate=False)]
+            self.pending[mname] = (module, own)
+            for p in own:
+                self.owners.setdefault(p, []).append(mname)
+                if p in tied:
+                    self.owners.setdefault(tied[p], []).append(mname)
+
+    def _complete(self, p: str) -> bool:
+        left = self.remaining.get(p)
+        if p in self.tied:  # one tensor, maybe under both names
+            return not left and self._complete(self.tied[p])
+        return left == 0
+
+    def read(self, target: str) -> None:
+        for mname in self.owners.get(target, ()):
+            entry = self.pending.get(mname)
+            if entry is not None and all(self._complete(p) for p in entry[1]):
+                del self.pending[mname]
+                entry[0].process_weights_after_loading()
+
+    def run_rest(self) -> None:
+        for module, _ in list(self.pending.values()):
+            module.process_weights_after_loading()
+        self.pending.clear()
 
 
 def _map_name(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:

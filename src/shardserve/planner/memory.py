@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import re
 
-from shardserve.planner.specs import DTYPE_BYTES, EncoderSpec, TransformerSpec
+from shardserve.planner.specs import (
+    DTYPE_BYTES,
+    QUANTIZATION_BYTES,
+    EncoderSpec,
+    TransformerSpec,
+)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -88,13 +93,33 @@ def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> in
     return spec.num_layers * (2 * h + bias) + h
 
 
+def quantized_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int]:
+    """``(weights, output features)`` of the layers weight-only quantization converts on one
+    rank: every linear layer and the LM head (the embedding too when tied to it)."""
+    h, hd = spec.hidden_size, spec.head_dim
+    q = spec.num_heads // tp * hd
+    kv = local_kv_heads(spec.num_kv_heads, tp) * hd
+    i = shard(spec.intermediate_size, tp)
+    vocab = shard(spec.vocab_size, tp)
+    weights = spec.num_layers * ((q + 2 * kv) * h + h * q + 3 * i * h) + vocab * h
+    outputs = spec.num_layers * ((q + 2 * kv) + h + 2 * i + h) + vocab
+    return weights, outputs
+
+
 def weight_bytes_per_device(spec: TransformerSpec | EncoderSpec, tp: int, dtype: str,
-                            vector_dtype: str | None = None) -> int:
+                            vector_dtype: str | None = None,
+                            quantization: str | None = None) -> int:
     """Bytes of weights one rank holds: matrices in ``dtype``, vectors (norms, biases) in
-    ``vector_dtype`` (default the same)."""
+    ``vector_dtype`` (default the same); with ``quantization`` the linear layers and LM head
+    in its bytes per weight plus a float32 scale per output feature."""
     vectors = vector_params_per_device(spec, tp)
-    return ((weight_params_per_device(spec, tp) - vectors) * DTYPE_BYTES[dtype]
-            + vectors * DTYPE_BYTES[vector_dtype or dtype])
+    total = ((weight_params_per_device(spec, tp) - vectors) * DTYPE_BYTES[dtype]
+             + vectors * DTYPE_BYTES[vector_dtype or dtype])
+    if quantization is None or isinstance(spec, EncoderSpec):
+        return total
+    weights, outputs = quantized_params_per_device(spec, tp)
+    return (total - weights * DTYPE_BYTES[dtype]
+            + weights * QUANTIZATION_BYTES[quantization] + outputs * 4)
 
 
 def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str) -> int:
@@ -104,10 +129,10 @@ def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str) -> int:
 
 
 def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: int,
-               vector_dtype: str | None = None) -> int:
+               vector_dtype: str | None = None, quantization: str | None = None) -> int:
     """Weight bytes per device at ``tp``; ``ValueError`` naming the need and a fix if too big."""
     def need_at(t: int) -> int:
-        return weight_bytes_per_device(spec, t, dtype, vector_dtype)
+        return weight_bytes_per_device(spec, t, dtype, vector_dtype, quantization)
 
     need = need_at(tp)
     if need <= budget:
@@ -121,7 +146,8 @@ def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: 
     if fits and fits[0] > max_tp:
         hint += f"; tp={fits[0]} needs {fits[0]} devices (you have {max_tp})"
     raise ValueError(
-        f"model needs {format_bytes(need)} ({need} bytes) of {dtype} weights per device at "
+        f"model needs {format_bytes(need)} ({need} bytes) of {quantization or dtype} weights "
+        f"per device at "
         f"tp={tp}; the device budget is {format_bytes(budget)} ({budget} bytes); {hint}")
 
 

@@ -10,6 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Weight-only quantizations: bytes per quantized weight (each output feature also keeps a
+# float32 scale). The linear layers and the LM head are quantized; embeddings (untied) and
+# vectors are not.
+QUANTIZATION_BYTES = {"int8": 1}
+
+
+def check_quantization(name: str | None) -> None:
+    if name is not None and name not in QUANTIZATION_BYTES:
+        raise ValueError(f"quantization {name!r} is not supported; use one of "
+                         f"{sorted(QUANTIZATION_BYTES)} or leave it unset")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "half": "float16"}
 
@@ -18,7 +28,10 @@ def canonical_dtype(name: str) -> str:
     """``"bf16"`` -> ``"bfloat16"``; raises ``ValueError`` for dtypes we do not serve."""
     name = _DTYPE_ALIASES.get(name, name).removeprefix("torch.")
     if name not in DTYPE_BYTES:
-        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
+        hint = (f"; for {name} weights keep dtype and set quantization: {name}"
+                if name in QUANTIZATION_BYTES else "")
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPE_BYTES)}"
+                         f"{hint}")
     return name
 
 

@@ -71,7 +71,7 @@ def devices_for(model: ModelConfig, parallel: ParallelConfig,
                          f"{', '.join(d.name for d in devices)} are {len(devices)}")
     precision = choose(model, devices[0].kind)
     weights = check_fits(spec, tp, precision.weights, devices[0].memory_budget, len(devices),
-                         precision.compute)
+                         precision.compute, precision.quantization)
     return devices, weights, precision
 
 

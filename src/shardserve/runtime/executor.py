@@ -125,7 +125,8 @@ class Executor:
                     memory_budget=w.device.memory_budget,
                     model_path=os.path.abspath(config.path), dtype=config.torch_dtype_name,
                     compute_dtype=compute_dtype or config.torch_dtype_name,
-                    max_model_len=config.context_len, shm_path=shm_path,
+                    max_model_len=config.context_len, quantization=config.quantization,
+                    shm_path=shm_path,
                     shm_slot_bytes=shm_slot_bytes))
             self.load_stats = self._gather_all(load_timeout_s, what="loading")
         except BaseException:

