@@ -10,6 +10,7 @@ B the time to first token (a 1-token request of the same prompt, median of 5).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -17,8 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from workloads import workload  # noqa: E402
+# This folder off sys.path (Python puts a script's folder first): its kernels.py would
+# shadow a package vLLM imports. workloads.py is loaded by its path instead.
+_here = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
+_spec = importlib.util.spec_from_file_location("workloads", _here / "workloads.py")
+_workloads = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_workloads)
+workload = _workloads.workload
 
 
 def main() -> None:
@@ -29,6 +36,10 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", default="4")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
+    # Both cores compute, as ours do (its default reserves one of two for the engine loop).
+    cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
