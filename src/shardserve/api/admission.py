@@ -99,8 +99,14 @@ class Generation:
 
 
 async def within(awaitable: Awaitable[T], deadline: float) -> T:
-    """``awaitable``'s result, or ``TimeoutError`` at ``deadline`` (monotonic)."""
-    return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+    """``awaitable``'s result, or ``TimeoutError`` at ``deadline`` (monotonic).
+
+    Awaited in the caller's task under ``asyncio.timeout``, not ``asyncio.wait_for``: on
+    Python 3.11 ``wait_for`` runs it in a task of its own and, when that task finishes just
+    as the caller is cancelled, returns the result and drops the cancellation. A client that
+    left at that moment had its generation run to the end instead of being aborted."""
+    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+        return await awaitable
 
 
 async def start_generation(request: Request, dep, ids: list[int], params, request_id: str,

@@ -44,8 +44,9 @@ class RequestGuard:
             nonlocal seen, complete
             if complete:  # after the body only a disconnect can come: no deadline
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            try:  # asyncio.timeout: wait_for can drop a cancellation (api/admission.within)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
             except TimeoutError:
                 raise APIError(408, f"the request body did not arrive within "
                                     f"{self.body_timeout_s:.0f}s") from None

@@ -7,14 +7,21 @@ restarts or after it failed); the server is ready while every model is."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 import uuid
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from shardserve.api.admission import embed, finish, http_error, in_pool, start_generation
+from shardserve.api.admission import (
+    embed,
+    finish,
+    http_error,
+    in_pool,
+    start_generation,
+    within,
+)
 from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError
 from shardserve.api.protocol import GenerateRequest, InferRequest
@@ -159,8 +166,8 @@ async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Princ
     its message naming the step."""
     limits = request.app.state.limits
     try:
-        ctx = await asyncio.wait_for(pipe.run(_single_text(body), _Ops(request, who)),
-                                     limits.request_timeout_s)
+        ctx = await within(pipe.run(_single_text(body), _Ops(request, who)),
+                           time.monotonic() + limits.request_timeout_s)
     except PipelineError as e:
         cause = http_error(e.__cause__ or e)
         raise APIError(cause.status, f"pipeline {pipe.name!r}: {e}", cause.param, cause.code,
