@@ -97,6 +97,6 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
         local = linear(x, self.weight, scale=self.weight_scale)
-        if local.shape[-1] != self.per_rank:  # panel padding
-            local = local[..., :self.per_rank].contiguous()
+        if local.shape[-1] != self.per_rank:  # panel padding (all_gather copies the view)
+            local = local[..., :self.per_rank]
         return self.group.all_gather(local, dim=-1)[..., :self.vocab_size]

@@ -55,15 +55,13 @@ def pack_in_place(param: nn.Parameter, quantization: str | None = None,
     hold int8 and the per-output-feature scales are returned (None where the weight could
     not be packed: it stays as it is, unquantized)."""
     if quantization == "int8":
-        nr = ops.packed_width()
-        if nr is None or param.dim() != 2 or (param.shape[0] % nr and not pad):
-            return None
         q, scale = ops.quantize_int8(param.data)
         packed = ops.pack_weight(q, pad=pad)
         if packed is None:
             return None
         param.data = packed
-        return torch.cat([scale, scale.new_ones(packed.shape[0] * nr - len(scale))])
+        padding = packed.shape[0] * packed.shape[2] - len(scale)  # rows of zeros, scale 1
+        return torch.cat([scale, scale.new_ones(padding)]) if padding else scale
     packed = ops.pack_weight(param.data, pad=pad)
     if packed is not None:
         param.data = packed

@@ -53,17 +53,24 @@ def local_kv_heads(num_kv_heads: int, tp: int) -> int:
     return max(1, num_kv_heads // tp)
 
 
+def _widths(spec: TransformerSpec, tp: int) -> tuple[int, int, int, int]:
+    """One rank's share of a decoder layer: query features, key (= value) features,
+    intermediate features, and vocabulary rows."""
+    return (spec.num_heads // tp * spec.head_dim,
+            local_kv_heads(spec.num_kv_heads, tp) * spec.head_dim,
+            shard(spec.intermediate_size, tp), shard(spec.vocab_size, tp))
+
+
 def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> int:
     """Parameter count one tensor-parallel rank holds."""
     if isinstance(spec, EncoderSpec):
         return _encoder_params_per_device(spec, tp)
-    h, hd = spec.hidden_size, spec.head_dim
-    q = spec.num_heads // tp * hd
-    kv = local_kv_heads(spec.num_kv_heads, tp) * hd
+    h = spec.hidden_size
+    q, kv, i, vocab_rows = _widths(spec, tp)
     attn = (q + 2 * kv) * h + h * q + (q + 2 * kv if spec.qkv_bias else 0)
-    mlp = 3 * shard(spec.intermediate_size, tp) * h
+    mlp = 3 * i * h
     norms = 2 * h
-    vocab = shard(spec.vocab_size, tp) * h
+    vocab = vocab_rows * h
     lm_head = 0 if spec.tie_word_embeddings else vocab
     return spec.num_layers * (attn + mlp + norms) + vocab + lm_head + h
 
@@ -87,20 +94,16 @@ def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> in
     differs from the weights' (``runtime/precision.py``)."""
     if isinstance(spec, EncoderSpec):
         return 0  # encoders hold everything in one dtype
-    h, hd = spec.hidden_size, spec.head_dim
-    bias = (spec.num_heads // tp + 2 * local_kv_heads(spec.num_kv_heads, tp)) * hd \
-        if spec.qkv_bias else 0
-    return spec.num_layers * (2 * h + bias) + h
+    q, kv, _, _ = _widths(spec, tp)
+    bias = q + 2 * kv if spec.qkv_bias else 0
+    return spec.num_layers * (2 * spec.hidden_size + bias) + spec.hidden_size
 
 
 def quantized_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int]:
     """``(weights, output features)`` of the layers weight-only quantization converts on one
     rank: every linear layer and the LM head (the embedding too when tied to it)."""
-    h, hd = spec.hidden_size, spec.head_dim
-    q = spec.num_heads // tp * hd
-    kv = local_kv_heads(spec.num_kv_heads, tp) * hd
-    i = shard(spec.intermediate_size, tp)
-    vocab = shard(spec.vocab_size, tp)
+    h = spec.hidden_size
+    q, kv, i, vocab = _widths(spec, tp)
     weights = spec.num_layers * ((q + 2 * kv) * h + h * q + 3 * i * h) + vocab * h
     outputs = spec.num_layers * ((q + 2 * kv) + h + 2 * i + h) + vocab
     return weights, outputs
@@ -157,8 +160,9 @@ def activation_bytes(spec: TransformerSpec, tp: int, dtype: str, max_tokens: int
     for ``max_tokens`` tokens (residual, hidden, QKV, gate/up, float32 norm copies) plus
     float32 logits for ``max_seqs`` sampled rows."""
     b = DTYPE_BYTES[dtype]
-    h, i = spec.hidden_size, shard(spec.intermediate_size, tp)
-    qkv = (spec.num_heads // tp + 2 * local_kv_heads(spec.num_kv_heads, tp)) * spec.head_dim
+    h = spec.hidden_size
+    q, kv, i, _ = _widths(spec, tp)
+    qkv = q + 2 * kv
     per_token = (4 * h + qkv + 3 * i) * b + 2 * h * 4
     return max_tokens * per_token + 2 * max_seqs * spec.vocab_size * 4
 
