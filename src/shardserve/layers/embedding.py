@@ -95,8 +95,9 @@ class ParallelLMHead(nn.Module):
             for embedding in self._tied_to:
                 embedding.weight_scale = self.weight_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, V)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:  # (B, H) -> (B, V) on rank 0
         local = linear(x, self.weight, scale=self.weight_scale)
-        if local.shape[-1] != self.per_rank:  # panel padding (all_gather copies the view)
+        if local.shape[-1] != self.per_rank:  # panel padding (gather copies the view)
             local = local[..., :self.per_rank]
-        return self.group.all_gather(local, dim=-1)[..., :self.vocab_size]
+        full = self.group.gather(local, dim=-1)  # only rank 0 samples
+        return None if full is None else full[..., :self.vocab_size]

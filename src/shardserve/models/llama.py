@@ -121,8 +121,8 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B, V) on every rank."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(B, H) -> (B, V) on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:

@@ -23,6 +23,7 @@ class Group(Protocol):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None: ...
     def barrier(self) -> None: ...
 
 
@@ -65,6 +66,23 @@ class TorchGroup:
         self.comm_seconds += time.perf_counter() - t0
         return out
 
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Every rank's ``x`` concatenated on rank 0; None on the others."""
+        if self.size == 1:
+            return x
+        t0 = time.perf_counter()
+        if self.shm is not None and self.shm.fits(x):
+            parts = self.shm.exchange(x)
+            out = torch.cat(parts, dim=dim) if self.rank == 0 else None
+        else:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+            dist.gather(x.contiguous(), parts, dst=0, group=self.pg)
+            out = torch.cat(parts, dim=dim) if self.rank == 0 else None
+        self.comm_seconds += time.perf_counter() - t0
+        return out
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist
@@ -93,6 +111,10 @@ class FakeGroup:
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return torch.cat(self._shared.exchange(self.rank, x.clone()), dim=dim)
+
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        out = self.all_gather(x, dim)
+        return out if self.rank == 0 else None
 
     def barrier(self) -> None:
         self._shared.exchange(self.rank, None)

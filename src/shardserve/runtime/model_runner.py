@@ -1,6 +1,6 @@
 """The model on one rank: its shard of the weights, its paged KV cache, one step at a time.
 
-Every rank runs the same step on its shard; logits are gathered on every rank and the rank-0
+Every rank runs the same step on its shard; logits are gathered on rank 0 only, and the rank-0
 runner samples. The runner keeps each sequence's tokens and block table across steps, so a
 step only carries new sequences in full and running ones as deltas.
 """
@@ -124,7 +124,8 @@ class ModelRunner:
             pos = torch.arange(n, device=self.device)
             chunk = PrefillChunk(torch.zeros(1, dtype=torch.long, device=self.device), 0, n, n)
             meta = AttentionMetadata(pos, 0, None, None, [chunk])
-            return self.model.compute_logits(self.model(ids, pos, meta)).float().cpu().numpy()
+            logits = self.model.compute_logits(self.model(ids, pos, meta))  # rank 0 only
+            return None if logits is None else logits.float().cpu().numpy()
         finally:
             for a, (k, v) in zip(layers, saved, strict=True):
                 a.k_cache, a.v_cache = k, v
@@ -170,7 +171,7 @@ class ModelRunner:
                 if self.seqs[r].num_computed == len(self.seqs[r].tokens)]
         logits = None
         if done:
-            logits = self.model.compute_logits(hidden[last_rows[done]])  # (B, V), all ranks
+            logits = self.model.compute_logits(hidden[last_rows[done]])  # (B, V) on rank 0
         if self.group.rank != 0:
             return None
         return self._sample(order, done, logits, comm0, t0)
