@@ -200,6 +200,8 @@ class DeploymentConfig:
     max_model_len: int | None = field(default=None, metadata={"help": "as ModelConfig"})
     max_num_seqs: int = field(default=16, metadata={"help": "as SchedulerConfig"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "as SchedulerConfig"})
+    block_size: int = field(default=16, metadata={"help": "as CacheConfig"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "as CacheConfig"})
     max_batch_size: int = field(default=32, metadata={
         "help": "encoder: most requests in one forward pass"})
     max_queue_delay_ms: float = field(default=5.0, metadata={
@@ -217,6 +219,12 @@ class DeploymentConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.path, self.dtype, self.max_model_len, self.quantization)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(self.block_size, None, self.enable_prefix_caching)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
 
     @staticmethod
     def from_folder(folder: str) -> DeploymentConfig:
@@ -271,6 +279,7 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
               "max_queue_delay_ms": (lambda x: is_num(x) and x >= 0, "a number >= 0"),
               "step_timeout_s": (lambda x: is_num(x) and x > 0, "a number > 0"),
               "max_restarts": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+              "enable_prefix_caching": (lambda x: isinstance(x, bool), "true or false"),
               "preferred_batch_sizes": (lambda x: isinstance(x, list | tuple)
                                         and all(is_int(v) and v >= 1 for v in x),
                                         "a list of integers >= 1"),
@@ -279,7 +288,7 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
                           "a list of tenant names, e.g. [acme]")}
     checks.update({name: (lambda x: is_int(x) and x >= 1, "an integer >= 1")
                    for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens",
-                                "max_batch_size")})
+                                "block_size", "max_batch_size")})
     for name, (ok, what) in checks.items():
         if not ok(getattr(cfg, name)):
             raise ValueError(f"{file}: {name} must be {what}, got "

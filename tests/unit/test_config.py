@@ -117,3 +117,18 @@ def test_int8_is_refused_where_it_would_not_run_natively(checkpoints, monkeypatc
         p = choose(llama, "cpu")
         assert (p.label, p.quantization) == ("native-int8/float32", "int8")
         assert "int8" in p.note and "per output feature" in p.note
+
+
+def test_serve_takes_the_engine_flags_vllm_users_type():
+    from shardserve.cli.main import _build, _parser
+    from shardserve.config import CacheConfig, DeploymentConfig, SchedulerConfig
+
+    args = _parser().parse_args([
+        "serve", "--model", "m", "--served-model-name", "x", "--tensor-parallel-size", "2",
+        "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
+        "--no-enable-prefix-caching", "--dtype", "bfloat16", "--max-model-len", "300"])
+    args.path = "m"
+    cfg = _build(DeploymentConfig, args)
+    assert (cfg.name, cfg.tp, cfg.dtype, cfg.max_model_len) == ("x", 2, "bfloat16", 300)
+    assert cfg.cache_config() == CacheConfig(32, None, False)
+    assert cfg.scheduler_config() == SchedulerConfig(8, 512)

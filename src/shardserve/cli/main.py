@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shardserve.config import (
     CacheConfig,
+    DeploymentConfig,
     DeviceConfig,
     ModelConfig,
     ParallelConfig,
@@ -20,7 +21,7 @@ from shardserve.config import (
     ServerLimits,
 )
 
-_SHORT = {"tensor_parallel_size": "--tp"}
+_SHORT = {"tensor_parallel_size": "--tp", "tp": "--tensor-parallel-size"}  # vLLM's spellings
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -83,11 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--repository", help="folder of model folders, each with a model.yaml; "
                                           "default: the embedded demo repository")
     src.add_argument("--model", help="serve this one model folder")
-    sv.add_argument("--name", help="with --model: the name clients use (default: folder name)")
-    sv.add_argument("--tp", type=int, default=1, help="with --model: tensor-parallel size")
-    sv.add_argument("--max-model-len", type=int, default=None, help="with --model")
-    sv.add_argument("--dtype", default="auto", help="with --model: as ModelConfig.dtype")
-    sv.add_argument("--quantization", default=None, help="with --model: int8 (weight-only)")
+    sv.add_argument("--name", "--served-model-name", dest="name",
+                    help="with --model: the name clients use (default: folder name)")
+    one = sv.add_argument_group("with --model: the model.yaml fields, as flags")
+    _add_fields(one, DeploymentConfig, skip=("name", "path", "tenants", "preferred_batch_sizes"))
     _add_fields(sv, DeviceConfig)
     sv.add_argument("--auth", help="YAML file of hashed API keys, tenants and their models "
                                    "(see shardserve.api.auth); required to bind beyond loopback")
@@ -237,7 +237,7 @@ def _serve(args: argparse.Namespace) -> None:
     from shardserve.api.http import protocol
 
     _Server = _server_class()
-    from shardserve.config import DeploymentConfig, repository_configs
+    from shardserve.config import repository_configs
     from shardserve.engine.host import ModelHost
     from shardserve.runtime.devices import parse_devices
 
@@ -253,10 +253,9 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError(f"refusing to bind {args.host} without --auth: with no API keys, "
                          "shardserve serves only on loopback (127.0.0.1 or ::1)")
     if args.model:
-        configs = [DeploymentConfig(name=args.name or Path(args.model).name,
-                                    path=str(Path(args.model).resolve()), tp=args.tp,
-                                    max_model_len=args.max_model_len, dtype=args.dtype,
-                                    quantization=args.quantization)]
+        args.path = str(Path(args.model).resolve())
+        args.name = args.name or Path(args.model).name
+        configs = [_build(DeploymentConfig, args)]
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"
         repo = args.repository or str(test_models.write_repository(cache / "repository"))
