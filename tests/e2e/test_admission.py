@@ -132,8 +132,13 @@ def test_the_embedded_default_answers_its_printed_curl_line(tmp_path):
     proc = _start(["--devices", "cpu:2"], port, env)
     try:
         lines = []
+        deadline = time.monotonic() + 120
         while sum(line.strip().startswith("curl ") for line in lines) < 2:
-            lines.append(proc.stdout.readline())
+            assert time.monotonic() < deadline, lines
+            line = proc.stdout.readline()
+            lines.append(line)
+            if not line:
+                time.sleep(0.1)
         curls = [line.strip() for line in lines if line.strip().startswith("curl ")]
         replies = [json.loads(subprocess.run(shlex.split(c), capture_output=True, text=True,
                                              timeout=120).stdout) for c in curls]

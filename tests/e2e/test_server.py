@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -33,9 +34,15 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], port: int, env=None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "shardserve.cli.main", "serve", *args,
-                             "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    """The server, ready. Its output goes to a file that ``proc.stdout`` reads from the
+    start: a pipe nobody reads would fill up and block the server (and its processes) on a
+    log line."""
+    with tempfile.NamedTemporaryFile("w", prefix="shardserve-server-", suffix=".log",
+                                     delete=False) as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shardserve.cli.main", "serve", *args,
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+    proc.stdout = open(log.name)  # noqa: SIM115 - lives as long as the process object
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
