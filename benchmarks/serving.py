@@ -1,74 +1,152 @@
-"""The server's token throughput against the offline engine on the same requests, in one run.
+"""shardserve's OpenAI server against vLLM's, driven by vLLM's own serving benchmark client, and
+each server against its own offline engine, in one run.
 
-    python benchmarks/serving.py [--num-requests 64] [--concurrency 16] [--max-tokens 64]
+    python benchmarks/serving.py [--concurrency 1,8,64] [--no-vllm]
 
-Model: llama-110m shape, random weights, float32, with the test BPE tokenizer, tp=1 on
-``cpu:1``, max_num_seqs = the concurrency. The server runs as its own process on loopback and
-`shardserve bench` streams the requests to it at the given concurrency; then the same
-prompts (tokenized the same way) go through ``LLM.generate`` in this process. The ratio of
-output token throughputs bounds the HTTP, JSON and streaming overhead.
+Model: llama-110m shape, random weights, float32, with the test BPE tokenizer. Workload as
+``vllm bench serve`` runs it: random prompts of 128 tokens, 128 output tokens (ignore_eos),
+streamed completions; 64 requests at concurrency 64 and 8, 8 at concurrency 1. Each server
+runs as its own process on loopback with every core of this machine (shardserve: ``--devices
+cpu:1``, the one worker on all cores; vLLM: its CPU backend bound to all cores, none reserved)
+and max_num_seqs 64; the client (benchmarks/vllm_client.py, in the peer venv that
+``make peers`` builds) is the same for both. The offline figure is ``LLM.generate`` on 64
+random 128-token prompts, 128 tokens out, in this process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from shardserve import LLM, SamplingParams, test_models  # noqa: E402
-from shardserve.bench import http_load  # noqa: E402
-from tests.e2e.test_server import _free_port, _start, _stop  # noqa: E402
+from tests.e2e.test_server import _free_port  # noqa: E402
+
+PEER = ROOT / "benchmarks" / ".venv-vllm" / "bin" / "python"
+IN, OUT = 128, 128
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _client(port: int, model: str, tokenizer: Path, requests: int, concurrency: int) -> dict:
+    cmd = [str(PEER), str(ROOT / "benchmarks" / "vllm_client.py"),
+           "--base-url", f"http://127.0.0.1:{port}", "--backend", "openai",
+           "--endpoint", "/v1/completions", "--model", model, "--tokenizer", str(tokenizer),
+           "--dataset-name", "random", "--random-input-len", str(IN),
+           "--random-output-len", str(OUT), "--ignore-eos", "--num-prompts", str(requests),
+           "--max-concurrency", str(concurrency), "--seed", "0", "--disable-tqdm"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"the client failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def _runs(port: int, tokenizer: Path, loads: list[int]) -> dict:
+    _client(port, "m", tokenizer, 4, 4)  # warm up
+    return {c: _client(port, "m", tokenizer, 8 if c == 1 else 64, c) for c in loads}
+
+
+def _shardserve(path: Path, loads: list[int], devices: str) -> dict:
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "shardserve"), "serve", "--model",
+                             str(path), "--name", "m", "--devices", devices,
+                             "--max-num-seqs", "64", "--max-model-len", "1024",
+                             "--port", str(port)], cwd=ROOT)
+    try:
+        _wait(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+        return _runs(port, path, loads)
+    finally:
+        _stop(proc)
+
+
+def _vllm(path: Path, loads: list[int]) -> dict:
+    port = _free_port()
+    cores = len(os.sched_getaffinity(0))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=f"0-{cores-1}",
+               VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([str(PEER), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                             str(path), "--served-model-name", "m", "--dtype", "float32",
+                             "--max-model-len", "1024", "--max-num-seqs", "64", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, cwd="/")
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", proc)
+        return _runs(port, path, loads)
+    finally:
+        _stop(proc)
+
+
+def _offline(path: Path, devices: str) -> float:
+    """Output tokens per second of ``LLM.generate`` on the served workload at 64."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 30000, IN).tolist() for _ in range(64)]
+    params = SamplingParams(max_tokens=OUT, temperature=0, ignore_eos=True)
+    with LLM(str(path), devices=devices, max_num_seqs=64, max_model_len=1024) as llm:
+        llm.generate(prompt_token_ids=prompts[:4], sampling_params=params)  # warm up
+        t0 = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        dt = time.perf_counter() - t0
+    return sum(len(o.outputs[0].token_ids) for o in outs) / dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--prompt-words", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--devices", default="cpu:1",
-                    help="cpu:1 = the worker on both cores; cpu:2 = the worker on one core, "
-                         "the other left to the HTTP server and the load generator")
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--devices", default="cpu:1")
+    ap.add_argument("--no-vllm", action="store_true", help="shardserve only")
     ap.add_argument("--out", default=str(Path(__file__).parent / ".cache"))
     args = ap.parse_args()
+    loads = [int(c) for c in args.concurrency.split(",")]
     path = Path(args.out) / "llama-110m-random-f32-tok"
     if not (path / "config.json").is_file():
         test_models.write(path, "llama", "llama-110m", seed=0)
-    repo = Path(tempfile.mkdtemp())
-    (repo / "m").mkdir()
-    (repo / "m" / "model.yaml").write_text(
-        f"weights: {path}\nmax_num_seqs: {args.concurrency}\nmax_model_len: 1024\n")
-    port = _free_port()
-    server = _start(["--repository", str(repo), "--devices", args.devices], port)
-    try:
-        http_load.run(f"http://127.0.0.1:{port}", "m", 4, concurrency=4, prompt_len=8,
-                      max_tokens=4)  # warm up
-        summary = http_load.run(f"http://127.0.0.1:{port}", "m", args.num_requests,
-                                concurrency=args.concurrency, prompt_len=args.prompt_words,
-                                max_tokens=args.max_tokens)
-    finally:
-        _stop(server)
-    summary.pop("_raw")
-    assert summary["failed"] == 0, summary["errors"]
-    texts = http_load.make_prompts(args.num_requests, args.prompt_words)  # the same prompts
-    with LLM(str(path), tensor_parallel_size=1, devices=args.devices,
-             max_num_seqs=args.concurrency, max_model_len=1024) as llm:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-        llm.generate(texts[:4], SamplingParams(max_tokens=4, temperature=0))  # warm up
-        t0 = time.perf_counter()
-        outs = llm.generate(texts, params)
-        offline_s = time.perf_counter() - t0
-    offline = sum(len(o.outputs[0].token_ids) for o in outs) / offline_s
-    server_tps = summary["output_token_throughput"]
-    keys = ("output_token_throughput", "request_throughput", "ttft", "tpot", "itl", "e2e")
-    print(json.dumps({"devices": args.devices, "server": {k: summary[k] for k in keys},
-                      "offline_output_token_throughput": offline,
-                      "ratio": server_tps / offline}, indent=2))
+    offline = _offline(path, args.devices)
+    ours = _shardserve(path, loads, args.devices)
+    peer = {} if args.no_vllm else _vllm(path, loads)
+    report = {"offline_output_tok_s": round(offline, 1), "loads": {}}
+    for c in loads:
+        row = {"shardserve": ours[c]}
+        if peer:
+            row["vllm"] = peer[c]
+            row["served_ratio_vs_vllm"] = round(ours[c]["output_throughput"] /
+                                                peer[c]["output_throughput"], 3)
+        if c == 64:  # the offline run's batch
+            row["served_over_offline"] = round(ours[c]["output_throughput"] / offline, 3)
+        report["loads"][c] = row
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

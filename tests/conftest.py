@@ -17,22 +17,36 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHM_CHECK = Path("/dev/shm").is_dir()
 
 
-def worker_pids() -> list[int]:
-    """Live shardserve worker processes that are children of this test process."""
-    me, out = os.getpid(), []
+def our_processes(root: int, module: bytes = b"shardserve.runtime.worker") -> dict[str, int]:
+    """{label: pid} of the live processes below ``root`` (children, grandchildren: workers
+    are children of an engine core) started as ``python -m MODULE ... LABEL``."""
+    parents, argvs = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        state = stat.rsplit(")", 1)[1].split()[0]
-        if ppid == me and state != "Z" and b"shardserve.runtime.worker" in cmd:
-            out.append(int(entry.name))
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)], argvs[int(entry.name)] = int(fields[1]), argv
+    out = {}
+    for pid, argv in argvs.items():
+        up = parents.get(pid)
+        while up is not None and up != root:
+            up = parents.get(up)
+        if up == root and module in argv:
+            out[(argv[-2] if argv[-1] == b"" else argv[-1]).decode()] = pid
     return out
+
+
+def worker_pids() -> list[int]:
+    """Live shardserve workers and engine cores started (at any depth) by this process."""
+    me = os.getpid()
+    return [*our_processes(me).values(),
+            *our_processes(me, b"shardserve.engine.core").values()]
 
 
 @pytest.fixture(autouse=True, scope="module")

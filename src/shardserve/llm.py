@@ -14,6 +14,7 @@ from shardserve.config import (
     SchedulerConfig,
 )
 from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.request_state import RequestState
 from shardserve.engine.tokenizer import load_tokenizer
 from shardserve.outputs import (
     EmbeddingOutput,
@@ -86,19 +87,20 @@ class LLM:
         if len(params) != len(token_lists):
             raise ValueError(f"got {len(params)} sampling_params for {len(token_lists)} prompts;"
                              " give one, or one per prompt")
-        ids = []
+        states: dict[str, RequestState] = {}
         try:
             for tokens, p, text in zip(token_lists, params, texts, strict=True):
-                ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], tokens, p, text)
-            finished: dict[str, RequestOutput] = {}
+                rid = str(next(self._ids))
+                states[rid] = RequestState(rid, text, tokens, p, self.tokenizer)
+                self.engine.add_request(rid, tokens, p, text)
             while self.engine.has_unfinished():
-                finished.update((o.request_id, o) for o in self.engine.step())
+                for delta in self.engine.step():
+                    states[delta.request_id].update(delta)
         except BaseException:
-            for request_id in ids:  # nothing of a failed call stays queued
-                self.engine.abort_request(request_id)
+            for rid in states:  # nothing of a failed call stays queued
+                self.engine.abort_request(rid)
             raise
-        return [finished[i] for i in ids]
+        return [state.output() for state in states.values()]
 
     def _inputs(self, prompts, prompt_token_ids) -> tuple[list[list[int]], list[str | None]]:
         if (prompts is None) == (prompt_token_ids is None):

@@ -5,10 +5,10 @@ import asyncio
 import pytest
 
 from shardserve import SamplingParams
-from shardserve.config import DeviceConfig, ModelConfig, ParallelConfig
+from shardserve.config import CacheConfig, ModelConfig, SchedulerConfig
 from shardserve.engine.async_engine import AsyncLLMEngine
-from shardserve.engine.llm_engine import LLMEngine
 from shardserve.engine.tokenizer import load_tokenizer
+from shardserve.runtime.devices import parse_devices
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def engine(checkpoints):
     config = ModelConfig(str(checkpoints["llama"]))
-    eng = AsyncLLMEngine(lambda: LLMEngine(config, ParallelConfig(2), DeviceConfig("cpu:2"),
-                                           tokenizer=load_tokenizer(config)))
+    eng = AsyncLLMEngine.spawn(config, parse_devices("cpu:2"), CacheConfig(), SchedulerConfig(),
+                               "llama", "llama/0", load_tokenizer(config))
     yield eng
     eng.shutdown()
 
@@ -40,7 +40,6 @@ def test_streams_incrementally_and_concurrently(engine):
 
 def test_a_consumer_that_leaves_frees_its_blocks(engine):
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-    blocks = engine.engine.blocks
 
     async def main():
         gen = engine.generate(list(range(3, 300)), params, "leaver")
@@ -48,24 +47,23 @@ def test_a_consumer_that_leaves_frees_its_blocks(engine):
             if len(out.outputs[0].token_ids) == 3:
                 break
         await gen.aclose()
-        for _ in range(200):  # the abort is applied by the engine thread between steps
-            if blocks.num_free == blocks.num_blocks:
+        for _ in range(200):  # the abort is applied by the engine core between steps
+            if engine.load.kv_usage == 0:
                 return
             await asyncio.sleep(0.01)
 
     asyncio.run(main())
-    assert blocks.num_free == blocks.num_blocks
+    assert engine.load.kv_usage == 0
 
 
 def test_explicit_abort_and_bad_input(engine):
     params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
-    blocks = engine.engine.blocks
 
     async def main():
         gen = engine.generate([1, 2, 3], params, "x")
         first = await gen.__anext__()
         await engine.abort("x")
-        assert blocks.num_free == blocks.num_blocks  # freed when abort returns
+        assert engine.load.kv_usage == 0  # freed when abort returns
         rest = [o async for o in gen]
         assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
         assert len(first.outputs[0].token_ids) >= 1

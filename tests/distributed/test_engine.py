@@ -96,7 +96,7 @@ def test_abort_frees_blocks_at_once(checkpoints):
         held = len(engine.blocks.block_ids("r1/0"))
         free = engine.blocks.num_free
         out = engine.abort_request("r1")
-        assert out.finished and out.outputs[0].finish_reason == "abort"
+        assert out.finished and out.seqs[0].finish_reason == "abort"
         assert engine.blocks.num_free == free + held
         while engine.has_unfinished():
             engine.step()

@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from shardserve import LLM, SamplingParams
+from shardserve.engine.request_state import RequestState
 
 pytestmark = pytest.mark.slow
 POISON = 7  # a token whose embedding row is NaN: any sequence holding it overflows
@@ -54,11 +55,12 @@ def test_prefix_cache_blocks_are_not_shared_across_tenants(checkpoints):
 
         def run(rid, salt):
             engine.add_request(rid, prompt, params, cache_salt=salt)
+            state = RequestState(rid, None, prompt, params)
             while engine.has_unfinished():
-                for out in engine.step():
-                    if out.request_id == rid:
-                        result = out
-            return result
+                for delta in engine.step():
+                    if delta.request_id == rid:
+                        state.update(delta)
+            return state.output()
 
         first = run("a1", "acme")
         assert first.num_cached_tokens == 0

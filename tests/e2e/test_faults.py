@@ -22,6 +22,7 @@ import pytest
 
 from shardserve import test_models
 from shardserve.api.auth import hash_key
+from tests.conftest import our_processes
 from tests.e2e.test_server import _free_port, _start, _stop
 
 pytestmark = pytest.mark.slow
@@ -64,20 +65,12 @@ class Server:
 
     def workers(self, label=""):
         """{label: pid} of this server's live worker processes whose label starts so."""
-        out = {}
-        for entry in Path("/proc").iterdir():
-            try:
-                stat = (entry / "stat").read_text()
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except (OSError, ValueError):
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if (int(fields[1]) == self.proc.pid and fields[0] != "Z"
-                    and b"shardserve.runtime.worker" in argv):
-                name = argv[-2].decode() if argv[-1] == b"" else argv[-1].decode()
-                if name.startswith(label):
-                    out[name] = int(entry.name)
-        return out
+        return {k: v for k, v in our_processes(self.proc.pid).items() if k.startswith(label)}
+
+    def cores(self, label=""):
+        """{label: pid} of this server's live engine cores whose label starts so."""
+        return {k: v for k, v in our_processes(self.proc.pid, b"shardserve.engine.core").items()
+                if k.startswith(label)}
 
     def wait_ready(self, model, timeout=120):
         deadline = time.monotonic() + timeout
@@ -97,7 +90,7 @@ def server(checkpoints, tmp_path_factory):
     bert = test_models.write(root / "bert", "bert", "tiny")
     fragile = shutil.copytree(checkpoints["qwen2"], root / "fragile-weights")
     (fragile / "tokenizer.json").unlink()  # a model with no tokenizer: token ids only
-    models = {"big": (checkpoints["llama"], "tp: 2\nstep_timeout_s: 5\nmax_restarts: 3\n"),
+    models = {"big": (checkpoints["llama"], "tp: 2\nstep_timeout_s: 5\nmax_restarts: 5\n"),
               "other": (checkpoints["qwen2"], ""),
               "mini": (bert, "kind: encoder\nmax_batch_size: 8\n"),
               "fragile": (fragile, "max_restarts: 2\n"),
@@ -290,7 +283,7 @@ def test_a_fuzz_run_finds_no_server_error(server, tmp_path):
          "--generation-database", "none", "--seed", "7", "--no-color",
          "-H", f"Authorization: Bearer {T}"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-4000:]
+    assert out.returncode == 0, out.stdout[-12000:]
     assert server.complete()[0] == 200
     assert server.call("/v2/health/ready")[0] == 200
 
@@ -379,6 +372,38 @@ def test_a_killed_rank_fails_its_streams_fast_and_the_group_comes_back(server, r
     pids = server.workers("big/")
     assert len(pids) == 2 and victim not in pids.values()
     assert not list(Path("/dev/shm").glob(f"shardserve-{server.proc.pid}-*"))
+
+
+def test_a_killed_engine_core_fails_its_streams_and_comes_back_with_new_workers(server):
+    """The engine core is a process of its own: its death is a group failure like a
+    worker's: its streams end with an error at once, its workers go with it (no orphans),
+    the supervisor starts a new core and group, other models keep serving."""
+    index = server.index()
+    big = set(index["big"]["replicas"][0]["devices"])
+    apart = [m for m in ("other", "spare-llm") if not big & set(index[m]["replicas"][0]["devices"])]
+    restarts = index["big"]["replicas"][0]["restarts"]
+    core, workers = server.cores("big/0")["big/0:core"], server.workers("big/0")
+    other = Background(server, apart[0])
+    try:
+        conn, r = _stream(server, "big")
+        assert r.readline().startswith(b"data: ")
+        killed = time.monotonic()
+        os.kill(core, signal.SIGKILL)
+        events = _events(r)
+        conn.close()
+        assert b'"error"' in events[-2][0] and b"restarting" in events[-2][0], events[-2]
+        assert b"engine core" in events[-2][0] and events[-1][1] - killed < 2.0
+        server.wait_ready("big")
+        assert server.complete()[0] == 200
+    finally:
+        failures = other.finish()
+    assert not failures and other.done > 0
+    assert server.index()["big"]["replicas"][0]["restarts"] == restarts + 1
+    deadline = time.monotonic() + 10  # the old workers saw their parent go
+    while set(workers.values()) & set(server.workers().values()):
+        assert time.monotonic() < deadline, "workers of the killed core outlived it"
+        time.sleep(0.2)
+    assert core not in server.cores().values() and len(server.workers("big/0")) == 2
 
 
 def test_a_hung_worker_is_found_by_the_watchdog_and_replaced(server):

@@ -2,7 +2,6 @@
 BOS/EOS texts and add_bos_token from tokenizer_config.json; special-token text typed by a
 user stays text; a finished choice streams its finish_reason once."""
 
-import asyncio
 import json
 import shutil
 from types import SimpleNamespace
@@ -12,11 +11,12 @@ from tokenizers import AddedToken, Tokenizer
 
 from shardserve import SamplingParams
 from shardserve.api.protocol import ChatRequest
-from shardserve.api.routes.openai import _deltas, chat_prompt
+from shardserve.api.routes.openai import chat_prompt
 from shardserve.config import ModelConfig
+from shardserve.engine.core_messages import RequestDelta, SeqDelta
+from shardserve.engine.request_state import OutputKind, RequestState
 from shardserve.engine.sequence import Sequence
 from shardserve.engine.tokenizer import TextTokenizer, load_chat_template, tokenizer_config
-from shardserve.outputs import CompletionOutput, RequestOutput
 
 
 @pytest.fixture
@@ -95,20 +95,21 @@ def test_special_token_text_typed_by_a_user_stays_text(folder):
 
 
 def test_a_finished_choice_sends_its_finish_reason_once():
-    def out(a, b, reason_a=None, reason_b=None):
-        return RequestOutput("r", None, [1], [CompletionOutput(0, "x" * a, [5] * a, reason_a),
-                                              CompletionOutput(1, "y" * b, [6] * b, reason_b)])
+    def step(a, b=(), reason_a=None, reason_b=None, done=False):
+        seqs = [SeqDelta(0, list(a), None, reason_a)] if a or reason_a else []
+        return RequestDelta("r", seqs + [SeqDelta(1, list(b), None, reason_b)], done)
 
-    steps = [out(1, 1), out(2, 2, "length"), out(2, 3, "length"), out(2, 4, "length", "stop")]
-
-    async def run():
-        async def gen():
-            for s in steps:
-                yield s
-
-        return [d async for _, ds in _deltas(gen(), SamplingParams(n=2)) for d in ds]
-
-    deltas = asyncio.run(run())
-    reasons = [(i, r) for i, _, r in deltas if r is not None]
-    assert reasons == [(0, "length"), (1, "stop")]
-    assert "".join(t for i, t, _ in deltas if i == 1) == "yyyy"
+    # completion 0 finishes in the second step; the engine reports a finish once, and the
+    # consumer's DELTA outputs carry each finish reason once, and each token once
+    steps = [step([5], [6]), step([5], [6], "length"), step([], [6]),
+             step([], [6], None, "stop", done=True)]
+    state = RequestState("r", None, [1], SamplingParams(n=2), None, OutputKind.DELTA)
+    outs = []
+    for d in steps:
+        state.update(d)
+        outs.append(state.output())
+    chunks = [c for o in outs for c in o.outputs]
+    assert [(c.index, c.finish_reason) for c in chunks if c.finish_reason] == \
+        [(0, "length"), (1, "stop")]
+    assert sum(len(c.token_ids) for c in chunks if c.index == 1) == 4
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])

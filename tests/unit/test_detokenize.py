@@ -8,7 +8,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 
 from shardserve import test_models
+from shardserve.engine.core_messages import RequestDelta, SeqDelta
 from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.request_state import OutputKind, RequestState
 from shardserve.engine.sequence import Sequence
 from shardserve.sampling_params import SamplingParams
 
@@ -32,20 +34,27 @@ def _metaspace() -> Tokenizer:
 
 
 def _stream(tok, ids, **params):
-    """Feed ``ids`` one token at a time as the engine does; return the texts seen."""
+    """Feed ``ids`` one token at a time as the engine does (matching stop strings on its own
+    text, as the core does) and through a ``RequestState`` (as the API side does); return
+    the texts the API side shows after each token, and the final one."""
     engine = SimpleNamespace(tokenizer=tok)
-    engine._detokenize = lambda s, final=False: LLMEngine._detokenize(engine, s, final)
-    seq = Sequence("s", "r", 0, [1], SamplingParams(**params), 0)
+    sp = SamplingParams(**params)
+    seq = Sequence("s", "r", 0, [1], sp, 0)
+    state = RequestState("r", None, [1], sp, tok, OutputKind.CUMULATIVE)
     seen = []
     for t in ids:
         seq.output_token_ids.append(t)
         if params.get("stop"):
             LLMEngine._check_stop_strings(engine, seq)
-            if seq.finish_reason:
-                break
-        seen.append(LLMEngine._text(engine, seq))
-    seq.finish_reason = seq.finish_reason or "length"
-    return seen, LLMEngine._text(engine, seq)
+        state.update(RequestDelta("r", [SeqDelta(0, [t], None, seq.finish_reason,
+                                                 seq.stop_text_len)],
+                                  seq.finish_reason is not None))
+        if seq.finish_reason:
+            break
+        seen.append(state.output().outputs[0].text)
+    if not state.finished:
+        state.update(RequestDelta("r", [SeqDelta(0, [], None, "length")], True))
+    return seen, state.output().outputs[0].text
 
 
 TEXTS = ["The quick brown fox, naïve café — déjà vu ✓ 日本語 🙂 end.",

@@ -30,3 +30,25 @@ def test_object_arrays_cannot_be_sent_or_received():
     data = msgpack.packb(msgpack.ExtType(1, msgpack.packb(["|O", [1], b"\0" * 8])))
     with pytest.raises(ValueError):
         decode(data)
+
+
+def test_engine_core_messages_roundtrip_and_a_pickle_is_refused():
+    import pickle
+
+    from shardserve.engine.core_messages import (
+        AddRequest,
+        CoreOutputs,
+        Refusal,
+        RequestDelta,
+        SeqDelta,
+    )
+
+    add = AddRequest("r", [1, 2], {"n": 2, "stop": ["x"], "seed": None}, "hi", "acme")
+    assert decode(encode(add)) == add
+    out = CoreOutputs([RequestDelta("r", [SeqDelta(0, [5], [{5: -0.5, 7: -1.0}], "stop", 3)],
+                                    True, 16)], [Refusal("q", "invalid", "bad", "max_tokens")],
+                      acks=[1], pongs=[2], load=[1, 0, 0.25])
+    back = decode(encode(out))
+    assert back == out and back.outputs[0].seqs[0].logprobs == [{5: -0.5, 7: -1.0}]
+    with pytest.raises(Exception):  # noqa: B017 - whatever msgpack says, it is not unpickled
+        decode(pickle.dumps(add))

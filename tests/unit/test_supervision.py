@@ -1,19 +1,23 @@
-"""Supervision and the engine loop with fake engines: a failed group ends every in-flight
-request at once and is replaced; a crash loop stops; every request gets exactly one ending,
-through failures, restarts and unloads."""
+"""Supervision and the engine core's loop with fake engines: a failed group ends every
+in-flight request at once and is replaced; a crash loop stops; every request gets exactly one
+ending, through failures, restarts and unloads. The core runs on a thread over real pipes and
+the real message codec (``ThreadCore``), the API side is the real ``AsyncLLMEngine``."""
 
 import asyncio
+import os
 import threading
 import time
+from multiprocessing.connection import Connection
 from types import SimpleNamespace
 
 import pytest
 
 from shardserve import SamplingParams
 from shardserve.engine.async_engine import AsyncLLMEngine
+from shardserve.engine.core import Pipes, serve
+from shardserve.engine.core_messages import RequestDelta, SeqDelta
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest
 from shardserve.engine.supervisor import RestartPolicy, State, Supervisor
-from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.runtime.executor import WorkerError
 
 FAST = RestartPolicy(max_restarts=2, backoff_s=0.01, health_check_s=0.02, stable_s=60)
@@ -27,6 +31,7 @@ class FakeEngine:
         self.reqs, self.die, self.step_s, self.stream = {}, False, step_s, False
         self.killed = self.stopped = False
         self.blocks = SimpleNamespace(num_blocks=8, num_free=8)
+        self.precision = SimpleNamespace(label="fake")
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.aborts = []
 
@@ -48,13 +53,13 @@ class FakeEngine:
             done = len(toks) >= limit
             if done:
                 del self.reqs[rid]
-            outs.append(_out(rid, toks, done))
+            outs.append(_delta(rid, [toks[-1]], done))
         return outs
 
     def abort_request(self, rid):
         self.aborts.append(rid)
         req = self.reqs.pop(rid, None)
-        return None if req is None else _out(rid, req[1], True, "abort")
+        return None if req is None else _delta(rid, [], True, "abort")
 
     def check_health(self, timeout_s):
         if self.die:
@@ -64,9 +69,49 @@ class FakeEngine:
         self.killed, self.stopped = kill, True
 
 
-def _out(rid, toks, done, reason="length"):
-    return RequestOutput(rid, None, [1], [CompletionOutput(0, "", list(toks),
-                                                           reason if done else None)], done)
+def _delta(rid, new, done, reason="length"):
+    return RequestDelta(rid, [SeqDelta(0, new, None, reason if done else None)], done)
+
+
+class ThreadCore:
+    """An engine core on a thread (``engine/core.serve``) with the pipe surface of a core
+    process; ``kill`` closes the API side's pipe, which stops the core at its next read."""
+
+    pid = 0
+
+    def __init__(self, build, health_check_s=0.02):
+        core_in, api_out = os.pipe()
+        api_in, core_out = os.pipe()
+        self.api = Pipes(Connection(api_in, writable=False), Connection(api_out, readable=False))
+        core = Pipes(Connection(core_in, writable=False), Connection(core_out, readable=False))
+
+        def run():
+            try:
+                serve(core, build, health_check_s, 1.0)
+            finally:
+                core.conn_out.close()
+                core.conn_in.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def send(self, msg):
+        self.api.send(msg)
+
+    def recv(self):
+        return self.api.recv()
+
+    def exit_code(self, wait_s=0.0):
+        self.thread.join(wait_s)
+        return None if self.thread.is_alive() else 0
+
+    def kill(self):
+        self.api.conn_out.close()
+
+    def reap(self, timeout_s=10.0):
+        if not self.api.conn_out.closed:
+            self.api.conn_out.close()
+        self.thread.join(timeout_s)
 
 
 class Factory:
@@ -123,7 +168,8 @@ def test_the_health_check_finds_a_hung_idle_group():
 
 
 def _engine(factory=None):
-    return AsyncLLMEngine(factory or Factory(), "m", FAST)
+    factory = factory or Factory()
+    return AsyncLLMEngine(lambda: ThreadCore(factory), "m", FAST, answer_timeout_s=1.0)
 
 
 async def _collect(engine, rid, max_tokens=5, tokens=(1,)):
@@ -209,4 +255,4 @@ def test_an_exception_in_the_abort_path_does_not_stop_the_loop():
 
 def test_a_first_start_that_fails_raises():
     with pytest.raises(ValueError, match="truncated"):
-        AsyncLLMEngine(Factory(fail_after=0), "m", FAST)
+        _engine(Factory(fail_after=0))

@@ -24,6 +24,7 @@ from shardserve.api.auth import Principal
 from shardserve.api.errors import APIError
 from shardserve.api.metrics import RequestTimer
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest, RequestFailed
+from shardserve.engine.request_state import OutputKind
 from shardserve.engine.validation import check_generation, check_inputs
 from shardserve.outputs import RequestOutput
 
@@ -83,14 +84,12 @@ class Generation:
     async def first(self) -> None:
         """Wait for the first output (the request is queued until then)."""
         self._first = await within(anext(self._outputs), self.deadline)
-        self._timer.observe(self._first)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         out = self._first
         yield out
         while not out.finished:
             out = await within(anext(self._outputs), self.deadline)
-            self._timer.observe(out)
             yield out
 
     async def aclose(self) -> None:
@@ -110,9 +109,11 @@ async def within(awaitable: Awaitable[T], deadline: float) -> T:
 
 
 async def start_generation(request: Request, dep, ids: list[int], params, request_id: str,
-                           prompt: str | None, who: Principal,
-                           param: str = "prompt") -> Generation:
-    """Admit a generation and wait for its first output; refusals raise ``APIError``."""
+                           prompt: str | None, who: Principal, param: str = "prompt",
+                           stream: bool = False) -> Generation:
+    """Admit a generation and wait for its first output; refusals raise ``APIError``. With
+    ``stream`` the outputs are deltas (new tokens and text only); without, there is one
+    output, the final one."""
     limits, name = request.app.state.limits, dep.config.name
     if params.n > limits.max_n:
         raise APIError(400, f"n may be at most {limits.max_n}", "n", "invalid_value")
@@ -125,9 +126,11 @@ async def start_generation(request: Request, dep, ids: list[int], params, reques
     if dep.inflight >= limits.max_queue + len(dep.replicas) * dep.config.max_num_seqs:
         raise _queue_full(name)
     ticket = Ticket(replica)
-    timer = RequestTimer(request.app.state.metrics, name)
+    timer = RequestTimer(request.app.state.metrics, name, len(ids))
     timer.metrics.replica_requests.labels(name, str(dep.replicas.index(replica))).inc()
-    gen = Generation(replica.engine.generate(ids, params, request_id, prompt, who.tenant),
+    kind = OutputKind.DELTA if stream else OutputKind.FINAL
+    gen = Generation(replica.engine.generate(ids, params, request_id, prompt, who.tenant, kind,
+                                             timer.observe),
                      ticket, time.monotonic() + limits.request_timeout_s, timer)
     try:
         await until_disconnected(request, gen.first())

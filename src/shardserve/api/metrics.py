@@ -63,32 +63,34 @@ class _Only:
 
 @dataclass
 class RequestTimer:
-    """Follows one request's outputs and records its latencies when it ends."""
+    """Follows one request's deltas as they arrive from the engine (however its outputs are
+    delivered) and records its latencies."""
 
     metrics: Metrics
     model: str
+    prompt_tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
     last: float | None = None
     tokens: int = 0
 
-    def observe(self, out) -> None:
-        now = time.perf_counter()
-        tokens = sum(len(c.token_ids) for c in out.outputs)
-        new = tokens - self.tokens
+    def observe(self, at: float, delta) -> None:
+        """``delta`` (a ``RequestDelta``) arrived at ``at`` (``time.perf_counter``)."""
+        new = sum(len(s.token_ids) for s in delta.seqs)
         if new > 0:
             if self.last is None:
-                self.metrics.ttft.labels(self.model).observe(now - self.start)
+                self.metrics.ttft.labels(self.model).observe(at - self.start)
             else:
                 for _ in range(new):
-                    self.metrics.itl.labels(self.model).observe((now - self.last) / new)
-            self.last, self.tokens = now, tokens
-        if out.finished:
-            m = self.metrics
-            m.e2e.labels(self.model).observe(now - self.start)
-            m.prompt_tokens.labels(self.model).inc(len(out.prompt_token_ids))
-            m.generation_tokens.labels(self.model).inc(tokens)
-            for c in out.outputs:
-                m.requests.labels(self.model, c.finish_reason or "unknown").inc()
+                    self.metrics.itl.labels(self.model).observe((at - self.last) / new)
+            self.last, self.tokens = at, self.tokens + new
+        m = self.metrics
+        for s in delta.seqs:
+            if s.finish_reason is not None:
+                m.requests.labels(self.model, s.finish_reason).inc()
+        if delta.finished:
+            m.e2e.labels(self.model).observe(at - self.start)
+            m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+            m.generation_tokens.labels(self.model).inc(self.tokens)
 
 
 class _HostCollector:

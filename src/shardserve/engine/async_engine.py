@@ -1,233 +1,253 @@
-"""asyncio front of the engine: streaming outputs, cancellation, and a supervised engine.
+"""asyncio front of one replica's engine core: streaming outputs, cancellation, supervision.
 
-The engine is not thread-safe and its steps block, so it runs on one thread of its own: it
-takes commands (add, abort, stop) from a queue between steps and hands each request's outputs
-to that request's asyncio queue. Every engine call happens on that thread.
+The engine runs in a core process of its own (``engine/core.py``); this object, in the API
+process, sends it requests and aborts, and a reader thread receives one ``CoreOutputs`` per
+core step. The reader only queues each request's deltas and wakes the waiting coroutines with
+one ``call_soon_threadsafe`` per step; the coroutine turns deltas into outputs (detokenizing
+incrementally, ``engine/request_state.py``) when it runs, merging several steps if it fell
+behind. Nothing of the engine's loop runs on the event loop or holds this process's GIL.
 
-Every request gets exactly one ending: its last output, or an exception put on its queue
-(``InvalidRequest`` at admission, ``RequestFailed`` when it failed alone, ``EngineUnavailable``
-when the group failed or the model is being unloaded). When the group fails (a ``WorkerError``
-from a step, or the supervisor's health check) every in-flight request ends with
-``EngineUnavailable`` at once and the supervisor starts a new group; requests that arrive
-meanwhile are refused the same way. Once stopped, ``generate`` refuses at once: nothing is
-queued to a loop that will not read it.
+Every request gets exactly one ending: its last output, or an exception (``InvalidRequest`` at
+admission, ``RequestFailed`` when it failed alone, ``EngineUnavailable`` when the core or its
+workers failed or the model is being unloaded). When the core is lost (it reported a failed
+worker group, exited, or missed the supervisor's health check) every request it held ends with
+``EngineUnavailable`` at once and the supervisor starts a new core; requests that arrive
+meanwhile are refused the same way. Once stopped, ``generate`` refuses at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
+import itertools
 import logging
-import queue
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
+from shardserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from shardserve.engine.core_client import CoreClient, Process
+from shardserve.engine.core_messages import Abort, AddRequest, CoreInit, CoreOutputs, RequestDelta
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest, RequestFailed
-from shardserve.engine.llm_engine import LLMEngine
+from shardserve.engine.request_state import OutputKind, RequestState
 from shardserve.engine.supervisor import RestartPolicy, Status, Supervisor
 from shardserve.outputs import RequestOutput
-from shardserve.runtime.executor import WorkerError
+from shardserve.runtime.devices import Device
+from shardserve.runtime.process import Child
 from shardserve.sampling_params import SamplingParams
 
-log = logging.getLogger(__name__)
-_IDLE_WAIT_S = 0.5  # how often an idle loop looks for a replaced engine
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def put(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+_REFUSALS = {"invalid": InvalidRequest, "unavailable": EngineUnavailable,
+             "failed": RequestFailed}
 
 
 @dataclass(frozen=True)
 class Load:
-    """What the loop last saw, for metrics (read from any thread without touching the
-    engine)."""
+    """What the core last reported, for metrics."""
 
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
 
 
+class _Stream:
+    """One request's link from the reader thread to its coroutine."""
+
+    def __init__(self, state: RequestState, client: CoreClient) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.state, self.client = state, client
+        # (arrival time, a delta or the exception that ends the request)
+        self.pending: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+
+    @property
+    def wakes_each_step(self) -> bool:
+        return self.state.kind is not OutputKind.FINAL
+
+
 class AsyncLLMEngine:
-    def __init__(self, factory: Callable[[], LLMEngine], name: str = "llm",
-                 policy: RestartPolicy | None = None) -> None:
-        """``factory`` builds the engine (and again after a failure); the first build's error
-        is raised here."""
-        self.name = name
-        self._sup = Supervisor(name, factory, policy or RestartPolicy())
-        self._engine: LLMEngine | None = self._sup.start()
-        self._engine.stream = True
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()  # orders "closed" against commands put in the queue
-        self._closed = False
-        self._drain_until: float | None = None  # set by stop: finish by then, abort after
+    def __init__(self, launch: Callable[[], Process], name: str = "llm",
+                 policy: RestartPolicy | None = None, tokenizer=None,
+                 answer_timeout_s: float = 300.0) -> None:
+        """``launch`` starts a core (and again after a failure); the first start's error is
+        raised here. ``answer_timeout_s``: the longest one step may take."""
+        self.name, self.tokenizer = name, tokenizer
         self.load = Load()
-        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+        self._streams: dict[str, _Stream] = {}
+        self._acks: dict[int, tuple[asyncio.Future, CoreClient]] = {}
+        self._ack_ids = itertools.count()
+        self._lock = threading.Lock()  # streams, acks and "closed", across threads
+        self._closed = False
+
+        def start() -> CoreClient:
+            return CoreClient(launch(), self._on_outputs, self._on_lost,
+                              answer_timeout_s).start()
+
+        self._sup: Supervisor[CoreClient] = Supervisor(name, start,
+                                                       policy or RestartPolicy())
+        self._sup.start()
+
+    @classmethod
+    def spawn(cls, model: ModelConfig, devices: list[Device], cache: CacheConfig,
+              scheduler: SchedulerConfig, name: str, label: str, tokenizer=None,
+              policy: RestartPolicy | None = None, step_timeout_s: float = 300.0,
+              cpus: list[int] | None = None) -> AsyncLLMEngine:
+        """``model`` at tp = len(``devices``), its engine core a process of its own (on
+        ``cpus`` if given); ``label`` names the core and its workers for ``ps``."""
+        policy = policy or RestartPolicy()
+        init = CoreInit(_fields(model), len(devices), [_fields(d) for d in devices],
+                        _fields(cache), _fields(scheduler), label, step_timeout_s,
+                        policy.health_check_s, policy.ping_timeout_s, list(cpus or []),
+                        logging.getLogger().getEffectiveLevel())
+
+        def launch() -> Child:
+            core = Child("shardserve.engine.core", f"{label}:core",
+                         dict(os.environ, OMP_NUM_THREADS="1"))
+            core.send(init)
+            return core
+
+        return cls(launch, name, policy, tokenizer, step_timeout_s)
 
     @property
     def status(self) -> Status:
         return self._sup.status
 
     @property
-    def engine(self) -> LLMEngine | None:
-        """The engine now (None while restarting): owned by the loop thread, for inspection
-        only."""
-        return self._engine
+    def core(self) -> CoreClient | None:
+        """The core serving now (None while restarting)."""
+        return self._sup.engine
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, prompt: str | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that changed it; the last
-        one has ``finished`` set. Raises ``InvalidRequest``, ``RequestFailed`` or
-        ``EngineUnavailable``. Leaving the iteration early aborts the request."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._put(("add", request_id, prompt_token_ids, params, prompt, cache_salt, stream))
-        finished = False
+                       cache_salt: str | None = None,
+                       kind: OutputKind = OutputKind.CUMULATIVE,
+                       observe: Callable[[float, RequestDelta], None] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs of ``kind``; the last has ``finished`` set. Raises
+        ``InvalidRequest``, ``RequestFailed`` or ``EngineUnavailable``. Leaving the iteration
+        early aborts the request. ``observe`` sees each delta with the time it arrived from
+        the core (``time.perf_counter``), for latency metrics."""
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer,
+                             kind)
+        stream = self._register(request_id, state)
+        stream.client.send(AddRequest(request_id, list(prompt_token_ids),
+                                      dataclasses.asdict(params), prompt, cache_salt))
         try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                if item.error is not None:
-                    raise RequestFailed(item.error)
-                yield item
+            while not state.finished:
+                await stream.ready.wait()
+                stream.ready.clear()
+                while stream.pending:
+                    at, item = stream.pending.popleft()
+                    if isinstance(item, BaseException):
+                        raise item
+                    state.update(item)
+                    if observe is not None:
+                        observe(at, item)
+                if state.error is not None and state.finished:
+                    raise RequestFailed(state.error)
+                out = state.output()
+                if out is not None:
+                    yield out
         finally:
-            if not finished:  # the caller went away: free its blocks
-                self._put(("abort", request_id, None), quiet=True)
+            with self._lock:
+                gone = self._streams.pop(request_id, None) is stream
+            if gone and not state.finished:  # the caller went away: free its blocks
+                stream.client.send(Abort([request_id]))
+
+    def _register(self, request_id: str, state: RequestState) -> _Stream:
+        with self._lock:
+            if self._closed:
+                raise EngineUnavailable(f"model `{self.name}` was unloaded")
+            client = self._sup.engine
+            if client is None:
+                raise self._unavailable()
+            if request_id in self._streams:
+                raise InvalidRequest(f"request_id {request_id!r} is already running")
+            stream = self._streams[request_id] = _Stream(state, client)
+        return stream
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; when this returns its blocks are free."""
-        done = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        if self._put(("abort", request_id, done), quiet=True):
-            await done.queue.get()
+        with self._lock:
+            client = self._sup.engine
+            if self._closed or client is None:
+                return
+            n = next(self._ack_ids)
+            done = asyncio.get_running_loop().create_future()
+            self._acks[n] = (done, client)
+        client.send(Abort([request_id], ack=n))
+        await done
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new requests, let the running ones finish for up to ``drain_timeout_s``
-        (then abort them), then stop the workers."""
-        self._put(("stop", time.monotonic() + drain_timeout_s), quiet=True)
-        self._thread.join()
-
-    def _put(self, cmd: tuple, quiet: bool = False) -> bool:
+        (then end them), then stop the core and its workers. Blocks: call it off the event
+        loop."""
         with self._lock:
-            if not self._closed:
-                self._commands.put(cmd)
-                return True
-        if not quiet:
-            raise EngineUnavailable(f"model `{self.name}` was unloaded")
-        return False
+            self._closed = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._end(lambda s: True, EngineUnavailable(
+            f"model `{self.name}` was unloaded before the request finished"))
+        self._sup.close()
+        self.load = Load()
 
-    # -- the loop thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while not (self._drain_until is not None and not self._busy()):
-                try:
-                    self._sync_engine()
-                    self._drain(block=not self._busy())
-                    if self._drain_until is not None and time.monotonic() > self._drain_until:
-                        self._end_all(EngineUnavailable(
-                            f"model `{self.name}` was unloaded before the request finished"))
-                    if self._busy():
-                        self._deliver(self._engine.step())
-                    self._measure()
-                except Exception as e:  # the group failed (or the loop has a bug)
-                    self._lost(e)
-        finally:
-            self._close()
+    # -- the reader thread -----------------------------------------------------------------
+    def _on_outputs(self, client: CoreClient, msg: CoreOutputs) -> None:
+        woken: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        now = time.perf_counter()
+        with self._lock:
+            for delta in msg.outputs:
+                stream = self._streams.get(delta.request_id)
+                if stream is None or stream.client is not client:
+                    continue
+                stream.pending.append((now, delta))
+                if delta.finished:
+                    del self._streams[delta.request_id]
+                if delta.finished or stream.wakes_each_step:
+                    woken[stream.loop].append(stream.ready.set)
+            for r in msg.refused:
+                stream = self._streams.pop(r.request_id, None)
+                if stream is not None:
+                    stream.pending.append((now, _REFUSALS[r.kind](r.message, *(
+                        [r.param] if r.kind == "invalid" else []))))
+                    woken[stream.loop].append(stream.ready.set)
+            for n in msg.acks:
+                done, _ = self._acks.pop(n, (None, None))
+                if done is not None:
+                    woken[done.get_loop()].append(_resolver(done))
+            if client is self._sup.engine:
+                self.load = Load(int(msg.load[0]), int(msg.load[1]), float(msg.load[2]))
+        for loop, calls in woken.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+                loop.call_soon_threadsafe(_call_all, calls)
 
-    def _busy(self) -> bool:
-        return self._engine is not None and self._engine.has_unfinished()
+    def _on_lost(self, client: CoreClient, error: Exception) -> None:
+        self._sup.fail(client, error)
+        self._end(lambda s: s.client is client, None, client)
 
-    def _sync_engine(self) -> None:
-        """Pick up the engine the supervisor holds now (None while restarting)."""
-        engine = self._sup.engine
-        if engine is not self._engine:
-            if self._engine is not None:  # replaced behind our back: the old group is gone
-                self._end_all(self._unavailable())
-            self._engine = engine
-            if engine is not None:
-                engine.stream = True
-
-    def _drain(self, block: bool) -> None:
-        """Apply queued commands, waiting a little for one if ``block``."""
-        while True:
-            try:
-                cmd = self._commands.get(timeout=_IDLE_WAIT_S) if block \
-                    else self._commands.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if cmd[0] == "stop":
-                self._drain_until = cmd[1]
-            elif cmd[0] == "add":
-                self._add(*cmd[1:])
-            else:
-                self._abort(*cmd[1:])
-
-    def _add(self, request_id, tokens, params, prompt, salt, stream: _Stream) -> None:
-        try:
-            if self._drain_until is not None:
-                raise EngineUnavailable(f"model `{self.name}` is being unloaded")
-            self._sync_engine()
-            if self._engine is None:
-                raise self._unavailable()
-            self._engine.add_request(request_id, tokens, params, prompt, salt)
-        except (InvalidRequest, EngineUnavailable) as e:
-            stream.put(e)
-            return
-        except Exception as e:  # a bug in admission: this request's, not the group's
-            log.exception("%s: adding request %s failed", self.name, request_id)
-            stream.put(RequestFailed(f"internal error while admitting it "
-                                     f"({type(e).__name__})"))
-            return
-        self._streams[request_id] = stream
-
-    def _abort(self, request_id: str, done: _Stream | None) -> None:
-        try:
-            out = None if self._engine is None else self._engine.abort_request(request_id)
-            stream = self._streams.pop(request_id, None)  # (kept if the abort raised)
-            if stream is not None:
-                stream.put(out if out is not None else RequestFailed("the request was aborted"))
-        finally:
-            if done is not None:
-                done.put(None)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
-                if out.finished:
-                    del self._streams[out.request_id]
-
-    def _measure(self) -> None:
-        e = self._engine
-        if e is None:
-            self.load = Load()
-            return
-        used = e.blocks.num_blocks - e.blocks.num_free
-        self.load = Load(len(e.scheduler.running), len(e.scheduler.waiting),
-                         used / e.blocks.num_blocks)
-
-    def _lost(self, error: Exception) -> None:
-        """The group (or this loop) failed: end every request now, let the supervisor
-        restart it."""
-        if not isinstance(error, WorkerError):
-            log.exception("%s: the engine loop failed; restarting the group", self.name)
-        engine, self._engine = self._engine, None
-        self._sup.fail(engine, error)
-        self._end_all(self._unavailable())
+    def _end(self, which: Callable[[_Stream], bool], error: Exception | None,
+             client: CoreClient | None = None) -> None:
+        """End the streams ``which`` picks with ``error`` (default: the model is
+        unavailable, with the supervisor's reason), and release the aborts waiting on
+        ``client`` (all, without one)."""
+        woken: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        with self._lock:
+            for request_id, stream in list(self._streams.items()):
+                if which(stream):
+                    del self._streams[request_id]
+                    stream.pending.append((0.0, error or self._unavailable()))
+                    woken[stream.loop].append(stream.ready.set)
+            for n, (done, owner) in list(self._acks.items()):
+                if client is None or owner is client:
+                    del self._acks[n]
+                    woken[done.get_loop()].append(_resolver(done))
+        for loop, calls in woken.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_call_all, calls)
 
     def _unavailable(self) -> EngineUnavailable:
         status = self._sup.status
@@ -237,34 +257,15 @@ class AsyncLLMEngine:
         why = f" ({status.reason})" if status.reason else ""
         return EngineUnavailable(f"model `{self.name}` {what}{why}; retry later")
 
-    def _end_all(self, error: Exception) -> None:
-        for request_id, stream in list(self._streams.items()):
-            if self._engine is not None:
-                self._engine.abort_request(request_id)
-            stream.put(error)
-        self._streams.clear()
 
-    def _close(self) -> None:
-        """After the loop: refuse what is still queued, end what is still open, stop the
-        workers."""
-        with self._lock:
-            self._closed = True
-        gone = EngineUnavailable(f"model `{self.name}` was unloaded")
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if cmd[0] == "add":
-                cmd[-1].put(gone)
-            elif cmd[0] == "abort" and cmd[2] is not None:
-                cmd[2].put(None)
-        try:
-            self._end_all(gone)
-        except Exception:
-            log.exception("%s: ending requests at unload failed", self.name)
-            for stream in self._streams.values():
-                stream.put(gone)
-        self._engine = None
-        self._sup.close()
-        self.load = Load()
+def _fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _resolver(done: asyncio.Future) -> Callable[[], None]:
+    return lambda: done.done() or done.set_result(None)
+
+
+def _call_all(calls: list[Callable[[], object]]) -> None:
+    for call in calls:
+        call()

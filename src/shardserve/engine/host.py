@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
 from shardserve.config import (
-    CacheConfig,
     DeploymentConfig,
     ModelConfig,
     ParallelConfig,
-    SchedulerConfig,
 )
 from shardserve.engine.async_encoder import AsyncEncoder
 from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.engine.encoder_engine import EncoderEngine
 from shardserve.engine.errors import EngineUnavailable
-from shardserve.engine.llm_engine import LLMEngine
 from shardserve.engine.pipeline import Pipeline, PipelineConfig
 from shardserve.engine.supervisor import RestartPolicy, State
 from shardserve.engine.tokenizer import load_chat_template, load_tokenizer
@@ -119,15 +117,16 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
         return Need(cfg.name, cfg.tp, weights + act)
     act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
                            cfg.max_num_seqs)
-    block = CacheConfig().block_size
+    block = cfg.block_size
     blocks = cfg.max_num_seqs * -(-model.context_len // block)
     kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, dtype)
     return Need(cfg.name, cfg.tp, weights + act + kv)
 
 
 def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],
-                   key: str, tokenizer) -> AsyncLLMEngine | AsyncEncoder:
-    """Start one replica's supervised engine on ``devices``; ``key`` labels its workers."""
+                   key: str, tokenizer, spare_cores: list[int]) -> AsyncLLMEngine | AsyncEncoder:
+    """Start one replica's supervised engine on ``devices``; ``key`` labels its processes.
+    An LLM's engine core runs on ``spare_cores`` (if any: the cores no device has)."""
     parallel, policy = ParallelConfig(cfg.tp), RestartPolicy(max_restarts=cfg.max_restarts)
     if model.is_encoder:
         def encoder() -> EncoderEngine:
@@ -139,17 +138,16 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
         return AsyncEncoder(encoder, cfg.max_batch_size, cfg.max_queue_delay_ms,
                             cfg.preferred_batch_sizes, cfg.name, policy)
 
-    def llm() -> LLMEngine:
-        return LLMEngine(model, parallel, devices, CacheConfig(),
-                         SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
-                         tokenizer, key, cfg.step_timeout_s)
-
-    return AsyncLLMEngine(llm, cfg.name, policy)
+    return AsyncLLMEngine.spawn(model, devices[:cfg.tp], cfg.cache_config(),
+                                cfg.scheduler_config(), cfg.name, key, tokenizer, policy,
+                                cfg.step_timeout_s, spare_cores)
 
 
 class ModelHost:
     def __init__(self, devices: list[Device]) -> None:
         self.devices = {d.name: d for d in devices}
+        self.spare_cores = sorted(set(os.sched_getaffinity(0)).difference(
+            *(d.cores for d in devices)))
         self.plan = Plan({d.name: d.memory_budget for d in devices})
         self.deployments: dict[str, Deployment] = {}
         self.pipelines: dict[str, Pipeline] = {}
@@ -175,7 +173,7 @@ class ModelHost:
                                                    memory_budget=need.bytes_per_device)
                                for n in names]
                     replicas.append(Replica(_start_replica(cfg, model, devices, key,
-                                                           tokenizer), names))
+                                                           tokenizer, self.spare_cores), names))
             except BaseException as e:
                 for r in replicas:
                     r.shutdown(0)

@@ -6,6 +6,11 @@ appends the sampled tokens, applies the stop conditions, frees what finished and
 request's other ``n - 1`` completions once its prompt is in the cache (they then take the
 prompt's blocks from the prefix cache instead of computing them again).
 
+A step returns deltas (``RequestDelta``: each updated request's new tokens, logprobs and
+finish reasons), never whole outputs: the consumer builds those (``engine/request_state.py``),
+in this process for ``LLM`` or in the API process for a served engine core. Text is decoded
+here only to match stop strings.
+
 A request's failure is that request's: a sequence the sampler could not serve, or whose
 postprocessing raised, ends its request with an error and the batch goes on; a step the
 workers raised on (with every rank still answering) fails the requests of that step only.
@@ -26,11 +31,12 @@ from shardserve.config import (
     SchedulerConfig,
 )
 from shardserve.engine.block_manager import BlockManager
+from shardserve.engine.core_messages import RequestDelta, SeqDelta
+from shardserve.engine.detokenizer import Detokenizer
 from shardserve.engine.errors import InvalidRequest
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.sequence import Sequence
 from shardserve.engine.validation import check_generation
-from shardserve.outputs import CompletionOutput, RequestOutput
 from shardserve.planner.memory import (
     activation_bytes,
     format_bytes,
@@ -97,7 +103,6 @@ class LLMEngine:
         self._finished_ids: list[str] = []  # to tell the workers with the next step
         self._arrivals = 0
         self.stats = EngineStats()
-        self.stream = False  # build outputs for every updated request, not only finished ones
 
     def _plan(self, model: ModelConfig, parallel: ParallelConfig,
               device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig):
@@ -152,7 +157,7 @@ class LLMEngine:
                                  f"{self.blocks.num_blocks}: lower max_tokens or the prompt",
                                  "max_tokens")
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str) -> RequestDelta | None:
         """Stop a request now: its blocks are free when this returns."""
         req = self.requests.pop(request_id, None)
         if req is None:
@@ -162,7 +167,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
                 self._forget(seq)
         self._release_if_idle()
-        return self._output(req)
+        return self._delta(req)
 
     def _release_if_idle(self) -> None:
         """Finished sequences' worker state is dropped with the next step; with no next step
@@ -178,9 +183,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # -- the loop --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Schedule, execute, postprocess: one batch. Returns the finished requests' outputs
-        (and, with ``stream``, every updated request's)."""
+    def step(self) -> list[RequestDelta]:
+        """Schedule, execute, postprocess: one batch. Returns a delta for every request the
+        step changed."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
@@ -234,7 +239,7 @@ class LLMEngine:
         seed = seq.params.seed
         return seq.params.to_wire(None if seed is None else seed + seq.index)
 
-    def _postprocess(self, sched: SchedulerOutput, out: StepOutput) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, out: StepOutput) -> list[RequestDelta]:
         for item in sched.scheduled:
             seq = item.seq
             seq.num_computed += item.num_tokens
@@ -259,23 +264,21 @@ class LLMEngine:
                     self.scheduler.add(sib, front=True)
                 req.pending = []
         self.stats.generation_tokens += len(out.req_ids) - len(out.failed)
-        outputs = []
+        deltas = []
         for req in updated.values():
-            done = all(s.finished for s in req.seqs)
-            if done:
+            if all(s.finished for s in req.seqs):
                 del self.requests[req.request_id]
-            if done or self.stream:
-                outputs.append(self._output(req))
-        return outputs
+            deltas.append(self._delta(req))
+        return deltas
 
-    def _fail_step(self, sched: SchedulerOutput, error: str) -> list[RequestOutput]:
+    def _fail_step(self, sched: SchedulerOutput, error: str) -> list[RequestDelta]:
         """End every request of a step the workers raised on; the rest go on."""
         failed = {item.seq.request_id: self.requests[item.seq.request_id]
                   for item in sched.scheduled if item.seq.request_id in self.requests}
         for req in failed.values():
             self._fail_request(req, _SequenceFailed(f"the step running it failed ({error})"))
             del self.requests[req.request_id]
-        return [self._output(req) for req in failed.values()]
+        return [self._delta(req) for req in failed.values()]
 
     def _fail_request(self, req: _Request, error: Exception) -> None:
         """Finish all of ``req``'s sequences with an error; the output says why."""
@@ -308,29 +311,16 @@ class LLMEngine:
             self._forget(seq)
 
     def _check_stop_strings(self, seq: Sequence) -> None:
-        old = len(seq.text)
-        self._detokenize(seq)
+        if seq.detok is None:
+            seq.detok = Detokenizer(self.tokenizer, seq.params.skip_special_tokens)
+        old = len(seq.detok.text)
+        seq.detok.push(seq.output_token_ids[-1:])
+        text = seq.detok.text
         # Only text that is new this step can complete a match.
         start = max(0, old - max(map(len, seq.params.stop)) + 1)
-        hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
+        hits = [i for i in (text.find(s, start) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.finish_reason, seq.stop_text_len = "stop", min(hits)
-
-    def _detokenize(self, seq: Sequence, final: bool = False) -> None:
-        """Extend ``seq.text`` by the tokens sampled since the last call, decoding only a short
-        window (the previous piece for context, then the new tokens) so a long output costs
-        linear time, not quadratic. Tokens that end inside a multi-byte character wait for the
-        rest unless ``final``."""
-        ids = seq.output_token_ids
-        if seq.read_offset == len(ids):
-            return
-        skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset],
-                                       skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-        if final or (len(full) > len(prefix) and not full.endswith("\ufffd")):
-            seq.text += full[len(prefix):]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
     def _forget(self, seq: Sequence) -> None:
         self._known.pop(seq.seq_id, None)
@@ -340,22 +330,25 @@ class LLMEngine:
         self.seqs.pop(seq.seq_id, None)
 
     # -- outputs ---------------------------------------------------------------------------
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, self._text(s), list(s.output_token_ids),
-                                 s.finish_reason if s.finished else None,
-                                 list(s.logprobs) if s.params.logprobs is not None else None)
-                for s in req.seqs]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             all(s.finished for s in req.seqs),
-                             sum(s.num_cached_prompt for s in req.seqs), req.error)
-
-    def _text(self, seq: Sequence) -> str:
-        if self.tokenizer is None or seq.finish_reason == "error":
-            return seq.text if seq.stop_text_len is None else seq.text[:seq.stop_text_len]
-        self._detokenize(seq, final=seq.finished)  # unfinished: hold back a partial character
-        if seq.stop_text_len is not None:
-            return seq.text[:seq.stop_text_len]
-        return seq.text
+    def _delta(self, req: _Request) -> RequestDelta:
+        """What changed in ``req`` since its last delta: every sequence with new tokens or a
+        new finish."""
+        seqs = []
+        for s in req.seqs:
+            if s.num_reported < 0:  # finished and reported
+                continue
+            new = s.output_token_ids[s.num_reported:]
+            if not new and not s.finished:
+                continue
+            logprobs = None
+            if s.params.logprobs is not None:
+                logprobs, s.logprobs = s.logprobs, []
+            seqs.append(SeqDelta(s.index, new, logprobs, s.finish_reason if s.finished else None,
+                                 s.stop_text_len))
+            # -1 once the finish is reported: a finished sequence is never reported again
+            s.num_reported = -1 if s.finished else len(s.output_token_ids)
+        return RequestDelta(req.request_id, seqs, all(s.finished for s in req.seqs),
+                            sum(s.num_cached_prompt for s in req.seqs), req.error)
 
     def check_health(self, timeout_s: float) -> None:
         self.executor.check_health(timeout_s)

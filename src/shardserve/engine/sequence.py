@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from shardserve.engine.detokenizer import Detokenizer
 from shardserve.sampling_params import SamplingParams
 
 
@@ -24,16 +25,13 @@ class Sequence:
     params: SamplingParams
     arrival: int  # arrival order, for first-come-first-served
     output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # not yet reported
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in the cache
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_text_len: int | None = None  # output text is cut here when a stop string matched
-    # Incremental detokenization (LLMEngine._detokenize): ``text`` is the decoded output up to
-    # ``read_offset`` tokens; decoding restarts at ``prefix_offset`` for context.
-    text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detok: Detokenizer | None = None  # the output's text, kept only to match stop strings
+    num_reported: int = 0  # output tokens already sent in a delta
     num_preemptions: int = 0
     num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache
     cache_salt: str | None = None  # prefix-cache namespace (the tenant): no sharing across

@@ -101,10 +101,10 @@ class Supervisor(Generic[E]):
             self._failures = 1 if stable else self._failures + 1
             if self._failures > self.policy.max_restarts:
                 self._set(State.FAILED, f"gave up after {self.policy.max_restarts} restarts "
-                                        f"that failed soon; last: {_one_line(error)}")
+                                        f"that failed soon; last: {one_line(error)}")
             else:
-                self._set(State.RESTARTING, _one_line(error))
-        log.warning("%s: workers failed (%s); %s", self.name, _one_line(error),
+                self._set(State.RESTARTING, one_line(error))
+        log.warning("%s: workers failed (%s); %s", self.name, one_line(error),
                     self.state.value.lower())
         _shutdown(engine, kill=True)
         self._wake.set()
@@ -154,15 +154,15 @@ class Supervisor(Generic[E]):
         try:
             engine = self.factory()
         except Exception as e:
-            log.warning("%s: restart %d failed: %s", self.name, self._failures, _one_line(e))
+            log.warning("%s: restart %d failed: %s", self.name, self._failures, one_line(e))
             with self._lock:
                 self._failures += 1
                 gave_up = self._failures > self.policy.max_restarts
                 if not self._closed:
                     self._set(State.FAILED if gave_up else State.RESTARTING,
-                              _one_line(e) if not gave_up else
+                              one_line(e) if not gave_up else
                               f"gave up after {self.policy.max_restarts} failed restarts; "
-                              f"last: {_one_line(e)}")
+                              f"last: {one_line(e)}")
             return
         with self._lock:
             if self._closed:
@@ -191,6 +191,6 @@ def _shutdown(engine: Supervised, kill: bool) -> None:
         log.exception("shutting down an engine failed")
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return text[:300]

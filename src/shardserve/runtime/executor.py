@@ -23,12 +23,11 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import weakref
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from shardserve.config import ModelConfig
@@ -41,9 +40,8 @@ from shardserve.runtime.messages import (
     StepInput,
     StepOutput,
     WorkerInit,
-    decode,
-    encode,
 )
+from shardserve.runtime.process import Child
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +59,11 @@ class RemoteError(RuntimeError):
 class _Worker:
     def __init__(self, rank: int, device: Device, label: str) -> None:
         self.rank, self.device = rank, device
-        child_in, self_out = os.pipe()
-        self_in, child_out = os.pipe()
         env = dict(os.environ, OMP_NUM_THREADS=str(len(device.cores)),
                    GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "shardserve.runtime.worker", str(child_in),
-             str(child_out), f"{label}:rank{rank}"],
-            pass_fds=(child_in, child_out), env=env, stdin=subprocess.DEVNULL, cwd="/")
-        os.close(child_in)
-        os.close(child_out)
-        self.conn_out = Connection(self_out, readable=False)
-        self.conn_in = Connection(self_in, writable=False)
+        self.child = Child("shardserve.runtime.worker", f"{label}:rank{rank}", env)
+        self.proc, self.conn_in, self.conn_out = self.child.proc, self.child.conn_in, \
+            self.child.conn_out
 
     @property
     def name(self) -> str:
@@ -80,19 +71,16 @@ class _Worker:
 
     def send(self, msg: Any) -> None:
         try:
-            self.conn_out.send_bytes(encode(msg))
+            self.child.send(msg)
         except OSError:  # broken pipe: the process is gone
             raise WorkerError(f"{self.name} died (exit code {self.proc.poll()})") from None
 
     def recv(self) -> Any:
         try:
-            return decode(self.conn_in.recv_bytes())
+            return self.child.recv()
         except (EOFError, OSError):
-            try:
-                code = self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                code = None
-            raise WorkerError(f"{self.name} died (exit code {code})") from None
+            raise WorkerError(f"{self.name} died (exit code {self.child.exit_code(5)})") \
+                from None
 
 
 class Executor:

@@ -105,6 +105,13 @@ _TYPES = {cls.__name__: cls for cls in (NewRequest, StepInput, StepOutput, Worke
                                         Reply, Error, Shutdown)}
 
 
+def register(*classes: type) -> None:
+    """Make more dataclasses decodable (the engine core's messages). A name is one class."""
+    for cls in classes:
+        if _TYPES.setdefault(cls.__name__, cls) is not cls:
+            raise ValueError(f"message type {cls.__name__!r} is registered already")
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         arr = np.ascontiguousarray(obj)

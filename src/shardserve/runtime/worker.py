@@ -13,9 +13,6 @@ keeps serving: only the executor decides that a group has failed.
 from __future__ import annotations
 
 import os
-import sys
-import threading
-import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -23,23 +20,10 @@ from multiprocessing.connection import Connection
 from shardserve.runtime.messages import Call, Error, Reply, Shutdown, StepInput, WorkerInit
 from shardserve.runtime.messages import decode as _decode
 from shardserve.runtime.messages import encode as _encode
+from shardserve.runtime.process import serve_pipes
 
 # The only methods a Call may name.
 _CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping")
-
-
-def _die_with_parent() -> None:
-    """Exit when the parent process does. (Not PR_SET_PDEATHSIG: it fires when the parent
-    *thread* that spawned us exits, and the server spawns workers from pool threads.)"""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _setup_device(init: WorkerInit):
@@ -111,10 +95,7 @@ def _error(e: Exception) -> Error:
 
 
 def main() -> None:
-    _die_with_parent()
-    fd_in, fd_out = int(sys.argv[1]), int(sys.argv[2])
-    conn_in = Connection(fd_in, writable=False)
-    conn_out = Connection(fd_out, readable=False)
+    conn_in, conn_out = serve_pipes()
     try:
         serve(conn_in, conn_out)
     finally:

@@ -55,9 +55,10 @@ async def completions(body: CompletionRequest, request: Request,
         ids, text = list(body.prompt), None
     params = _params(body, body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    gen = await start_generation(request, dep, ids, params, rid, text, who)
+    gen = await start_generation(request, dep, ids, params, rid, text, who,
+                                 stream=bool(body.stream))
     if body.stream:
-        return EventStream(_completion_chunks(gen, rid, body, dep, params), gen.aclose)
+        return EventStream(_completion_chunks(gen, rid, body), gen.aclose)
     final = await finish(request, gen)
     choices = [{"index": c.index, "text": c.text, "finish_reason": _reason(c.finish_reason),
                 "logprobs": _completion_logprobs(dep, c) if body.logprobs is not None else None}
@@ -73,9 +74,10 @@ async def chat_completions(body: ChatRequest, request: Request,
     prompt, ids = await in_pool(request, chat_prompt, dep, body)
     params = _params(body, (body.top_logprobs or 0) if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    gen = await start_generation(request, dep, ids, params, rid, prompt, who, "messages")
+    gen = await start_generation(request, dep, ids, params, rid, prompt, who, "messages",
+                                 stream=bool(body.stream))
     if body.stream:
-        return EventStream(_chat_chunks(gen, rid, body, params), gen.aclose)
+        return EventStream(_chat_chunks(gen, rid, body), gen.aclose)
     final = await finish(request, gen)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "finish_reason": _reason(c.finish_reason),
@@ -176,9 +178,7 @@ def _reason(reason: str | None) -> str | None:
 
 
 def _usage(out: RequestOutput) -> dict:
-    prompt, completion = len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return _stream_usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
 
 
 def _token_text(dep, token: int) -> str:
@@ -233,48 +233,31 @@ async def _events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _deltas(outputs: AsyncIterator[RequestOutput], params):
-    """(output, [(index, new text, finish_reason)]) per step, one entry for every completion
-    that produced tokens (its text delta may be empty: clients time tokens by chunks). While a
-    completion runs, text that could still become a stop string is held back, so no streamed
-    text is taken back. A finished completion sends its finish_reason once, however long its
-    siblings (n > 1) go on."""
-    hold = max((len(s) for s in params.stop), default=1) - 1
-    sent: dict[int, int] = {}
-    tokens: dict[int, int] = {}
-    done: set[int] = set()
+def _stream_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _completion_chunks(outputs, rid, body) -> AsyncIterator[dict]:
+    """One chunk per completion that moved in a step (its text may be empty: clients time
+    tokens by chunks); a completion's finish_reason comes once. The outputs are deltas
+    (``OutputKind.DELTA``): text that could still become a stop string is held back there."""
+    created, tokens, prompt = int(time.time()), 0, 0
     async for out in outputs:
-        deltas = []
+        prompt = len(out.prompt_token_ids)
         for c in out.outputs:
-            if c.index in done:
-                continue
-            visible = c.text if c.finish_reason else c.text[:max(0, len(c.text) - hold)]
-            start = sent.get(c.index, 0)
-            if len(c.token_ids) > tokens.get(c.index, 0) or c.finish_reason:
-                deltas.append((c.index, visible[start:], _reason(c.finish_reason)))
-                sent[c.index] = max(start, len(visible))
-                tokens[c.index] = len(c.token_ids)
-            if c.finish_reason:
-                done.add(c.index)
-        yield out, deltas
-
-
-async def _completion_chunks(outputs, rid, body, dep, params) -> AsyncIterator[dict]:
-    created, last = int(time.time()), None
-    async for out, deltas in _deltas(outputs, params):
-        last = out
-        for index, text, reason in deltas:
+            tokens += len(c.token_ids)
             yield {"id": rid, "object": "text_completion", "created": created,
-                   "model": body.model, "choices": [{"index": index, "text": text,
-                                                     "finish_reason": reason,
+                   "model": body.model, "choices": [{"index": c.index, "text": c.text,
+                                                     "finish_reason": _reason(c.finish_reason),
                                                      "logprobs": None}]}
-    if body.stream_options and body.stream_options.include_usage and last is not None:
+    if body.stream_options and body.stream_options.include_usage:
         yield {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-               "choices": [], "usage": _usage(last)}
+               "choices": [], "usage": _stream_usage(prompt, tokens)}
 
 
-async def _chat_chunks(outputs, rid, body, params) -> AsyncIterator[dict]:
-    created, last = int(time.time()), None
+async def _chat_chunks(outputs, rid, body) -> AsyncIterator[dict]:
+    created, tokens, prompt = int(time.time()), 0, 0
 
     def chunk(choices: list[dict[str, Any]]) -> dict:
         return {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -282,10 +265,11 @@ async def _chat_chunks(outputs, rid, body, params) -> AsyncIterator[dict]:
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                   "finish_reason": None} for i in range(body.n)])
-    async for out, deltas in _deltas(outputs, params):
-        last = out
-        for index, text, reason in deltas:
-            yield chunk([{"index": index, "delta": {"content": text} if text else {},
-                          "finish_reason": reason}])
-    if body.stream_options and body.stream_options.include_usage and last is not None:
-        yield {**chunk([]), "usage": _usage(last)}
+    async for out in outputs:
+        prompt = len(out.prompt_token_ids)
+        for c in out.outputs:
+            tokens += len(c.token_ids)
+            yield chunk([{"index": c.index, "delta": {"content": c.text} if c.text else {},
+                          "finish_reason": _reason(c.finish_reason)}])
+    if body.stream_options and body.stream_options.include_usage:
+        yield {**chunk([]), "usage": _stream_usage(prompt, tokens)}
