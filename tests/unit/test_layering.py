@@ -18,3 +18,9 @@ def test_the_http_layer_imports_no_torch():
 def test_the_planner_and_scheduler_import_no_torch():
     mods = _imports("shardserve.planner.placement") | _imports("shardserve.engine.scheduler")
     assert "torch" not in mods
+
+
+def test_the_api_side_of_the_engine_core_imports_no_torch():
+    """The server process talks to engine cores, never to torch: the engine's loop and the
+    model live in other processes."""
+    assert "torch" not in _imports("shardserve.engine.async_engine")

@@ -21,8 +21,12 @@ import platform
 import secrets
 import time
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the creator (an engine core) never needs torch; the ranks import it
+    import torch
 
 _LINE = 64  # bytes per flag: one cache line each, so flags do not share lines
 
@@ -58,6 +62,8 @@ class ShmExchange:
             os.close(fd)
         words = np.frombuffer(self._mm, dtype=np.int64, count=size * _LINE // 8)
         self._flags = words[:: _LINE // 8]  # (size,) one per cache line
+        import torch
+
         self._data = torch.frombuffer(self._mm, dtype=torch.uint8, offset=size * _LINE,
                                       count=2 * size * slot_bytes).view(2, size, slot_bytes)
         self._seq = 0
@@ -71,7 +77,7 @@ class ShmExchange:
         n = x.numel() * x.element_size()
         self._seq += 1
         buf = self._data[self._seq % 2]
-        buf[self.rank, :n].copy_(x.contiguous().view(-1).view(torch.uint8))
+        buf[self.rank, :n].copy_(x.contiguous().view(-1).view(buf.dtype))
         self._flags[self.rank] = self._seq
         self._wait(self._seq)
         return [buf[r, :n].view(x.dtype).view(x.shape) for r in range(self.size)]
