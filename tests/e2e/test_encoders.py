@@ -85,8 +85,15 @@ def test_kserve_infer_and_bad_input(server):
     triton = httpclient.InferenceServerClient(url=server.removeprefix("http://"))
     inp = httpclient.InferInput("text_input", [2], "BYTES")
     inp.set_data_from_numpy(np.array(["a cat", "a dog"], dtype=object), binary_data=False)
-    res = triton.infer("mini", [inp]).get_response()["outputs"][0]
+    res = triton.infer("mini", [inp], outputs=[httpclient.InferRequestedOutput(
+        "embedding", binary_data=False)]).get_response()["outputs"][0]
     assert res["name"] == "embedding" and res["shape"] == [2, 384]
+    # the binary tensor data extension, which Triton's client asks for by default: raw
+    # little-endian float32 after the JSON header
+    binary = triton.infer("mini", [inp])
+    assert binary.get_output("embedding")["parameters"]["binary_data_size"] == 2 * 384 * 4
+    np.testing.assert_array_equal(binary.as_numpy("embedding"),
+                                  np.array(res["data"], np.float32).reshape(2, 384))
     url = f"{server}/v2/models/mini/infer"
     ids = {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [101, 4937, 102]}
     assert _post(url, {"inputs": [ids]})[0] == 200
@@ -120,8 +127,9 @@ def test_the_route_pipeline_over_tritonclient(tmp_path):
         def ask(text):
             inp = httpclient.InferInput("text_input", [1], "BYTES")
             inp.set_data_from_numpy(np.array([text], dtype=object), binary_data=False)
-            res = triton.infer("route", [inp]).get_response()["outputs"]
-            return {o["name"]: o["data"][0] for o in res}
+            res = triton.infer("route", [inp])  # outputs as binary tensors: the default
+            return {o["name"]: res.as_numpy(o["name"])[0].decode()
+                    for o in res.get_response()["outputs"]}
 
         assert ask("will it rain on saturday")["intent"] == "weather"
         out = ask("hello, good evening")

@@ -159,8 +159,13 @@ def test_kserve_v2_with_tritonclient(server):
     assert meta["inputs"][0]["name"] == "text_input"
     inp = httpclient.InferInput("text_input", [1], "BYTES")
     inp.set_data_from_numpy(np.array(["Hello there"], dtype=object), binary_data=False)
-    res = triton.infer("llama", [inp], parameters={"max_tokens": 4, "temperature": 0})
+    res = triton.infer("llama", [inp], parameters={"max_tokens": 4, "temperature": 0},
+                       outputs=[httpclient.InferRequestedOutput("text_output",
+                                                                binary_data=False)])
     assert isinstance(res.get_response()["outputs"][0]["data"][0], str)
+    binary = triton.infer("llama", [inp], parameters={"max_tokens": 4, "temperature": 0})
+    assert binary.as_numpy("text_output")[0].decode() == \
+        res.get_response()["outputs"][0]["data"][0]  # the client's default: binary outputs
     req = urllib.request.Request(f"{server}/v2/models/llama/generate", data=json.dumps(
         {"text_input": "Hello there", "parameters": {"max_tokens": 4, "temperature": 0}})
         .encode(), headers={"Content-Type": "application/json"})

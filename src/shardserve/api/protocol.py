@@ -88,9 +88,17 @@ class InferTensor(BaseModel):
     data: list
 
 
+class InferRequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    parameters: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str | None = None
     inputs: list[InferTensor]
+    outputs: list[InferRequestedOutput] = Field(default_factory=list)
     parameters: dict[str, float | int | bool | str | list[str]] = Field(default_factory=dict)

@@ -7,6 +7,7 @@ restarts or after it failed); the server is ready while every model is."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -97,22 +98,58 @@ async def generate(name: str, body: GenerateRequest, request: Request,
 
 @router.post("/v2/models/{name}/infer")
 async def infer(name: str, body: InferRequest, request: Request,
-                who: Principal = Depends(principal)) -> dict:
+                who: Principal = Depends(principal)) -> Response:
+    """JSON tensors in; JSON tensors out, or binary ones (the binary tensor data extension)
+    for the outputs the request asks so (``"binary_data": true`` on a requested output, or
+    ``"binary_data_output": true`` for all)."""
     if request.headers.get("inference-header-content-length"):
-        raise APIError(400, "the binary tensor extension is not supported; send JSON tensors "
-                            "(binary_data=False)")
-    # We always answer with JSON tensors, which every client reads.
-    body.parameters.pop("binary_data_output", None)
+        raise APIError(400, "binary input tensors are not supported; send inputs as JSON "
+                            "(binary_data=False on each input); outputs may be binary")
+    binary = _binary_outputs(body)
     pipe = _pipeline(request, name, who)
     if pipe is not None:
-        return await _infer_pipeline(request, pipe, body, who)
+        return _answer(await _infer_pipeline(request, pipe, body, who), binary)
     dep = deployment(request, name, who)
     if dep.is_encoder:
-        return await _infer_encoder(request, dep, body)
+        return _answer(await _infer_encoder(request, dep, body), binary)
     text = await _complete(request, name, who, _single_text(body), body.parameters)
-    return {"model_name": name, "model_version": "1", "id": body.id or "",
-            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
-                         "data": [text]}]}
+    return _answer({"model_name": name, "model_version": "1", "id": body.id or "",
+                    "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
+                                 "data": [text]}]}, binary)
+
+
+def _binary_outputs(body: InferRequest) -> set[str] | bool:
+    """The outputs to send as binary data: True for all, else the names asked."""
+    every = body.parameters.pop("binary_data_output", False)
+    if not isinstance(every, bool):
+        raise APIError(400, "parameter binary_data_output must be true or false")
+    asked = {o.name for o in body.outputs if o.parameters.get("binary_data") is True}
+    return True if every else asked
+
+
+def _answer(payload: dict, binary: set[str] | bool) -> Response:
+    """``payload``'s outputs hold ``data`` as a numpy array or a list of strings; each goes
+    out as JSON, or as raw little-endian bytes after the JSON header (BYTES: each element's
+    length as a 4-byte integer, then the element)."""
+    blobs = []
+    for out in payload["outputs"]:
+        data = out["data"]
+        if binary is True or out["name"] in binary:
+            if isinstance(data, np.ndarray):
+                raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+            else:
+                raw = b"".join(len(b).to_bytes(4, "little") + b
+                               for b in (str(x).encode() for x in data))
+            del out["data"]
+            out["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif isinstance(data, np.ndarray):
+            out["data"] = data.ravel().tolist()  # one C call, not a Python loop per float
+    header = json.dumps(payload).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
 
 
 def _single_text(body: InferRequest) -> str:
@@ -183,6 +220,7 @@ async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Princ
 
 
 async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
+    """(The ``embedding`` output's data is a float32 array; ``_answer`` renders it.)"""
     """Encoders: ``text_input`` (BYTES, [N]) or ``input_ids`` (INT32/INT64, [N, T]) in,
     ``embedding`` (FP32, [N, H]) out (logits for a classifier)."""
     if len(body.inputs) != 1:
@@ -213,12 +251,9 @@ async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
     if not isinstance(truncate, bool):
         raise APIError(400, "parameter truncate must be true or false")
     vectors = np.stack(await embed(request, dep, ids, truncate, param=t.name))
-    # One C call for the floats, and a response object: FastAPI's encoder would walk each one.
-    return JSONResponse({"model_name": dep.config.name, "model_version": "1",
-                         "id": body.id or "",
-                         "outputs": [{"name": "embedding", "datatype": "FP32",
-                                      "shape": list(vectors.shape),
-                                      "data": vectors.astype(np.float32).ravel().tolist()}]})
+    return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
+            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": list(vectors.shape),
+                         "data": vectors.astype(np.float32)}]}
 
 
 async def _complete(request: Request, name: str, who: Principal, prompt: str,
