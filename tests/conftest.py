@@ -4,6 +4,7 @@ worker process outlives the tests that started it."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -49,16 +50,33 @@ def worker_pids() -> list[int]:
             *our_processes(me, b"shardserve.engine.core").values()]
 
 
+def shm_leftovers(since: float) -> list[Path]:
+    """Shared-memory files of our groups made since ``since`` (a time.time()) and still there.
+    (Named by the creating process, which may be an engine core; the tests run one at a
+    time, so the time tells ours apart.)"""
+    if not SHM_CHECK:
+        return []
+    out = []
+    for p in Path("/dev/shm").glob("shardserve-*"):
+        try:
+            if p.stat().st_mtime >= since - 1:
+                out.append(p)
+        except FileNotFoundError:  # unlinked meanwhile: fine
+            pass
+    return out
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_leftover_workers():
-    """After each test module, every worker it started must be gone."""
+    """After each test module, every worker and engine core it started must be gone."""
+    start = time.time()
     yield
     import gc
 
     gc.collect()  # executors dropped without close() are stopped by their finalizers
     left = worker_pids()
     assert not left, f"worker processes left running: {left}"
-    stale = list(Path("/dev/shm").glob(f"shardserve-{os.getpid()}-*")) if SHM_CHECK else []
+    stale = shm_leftovers(start)
     assert not stale, f"shared-memory files left behind: {stale}"
 
 

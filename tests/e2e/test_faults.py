@@ -22,7 +22,7 @@ import pytest
 
 from shardserve import test_models
 from shardserve.api.auth import hash_key
-from tests.conftest import our_processes
+from tests.conftest import our_processes, shm_leftovers
 from tests.e2e.test_server import _free_port, _start, _stop
 
 pytestmark = pytest.mark.slow
@@ -101,14 +101,16 @@ def server(checkpoints, tmp_path_factory):
         (repo / name / "model.yaml").write_text(f"weights: {weights}\nmax_num_seqs: 8\n{extra}")
     (repo / "pipe").mkdir()
     (repo / "pipe" / "pipeline.yaml").write_text(PIPELINE)
-    port = _free_port()
+    port, started = _free_port(), time.time()
     proc = _start(["--repository", str(repo), "--devices", "cpu:4", "--auth",
                    str(root / "auth.yaml"), "--header-timeout-s", "1", "--body-timeout-s", "2",
                    "--drain-timeout-s", "3"], port)
-    yield Server(proc, port, root)
+    server = Server(proc, port, root)
+    server.started = started
+    yield server
     code = _stop(proc)
     assert code == 0, proc.stdout.read()[-3000:]
-    assert not list(Path("/dev/shm").glob(f"shardserve-{proc.pid}-*"))
+    assert not shm_leftovers(started)
 
 
 # -- bad input -----------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def test_a_killed_rank_fails_its_streams_fast_and_the_group_comes_back(server, r
     assert server.index()["big"]["replicas"][0]["restarts"] == restarts + 1
     pids = server.workers("big/")
     assert len(pids) == 2 and victim not in pids.values()
-    assert not list(Path("/dev/shm").glob(f"shardserve-{server.proc.pid}-*"))
+    assert not shm_leftovers(server.started)  # every group unlinks its file once formed
 
 
 def test_a_killed_engine_core_fails_its_streams_and_comes_back_with_new_workers(server):
