@@ -10,7 +10,8 @@ runs as its own process on loopback with every core of this machine (shardserve:
 cpu:1``, the one worker on all cores; vLLM: its CPU backend bound to all cores, none reserved)
 and max_num_seqs 64; the client (benchmarks/vllm_client.py, in the peer venv that
 ``make peers`` builds) is the same for both. The offline figure is ``LLM.generate`` on 64
-random 128-token prompts, 128 tokens out, in this process.
+prompts the client sends at concurrency 64 (text, tokenized as the server does), 128 tokens
+out, in this process, with the same engine settings.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,14 +60,19 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _client(port: int, model: str, tokenizer: Path, requests: int, concurrency: int) -> dict:
+def _client(port: int, model: str, tokenizer: Path, requests: int, concurrency: int,
+            seed: int, dump: Path | None = None) -> dict:
     cmd = [str(PEER), str(ROOT / "benchmarks" / "vllm_client.py"),
            "--base-url", f"http://127.0.0.1:{port}", "--backend", "openai",
            "--endpoint", "/v1/completions", "--model", model, "--tokenizer", str(tokenizer),
            "--dataset-name", "random", "--random-input-len", str(IN),
            "--random-output-len", str(OUT), "--ignore-eos", "--num-prompts", str(requests),
-           "--max-concurrency", str(concurrency), "--seed", "0", "--disable-tqdm"]
+           "--max-concurrency", str(concurrency), "--seed", str(seed), "--disable-tqdm"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if dump is not None:
+        subprocess.run(cmd + ["--dump-prompts", str(dump)], check=True, env=env,
+                       capture_output=True, timeout=600)
+        return {}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -76,8 +81,10 @@ def _client(port: int, model: str, tokenizer: Path, requests: int, concurrency: 
 
 
 def _runs(port: int, tokenizer: Path, loads: list[int]) -> dict:
-    _client(port, "m", tokenizer, 4, 4)  # warm up
-    return {c: _client(port, "m", tokenizer, 8 if c == 1 else 64, c) for c in loads}
+    """Each load with prompts of its own (seed = concurrency): no run hits the prefix cache
+    that an earlier one filled."""
+    _client(port, "m", tokenizer, 4, 4, seed=12345)  # warm up
+    return {c: _client(port, "m", tokenizer, 8 if c == 1 else 64, c, seed=c) for c in loads}
 
 
 def _shardserve(path: Path, loads: list[int], devices: str) -> dict:
@@ -85,7 +92,7 @@ def _shardserve(path: Path, loads: list[int], devices: str) -> dict:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "shardserve"), "serve", "--model",
                              str(path), "--name", "m", "--devices", devices,
                              "--max-num-seqs", "64", "--max-model-len", "1024",
-                             "--port", str(port)], cwd=ROOT)
+                             "--port", str(port)], cwd=ROOT, stdout=sys.stderr)
     try:
         _wait(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         return _runs(port, path, loads)
@@ -101,7 +108,8 @@ def _vllm(path: Path, loads: list[int]) -> dict:
     proc = subprocess.Popen([str(PEER), "-m", "vllm.entrypoints.openai.api_server", "--model",
                              str(path), "--served-model-name", "m", "--dtype", "float32",
                              "--max-model-len", "1024", "--max-num-seqs", "64", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, cwd="/")
+                             "127.0.0.1", "--port", str(port)], env=env, cwd="/",
+                            stdout=sys.stderr)
     try:
         _wait(f"http://127.0.0.1:{port}/health", proc)
         return _runs(port, path, loads)
@@ -110,14 +118,16 @@ def _vllm(path: Path, loads: list[int]) -> dict:
 
 
 def _offline(path: Path, devices: str) -> float:
-    """Output tokens per second of ``LLM.generate`` on the served workload at 64."""
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, 30000, IN).tolist() for _ in range(64)]
+    """Output tokens per second of ``LLM.generate`` on the prompts the client sends at
+    concurrency 64 (its random dataset, seed 64: text, tokenized here as the server does)."""
+    dump = Path(tempfile.mkdtemp()) / "prompts.json"
+    _client(0, "m", path, 64, 64, 64, dump)
+    prompts = json.loads(dump.read_text())
     params = SamplingParams(max_tokens=OUT, temperature=0, ignore_eos=True)
     with LLM(str(path), devices=devices, max_num_seqs=64, max_model_len=1024) as llm:
-        llm.generate(prompt_token_ids=prompts[:4], sampling_params=params)  # warm up
+        llm.generate(prompts[:4], params)  # warm up
         t0 = time.perf_counter()
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        outs = llm.generate(prompts, params)
         dt = time.perf_counter() - t0
     return sum(len(o.outputs[0].token_ids) for o in outs) / dt
 
