@@ -20,7 +20,6 @@ import os
 import platform
 import secrets
 import time
-
 from typing import TYPE_CHECKING
 
 import numpy as np
