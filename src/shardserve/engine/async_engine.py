@@ -37,6 +37,7 @@ from shardserve.engine.request_state import OutputKind, RequestState
 from shardserve.engine.supervisor import RestartPolicy, Status, Supervisor
 from shardserve.outputs import RequestOutput
 from shardserve.runtime.devices import Device
+from shardserve.runtime.precision import Precision
 from shardserve.runtime.process import Child
 from shardserve.sampling_params import SamplingParams
 
@@ -94,14 +95,18 @@ class AsyncLLMEngine:
     def spawn(cls, model: ModelConfig, devices: list[Device], cache: CacheConfig,
               scheduler: SchedulerConfig, name: str, label: str, tokenizer=None,
               policy: RestartPolicy | None = None, step_timeout_s: float = 300.0,
-              cpus: list[int] | None = None) -> AsyncLLMEngine:
+              cpus: list[int] | None = None, precision: Precision | None = None
+              ) -> AsyncLLMEngine:
         """``model`` at tp = len(``devices``), its engine core a process of its own (on
-        ``cpus`` if given); ``label`` names the core and its workers for ``ps``."""
+        ``cpus`` if given); ``label`` names the core and its workers for ``ps``.
+        ``precision``, if the caller chose it, spares the core loading the kernels (and
+        torch) to choose it again."""
         policy = policy or RestartPolicy()
         init = CoreInit(_fields(model), len(devices), [_fields(d) for d in devices],
                         _fields(cache), _fields(scheduler), label, step_timeout_s,
                         policy.health_check_s, policy.ping_timeout_s, list(cpus or []),
-                        logging.getLogger().getEffectiveLevel())
+                        logging.getLogger().getEffectiveLevel(),
+                        _fields(precision) if precision is not None else None)
 
         def launch() -> Child:
             core = Child("shardserve.engine.core", f"{label}:core",

@@ -139,12 +139,14 @@ def build(init: CoreInit):
     from shardserve.engine.llm_engine import LLMEngine
     from shardserve.engine.tokenizer import load_tokenizer
     from shardserve.runtime.devices import Device
+    from shardserve.runtime.precision import Precision
 
     model = ModelConfig(**init.model)
     devices = [Device(**{**d, "cores": tuple(d["cores"])}) for d in init.devices]
+    precision = Precision(**init.precision) if init.precision else None
     return LLMEngine(model, ParallelConfig(init.tp), devices, CacheConfig(**init.cache),
                      SchedulerConfig(**init.scheduler), load_tokenizer(model), init.label,
-                     init.step_timeout_s)
+                     init.step_timeout_s, precision)
 
 
 class Pipes:

@@ -31,6 +31,7 @@ class CoreInit:
     ping_timeout_s: float
     cpus: list[int] = field(default_factory=list)  # run the core here (empty: anywhere)
     log_level: int = 30  # the server's (logging.WARNING)
+    precision: dict[str, Any] | None = None  # Precision's fields, as the host chose them
 
 
 @dataclass

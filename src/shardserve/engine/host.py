@@ -124,7 +124,8 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
 
 
 def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],
-                   key: str, tokenizer, spare_cores: list[int]) -> AsyncLLMEngine | AsyncEncoder:
+                   key: str, tokenizer, spare_cores: list[int],
+                   precision: Precision) -> AsyncLLMEngine | AsyncEncoder:
     """Start one replica's supervised engine on ``devices``; ``key`` labels its processes.
     An LLM's engine core runs on ``spare_cores`` (if any: the cores no device has)."""
     parallel, policy = ParallelConfig(cfg.tp), RestartPolicy(max_restarts=cfg.max_restarts)
@@ -140,7 +141,7 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
 
     return AsyncLLMEngine.spawn(model, devices[:cfg.tp], cfg.cache_config(),
                                 cfg.scheduler_config(), cfg.name, key, tokenizer, policy,
-                                cfg.step_timeout_s, spare_cores)
+                                cfg.step_timeout_s, spare_cores, precision)
 
 
 class ModelHost:
@@ -172,8 +173,8 @@ class ModelHost:
                     devices = [dataclasses.replace(self.devices[n],
                                                    memory_budget=need.bytes_per_device)
                                for n in names]
-                    replicas.append(Replica(_start_replica(cfg, model, devices, key,
-                                                           tokenizer, self.spare_cores), names))
+                    replicas.append(Replica(_start_replica(cfg, model, devices, key, tokenizer,
+                                                           self.spare_cores, precision), names))
             except BaseException as e:
                 for r in replicas:
                     r.shutdown(0)

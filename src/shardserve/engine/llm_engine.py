@@ -46,6 +46,7 @@ from shardserve.planner.memory import (
 from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor, RemoteError
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
+from shardserve.runtime.precision import Precision
 from shardserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,13 @@ class LLMEngine:
     def __init__(self, model: ModelConfig, parallel: ParallelConfig,
                  device: DeviceConfig | list[Device], cache: CacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, tokenizer=None, label: str = "",
-                 step_timeout_s: float = 300.0) -> None:
+                 step_timeout_s: float = 300.0, precision: Precision | None = None) -> None:
+        """``precision``: as ``runtime/precision.choose`` would say, when the caller knows it
+        (choosing loads the native kernels, and with them torch)."""
         cache, scheduler = cache or CacheConfig(), scheduler or SchedulerConfig()
         self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
         self.eos_ids = model.eos_token_ids
-        num_blocks, devices = self._plan(model, parallel, device, cache, scheduler)
+        num_blocks, devices = self._plan(model, parallel, device, cache, scheduler, precision)
         log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
         self.executor = Executor(model, devices, label, step_timeout_s, self.precision.compute)
         try:
@@ -105,10 +108,11 @@ class LLMEngine:
         self.stats = EngineStats()
 
     def _plan(self, model: ModelConfig, parallel: ParallelConfig,
-              device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig):
+              device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig,
+              precision: Precision | None):
         """Check everything fits before any worker starts; returns (num_blocks, devices).
         Weights count in their dtype, activations and the KV cache in the compute dtype."""
-        devices, weights, self.precision = devices_for(model, parallel, device)
+        devices, weights, self.precision = devices_for(model, parallel, device, precision)
         spec, dtype = model.spec, self.precision.compute
         tp, budget = parallel.tensor_parallel_size, devices[0].memory_budget
         act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)

@@ -50,10 +50,12 @@ def parse_devices(text: str, device_memory: str | int | None = None) -> list[Dev
 
 
 def devices_for(model: ModelConfig, parallel: ParallelConfig,
-                device: DeviceConfig | list[Device]) -> tuple[list[Device], int, Precision]:
+                device: DeviceConfig | list[Device], precision: Precision | None = None
+                ) -> tuple[list[Device], int, Precision]:
     """Check, before any worker starts, that ``model`` is served and splits at this tp, and
     that its shard fits the devices (a ``DeviceConfig`` to parse, or devices the host placed
-    it on). Returns every device, the weight bytes per device and the precision it runs in."""
+    it on). Returns every device, the weight bytes per device and the precision it runs in
+    (``precision`` if the caller chose it already: an engine core, whose host did)."""
     from shardserve.models.registry import check_architecture
     from shardserve.planner.memory import check_fits
     from shardserve.runtime.precision import choose
@@ -69,7 +71,7 @@ def devices_for(model: ModelConfig, parallel: ParallelConfig,
     if tp > len(devices):
         raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; "
                          f"{', '.join(d.name for d in devices)} are {len(devices)}")
-    precision = choose(model, devices[0].kind)
+    precision = precision or choose(model, devices[0].kind)
     weights = check_fits(spec, tp, precision.weights, devices[0].memory_budget, len(devices),
                          precision.compute, precision.quantization)
     return devices, weights, precision
