@@ -21,7 +21,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 KEYS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
         "request_throughput", "output_throughput",
         "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
-        "p99_itl_ms")
+        "p99_itl_ms", "median_e2el_ms", "p99_e2el_ms")
 
 
 def dump_prompts(args, path: str) -> None:

