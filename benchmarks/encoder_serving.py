@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,32 +25,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import PEER, _stop, _wait  # noqa: E402
+from benchmarks.serving import client, served  # noqa: E402
 from shardserve import test_models  # noqa: E402
 from tests.e2e.test_server import _free_port  # noqa: E402
 
 INFINITY = ROOT / "benchmarks" / ".venv-infinity" / "bin" / "infinity_emb"
 
 
-def _client(port: int, backend: str, endpoint: str, model: str, tokenizer: Path,
-            requests: int, concurrency: int) -> dict:
-    cmd = [str(PEER), str(ROOT / "benchmarks" / "vllm_client.py"),
-           "--base-url", f"http://127.0.0.1:{port}", "--backend", backend,
-           "--endpoint", endpoint, "--model", model, "--tokenizer", str(tokenizer),
-           "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "1",
-           "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
-           "--seed", str(concurrency), "--percentile-metrics", "e2el", "--disable-tqdm"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"the client failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(line[7:])
+def _runs(port: int, backend: str, endpoint: str, folder: Path, requests: int,
+          loads: list[int]) -> dict:
+    def run(n: int, concurrency: int) -> dict:
+        return client(port, folder, [
+            "--backend", backend, "--endpoint", endpoint, "--model", "mini",
+            "--dataset-name", "random", "--random-input-len", "32",
+            "--random-output-len", "1", "--num-prompts", str(n),
+            "--max-concurrency", str(concurrency), "--seed", str(concurrency),
+            "--percentile-metrics", "e2el"])
 
-
-def _runs(port, backend, endpoint, model, folder, requests, loads) -> dict:
-    _client(port, backend, endpoint, model, folder, 32, 8)  # warm up
-    return {c: _client(port, backend, endpoint, model, folder, requests, c) for c in loads}
+    run(32, 8)  # warm up
+    return {c: run(requests, c) for c in loads}
 
 
 def _shardserve(folder: Path, requests: int, loads: list[int]) -> dict:
@@ -60,31 +52,20 @@ def _shardserve(folder: Path, requests: int, loads: list[int]) -> dict:
     (repo / "mini" / "model.yaml").write_text(
         f"weights: {folder}\nkind: encoder\nmax_batch_size: 32\nmax_queue_delay_ms: 5\n")
     port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "shardserve"), "serve",
-                             "--repository", str(repo), "--devices", "cpu:1",
-                             "--port", str(port)], cwd=ROOT, stdout=sys.stderr)
-    try:
-        _wait(f"http://127.0.0.1:{port}/v2/health/ready", proc)
-        return _runs(port, "openai-embeddings", "/v1/embeddings", "mini", folder, requests,
-                     loads)
-    finally:
-        _stop(proc)
+    with served([str(Path(sys.executable).parent / "shardserve"), "serve", "--repository",
+                 str(repo), "--devices", "cpu:1", "--port", str(port)],
+                f"http://127.0.0.1:{port}/v2/health/ready"):
+        return _runs(port, "openai-embeddings", "/v1/embeddings", folder, requests, loads)
 
 
 def _infinity(folder: Path, requests: int, loads: list[int]) -> dict:
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([str(INFINITY), "v2", "--model-id", str(folder), "--engine",
-                             "torch", "--device", "cpu", "--batch-size", "32",
-                             "--served-model-name", "mini", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, cwd="/", stdout=sys.stderr,
-                            stderr=sys.stderr)
-    try:
-        _wait(f"http://127.0.0.1:{port}/health", proc)
-        return _runs(port, "infinity-embeddings", "/embeddings", "mini", folder, requests,
-                     loads)
-    finally:
-        _stop(proc)
+    with served([str(INFINITY), "v2", "--model-id", str(folder), "--engine", "torch",
+                 "--device", "cpu", "--batch-size", "32", "--served-model-name", "mini",
+                 "--host", "127.0.0.1", "--port", str(port)],
+                f"http://127.0.0.1:{port}/health", env, Path("/")):
+        return _runs(port, "infinity-embeddings", "/embeddings", folder, requests, loads)
 
 
 def main() -> None:

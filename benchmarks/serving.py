@@ -17,6 +17,7 @@ out, in this process, with the same engine settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +35,18 @@ from tests.e2e.test_server import _free_port  # noqa: E402
 
 PEER = ROOT / "benchmarks" / ".venv-vllm" / "bin" / "python"
 IN, OUT = 128, 128
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], health_url: str, env: dict | None = None, cwd: Path = ROOT):
+    """A server started with ``cmd``, ready (``health_url`` answers 200) inside the block,
+    stopped after it. Its output goes to our stderr."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        _wait(health_url, proc)
+        yield
+    finally:
+        _stop(proc)
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -60,14 +73,13 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _client(port: int, model: str, tokenizer: Path, requests: int, concurrency: int,
-            seed: int, dump: Path | None = None) -> dict:
+def client(port: int, tokenizer: Path, args: list[str], dump: Path | None = None) -> dict:
+    """vLLM's serving benchmark against the server on ``port`` with ``args`` (backend,
+    endpoint, model, dataset, load); its summary, or with ``dump`` the prompts it would
+    send, written there."""
     cmd = [str(PEER), str(ROOT / "benchmarks" / "vllm_client.py"),
-           "--base-url", f"http://127.0.0.1:{port}", "--backend", "openai",
-           "--endpoint", "/v1/completions", "--model", model, "--tokenizer", str(tokenizer),
-           "--dataset-name", "random", "--random-input-len", str(IN),
-           "--random-output-len", str(OUT), "--ignore-eos", "--num-prompts", str(requests),
-           "--max-concurrency", str(concurrency), "--seed", str(seed), "--disable-tqdm"]
+           "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", str(tokenizer),
+           "--disable-tqdm", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if dump is not None:
         subprocess.run(cmd + ["--dump-prompts", str(dump)], check=True, env=env,
@@ -80,24 +92,29 @@ def _client(port: int, model: str, tokenizer: Path, requests: int, concurrency: 
     return json.loads(line[7:])
 
 
+def _client(port: int, tokenizer: Path, requests: int, concurrency: int, seed: int,
+            dump: Path | None = None) -> dict:
+    return client(port, tokenizer, [
+        "--backend", "openai", "--endpoint", "/v1/completions", "--model", "m",
+        "--dataset-name", "random", "--random-input-len", str(IN),
+        "--random-output-len", str(OUT), "--ignore-eos", "--num-prompts", str(requests),
+        "--max-concurrency", str(concurrency), "--seed", str(seed)], dump)
+
+
 def _runs(port: int, tokenizer: Path, loads: list[int]) -> dict:
     """Each load with prompts of its own (seed = concurrency): no run hits the prefix cache
     that an earlier one filled."""
-    _client(port, "m", tokenizer, 4, 4, seed=12345)  # warm up
-    return {c: _client(port, "m", tokenizer, 8 if c == 1 else 64, c, seed=c) for c in loads}
+    _client(port, tokenizer, 4, 4, seed=12345)  # warm up
+    return {c: _client(port, tokenizer, 8 if c == 1 else 64, c, seed=c) for c in loads}
 
 
 def _shardserve(path: Path, loads: list[int], devices: str) -> dict:
     port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "shardserve"), "serve", "--model",
-                             str(path), "--name", "m", "--devices", devices,
-                             "--max-num-seqs", "64", "--max-model-len", "1024",
-                             "--port", str(port)], cwd=ROOT, stdout=sys.stderr)
-    try:
-        _wait(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+    with served([str(Path(sys.executable).parent / "shardserve"), "serve", "--model",
+                 str(path), "--name", "m", "--devices", devices, "--max-num-seqs", "64",
+                 "--max-model-len", "1024", "--port", str(port)],
+                f"http://127.0.0.1:{port}/v2/health/ready"):
         return _runs(port, path, loads)
-    finally:
-        _stop(proc)
 
 
 def _vllm(path: Path, loads: list[int]) -> dict:
@@ -105,23 +122,18 @@ def _vllm(path: Path, loads: list[int]) -> dict:
     cores = len(os.sched_getaffinity(0))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=f"0-{cores-1}",
                VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([str(PEER), "-m", "vllm.entrypoints.openai.api_server", "--model",
-                             str(path), "--served-model-name", "m", "--dtype", "float32",
-                             "--max-model-len", "1024", "--max-num-seqs", "64", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, cwd="/",
-                            stdout=sys.stderr)
-    try:
-        _wait(f"http://127.0.0.1:{port}/health", proc)
+    with served([str(PEER), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+                 "--served-model-name", "m", "--dtype", "float32", "--max-model-len", "1024",
+                 "--max-num-seqs", "64", "--host", "127.0.0.1", "--port", str(port)],
+                f"http://127.0.0.1:{port}/health", env, Path("/")):
         return _runs(port, path, loads)
-    finally:
-        _stop(proc)
 
 
 def _offline(path: Path, devices: str) -> float:
     """Output tokens per second of ``LLM.generate`` on the prompts the client sends at
     concurrency 64 (its random dataset, seed 64: text, tokenized here as the server does)."""
     dump = Path(tempfile.mkdtemp()) / "prompts.json"
-    _client(0, "m", path, 64, 64, 64, dump)
+    _client(0, path, 64, 64, 64, dump)
     prompts = json.loads(dump.read_text())
     params = SamplingParams(max_tokens=OUT, temperature=0, ignore_eos=True)
     with LLM(str(path), devices=devices, max_num_seqs=64, max_model_len=1024) as llm:

@@ -14,11 +14,12 @@ import pytest
 
 from shardserve import SamplingParams
 from shardserve.engine.async_engine import AsyncLLMEngine
-from shardserve.engine.core import Pipes, serve
+from shardserve.engine.core import serve
 from shardserve.engine.core_messages import RequestDelta, SeqDelta
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest
 from shardserve.engine.supervisor import RestartPolicy, State, Supervisor
 from shardserve.runtime.executor import WorkerError
+from shardserve.runtime.process import Pipes
 
 FAST = RestartPolicy(max_restarts=2, backoff_s=0.01, health_check_s=0.02, stable_s=60)
 
@@ -31,7 +32,6 @@ class FakeEngine:
         self.reqs, self.die, self.step_s, self.stream = {}, False, step_s, False
         self.killed = self.stopped = False
         self.blocks = SimpleNamespace(num_blocks=8, num_free=8)
-        self.precision = SimpleNamespace(label="fake")
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.aborts = []
 

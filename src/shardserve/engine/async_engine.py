@@ -120,11 +120,6 @@ class AsyncLLMEngine:
     def status(self) -> Status:
         return self._sup.status
 
-    @property
-    def core(self) -> CoreClient | None:
-        """The core serving now (None while restarting)."""
-        return self._sup.engine
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, prompt: str | None = None,
                        cache_salt: str | None = None,

@@ -7,10 +7,10 @@ FD_IN FD_OUT LABEL`` (``runtime/process.py``); its workers are its children. It 
 then loops: apply the commands that came in (add, abort, ping, stop), run one step if
 anything is unfinished, and send one ``CoreOutputs`` with everything that changed. A thread
 reads the pipe into a queue, so a burst of requests never blocks the sender while a step
-runs. An idle core pings its workers
-every ``health_check_s``; a failed group (``WorkerError``) or a bug in the loop is reported as
-``CoreFailed`` and the process exits, killing its workers: the API side's supervisor starts a
-new core. A request's own failure stays that request's (``LLMEngine``).
+runs. An idle core pings its workers every ``health_check_s``; a failed group
+(``WorkerError``) or a bug in the loop is reported as ``CoreFailed`` and the process exits,
+killing its workers: the API side's supervisor starts a new core. A request's own failure
+stays that request's (``LLMEngine``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from shardserve.engine.core_messages import (
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest
 from shardserve.engine.supervisor import one_line
 from shardserve.runtime.executor import WorkerError
-from shardserve.runtime.messages import decode, encode
 from shardserve.runtime.process import serve_pipes
 from shardserve.sampling_params import SamplingParams
 
@@ -149,19 +148,6 @@ def build(init: CoreInit):
                      init.step_timeout_s, precision)
 
 
-class Pipes:
-    """The core's side of its two pipes, as typed messages."""
-
-    def __init__(self, conn_in, conn_out) -> None:
-        self.conn_in, self.conn_out = conn_in, conn_out
-
-    def send(self, msg: Any) -> None:
-        self.conn_out.send_bytes(encode(msg))
-
-    def recv(self) -> Any:
-        return decode(self.conn_in.recv_bytes())
-
-
 def serve(channel: Channel, build: Callable[[], Any], health_check_s: float,
           ping_timeout_s: float) -> bool:
     """Build the engine, say so, serve until told to stop; False if it failed (said too)."""
@@ -171,7 +157,7 @@ def serve(channel: Channel, build: Callable[[], Any], health_check_s: float,
         channel.send(CoreFailed(one_line(e), starting=True,
                                 bad_config=isinstance(e, ValueError)))
         return False
-    channel.send(CoreReady(engine.blocks.num_blocks, engine.precision.label))
+    channel.send(CoreReady())
     try:
         EngineCore(engine, channel, health_check_s, ping_timeout_s).run()
     except Exception as e:
@@ -185,7 +171,7 @@ def serve(channel: Channel, build: Callable[[], Any], health_check_s: float,
 
 
 def main() -> None:
-    pipes = Pipes(*serve_pipes())
+    pipes = serve_pipes()
     ok = False
     try:
         init: CoreInit = pipes.recv()

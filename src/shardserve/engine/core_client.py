@@ -47,7 +47,6 @@ class CoreClient:
         """``answer_timeout_s``: the longest a step may keep the core from answering."""
         self.process, self.on_outputs, self.on_lost = process, on_outputs, on_lost
         self.answer_timeout_s = answer_timeout_s
-        self.ready: CoreReady | None = None
         self._send_lock = threading.Lock()
         self._pongs = itertools.count()
         self._pong_seen = -1
@@ -71,7 +70,6 @@ class CoreClient:
             if isinstance(first, CoreFailed) and first.bad_config:
                 raise ValueError(message)
             raise CoreLost(message)
-        self.ready = first
         self._reader = threading.Thread(target=self._read, daemon=True,
                                         name=f"core-reader-{self.process.pid}")
         self._reader.start()

@@ -36,8 +36,7 @@ class CoreInit:
 
 @dataclass
 class CoreReady:
-    num_blocks: int
-    precision: str  # runtime/precision.py's label
+    """The engine is built and its workers have loaded."""
 
 
 @dataclass

@@ -82,10 +82,6 @@ class RequestState:
         self.num_cached_tokens = delta.num_cached_tokens
         self.error = self.error or delta.error
 
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.completions)
-
     def output(self) -> RequestOutput | None:
         """The output to hand the consumer now, or None when its kind has nothing to show."""
         if self.kind is OutputKind.FINAL and not self.finished:

@@ -73,13 +73,12 @@ class TorchGroup:
         t0 = time.perf_counter()
         if self.shm is not None and self.shm.fits(x):
             parts = self.shm.exchange(x)
-            out = torch.cat(parts, dim=dim) if self.rank == 0 else None
         else:
             import torch.distributed as dist
 
             parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
             dist.gather(x.contiguous(), parts, dst=0, group=self.pg)
-            out = torch.cat(parts, dim=dim) if self.rank == 0 else None
+        out = torch.cat(parts, dim=dim) if self.rank == 0 else None
         self.comm_seconds += time.perf_counter() - t0
         return out
 

@@ -19,7 +19,22 @@ from typing import Any
 from shardserve.runtime.messages import decode, encode
 
 
-class Child:
+class Pipes:
+    """Two pipes, one each way, carrying typed messages."""
+
+    def __init__(self, conn_in: Connection, conn_out: Connection) -> None:
+        self.conn_in, self.conn_out = conn_in, conn_out
+
+    def send(self, msg: Any) -> None:
+        """Raises ``OSError`` when the other side is gone."""
+        self.conn_out.send_bytes(encode(msg))
+
+    def recv(self) -> Any:
+        """Raises ``EOFError`` (or ``OSError``) when the other side is gone."""
+        return decode(self.conn_in.recv_bytes())
+
+
+class Child(Pipes):
     def __init__(self, module: str, label: str, env: dict[str, str] | None = None) -> None:
         child_in, self_out = os.pipe()
         self_in, child_out = os.pipe()
@@ -28,20 +43,12 @@ class Child:
             pass_fds=(child_in, child_out), env=env, stdin=subprocess.DEVNULL, cwd="/")
         os.close(child_in)
         os.close(child_out)
-        self.conn_out = Connection(self_out, readable=False)
-        self.conn_in = Connection(self_in, writable=False)
+        super().__init__(Connection(self_in, writable=False),
+                         Connection(self_out, readable=False))
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    def send(self, msg: Any) -> None:
-        """Raises ``OSError`` when the child is gone."""
-        self.conn_out.send_bytes(encode(msg))
-
-    def recv(self) -> Any:
-        """Raises ``EOFError`` (or ``OSError``) when the child is gone."""
-        return decode(self.conn_in.recv_bytes())
 
     def exit_code(self, wait_s: float = 0.0) -> int | None:
         try:
@@ -62,11 +69,11 @@ class Child:
             c.close()
 
 
-def serve_pipes() -> tuple[Connection, Connection]:
+def serve_pipes() -> Pipes:
     """In the child: its two pipes (from argv), after starting to watch its parent."""
     die_with_parent()
-    return Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]),
-                                                                    readable=False)
+    return Pipes(Connection(int(sys.argv[1]), writable=False),
+                 Connection(int(sys.argv[2]), readable=False))
 
 
 def die_with_parent() -> None:

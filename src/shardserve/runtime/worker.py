@@ -95,11 +95,11 @@ def _error(e: Exception) -> Error:
 
 
 def main() -> None:
-    conn_in, conn_out = serve_pipes()
+    pipes = serve_pipes()
     try:
-        serve(conn_in, conn_out)
+        serve(pipes.conn_in, pipes.conn_out)
     finally:
-        conn_out.close()
+        pipes.conn_out.close()
         os._exit(0)  # skip interpreter teardown: gloo threads may still hold the group
 
 

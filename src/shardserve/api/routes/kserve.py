@@ -220,9 +220,9 @@ async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Princ
 
 
 async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
-    """(The ``embedding`` output's data is a float32 array; ``_answer`` renders it.)"""
     """Encoders: ``text_input`` (BYTES, [N]) or ``input_ids`` (INT32/INT64, [N, T]) in,
-    ``embedding`` (FP32, [N, H]) out (logits for a classifier)."""
+    ``embedding`` (FP32, [N, H]) out (logits for a classifier), its data a float32 array
+    that ``_answer`` renders."""
     if len(body.inputs) != 1:
         raise APIError(400, f"expected exactly one input (text_input or input_ids), got "
                             f"{len(body.inputs)}")
