@@ -7,8 +7,11 @@
    sequence's blocks, one padded SDPA call), per layer call.
 2. Linear layers from 1 to 2048 rows, weights cold (each call takes the next of several
    copies, 256 MB in all, more than the caches hold): ``F.linear`` (PyTorch's GEMM, MKL here)
-   against the packed GEMM (``kernels/gemm.c``, weights repacked once as at load time) and,
-   at 1-8 rows, the small-batch kernel for weights left unpacked (``kernels/small_gemm.c``).
+   against the packed GEMM (``kernels/gemm.c``, weights repacked once as at load time), at
+   1-8 rows the small-batch kernel for weights left unpacked (``kernels/small_gemm.c``), and
+   oneDNN's float32 GEMM with weights prepacked once for the row count
+   (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``: the library vLLM's
+   CPU backend runs its linear layers on).
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def linear_rows() -> list[str]:
     for name, O, K in shapes:
         copies = max(2, (256 << 20) // (4 * O * K))  # cycle through more than the caches hold
         ws = [torch.randn(O, K) for _ in range(copies)]
-        packed = [ops.pack_weight(w, force=True) for w in ws]
+        packed = [ops.pack_weight(w) for w in ws]
         for N in (1, 4, 8, 16, 64, 256, 2048):
+            onednn = [torch.ops.mkldnn._reorder_linear_weight(w, N) for w in ws]
             x = torch.randn(N, K)
             it = iter(range(10**9))
             pick = lambda ws: ws[next(it) % copies]  # noqa: E731, B023
@@ -77,11 +81,13 @@ def linear_rows() -> list[str]:
                 small = (timed(lambda: ops.small_linear(x, pick(ws)), n)  # noqa: B023
                          if N <= ops.SMALL_GEMM_MAX_ROWS else None)
                 ours = timed(lambda: ops.packed_linear(x, pick(packed)), n)  # noqa: B023
+                dnn = timed(lambda: torch.ops.mkldnn._linear_pointwise(  # noqa: B023
+                    x, pick(onednn), None, "none", [], ""), n)  # noqa: B023
             rate = (f"{4 * O * K / ours / 1e9:.1f} GB/s" if N <= 8 else
                     f"{2 * N * K * O / ours / 1e9:.0f} GFLOP/s")
             rows.append(f"| {name} | {O}x{K} | {N} | {base * 1e3:.3f} | "
                         f"{'-' if small is None else f'{small * 1e3:.3f}'} | {ours * 1e3:.3f} | "
-                        f"{base / ours:.2f}x | {rate} |")
+                        f"{base / ours:.2f}x | {dnn * 1e3:.3f} | {dnn / ours:.2f}x | {rate} |")
     return rows
 
 
@@ -97,8 +103,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     print("\n".join(attention_rows()), flush=True)
     print("\n| layer | out x in | rows | PyTorch ms | small-batch ms | packed ms | packed / "
-          "PyTorch | packed rate |")
-    print("|---|---|---|---|---|---|---|---|")
+          "PyTorch | oneDNN ms | packed / oneDNN | packed rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(linear_rows()))
 
 

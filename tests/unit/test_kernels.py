@@ -48,7 +48,7 @@ def test_packed_linear_matches_f_linear(rows, in_features):
     w = torch.randn(3 * nr, in_features, generator=g)
     b = torch.randn(3 * nr, generator=g)
     x = torch.randn(rows, in_features, generator=g)
-    packed = ops.pack_weight(w, force=True)
+    packed = ops.pack_weight(w)
     assert packed.shape == (3, in_features, nr)
     assert torch.equal(ops.unpack_weight(packed), w)
     for bias in (None, b):
@@ -63,13 +63,11 @@ def test_packed_linear_matches_f_linear(rows, in_features):
 
 def test_packed_weight_only_where_the_kernel_takes_it():
     nr = ops.packed_width()
-    assert ops.pack_weight(torch.randn(nr + 1, 8), force=True) is None  # not whole panels
-    assert ops.pack_weight(torch.randint(0, 9, (nr, 8)), force=True) is None  # int64
+    assert ops.pack_weight(torch.randn(nr + 1, 8)) is None  # not whole panels
+    assert ops.pack_weight(torch.randint(0, 9, (nr, 8))) is None  # int64
     padded = ops.pack_weight(torch.randn(nr + 1, 8).bfloat16(), pad=True)  # zero rows added
     assert padded.shape == (2, 8, nr) and not padded[1, :, 1:].any()
-    # AVX-512 builds pack layers' weights; the AVX2 build leaves them to PyTorch's GEMM
-    assert (ops.pack_weight(torch.randn(nr, 8)) is not None) == (nr >= 64)
-    packed = ops.pack_weight(torch.randn(nr, 8), force=True)
+    packed = ops.pack_weight(torch.randn(nr, 8))
     assert ops.packed_linear(torch.randn(2, 9), packed) is None  # wrong input width
     assert ops.packed_linear(torch.randn(2, 8).double(), packed) is None
 
@@ -179,6 +177,6 @@ def test_int8_panels_need_their_scales():
     x = torch.randn(3, 64)
     assert ops.packed_linear(x, packed) is None  # no scales
     assert ops.packed_linear(x, packed, None, scale[:-1]) is None  # wrong length
-    assert ops.packed_linear(x, ops.pack_weight(torch.randn(2 * nr, 64), force=True), None,
+    assert ops.packed_linear(x, ops.pack_weight(torch.randn(2 * nr, 64)), None,
                              scale) is None  # scales for float weights
     assert ops.small_linear(x, q) is None  # int8 only runs packed

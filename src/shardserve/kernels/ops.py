@@ -110,19 +110,16 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor,
     return y if rc == 0 else None
 
 
-def pack_weight(weight: torch.Tensor, force: bool = False,
-                pad: bool = False) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor, pad: bool = False) -> torch.Tensor | None:
     """A linear weight ``(O, K)`` as the packed kernel's panels ``(O / NR, K, NR)`` in its own
     dtype, or None where it does not apply: no kernel, not on the CPU, O not a multiple of NR
-    (with ``pad``, zero rows make it one: the caller drops the extra outputs). 16-bit and int8
-    weights always pack (the kernel is their only fast path at every row count). Float32
-    ones, without ``force``, only in the AVX-512 build: the AVX2 build measured slower than
-    PyTorch's GEMM from a few hundred rows up (134 against 178 GFLOP/s at 2048 rows), so
-    layers keep float32 weights as they are there."""
+    (with ``pad``, zero rows make it one: the caller drops the extra outputs). Packed weights
+    take the packed kernel at every row count: on AVX2 it matches oneDNN's prepacked float32
+    GEMM from 16 rows up and beats PyTorch's (MKL) at 16-64 rows by 1.5-2x; at one row it
+    streams weights within 10% of the unpacked small-batch kernel (benchmarks/kernels.py)."""
     nr = packed_width()
     if (nr is None or weight.dim() != 2 or not _weight_cpu(weight)
-            or (weight.shape[0] % nr and not pad)
-            or (weight.dtype == torch.float32 and nr < 64 and not force)):
+            or (weight.shape[0] % nr and not pad)):
         return None
     if weight.shape[0] % nr:
         weight = torch.cat([weight, weight.new_zeros(-weight.shape[0] % nr, weight.shape[1])])
