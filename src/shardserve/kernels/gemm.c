@@ -9,9 +9,9 @@
  * batch sizes (16-64 rows) PyTorch's GEMM (MKL) packs W on every call and reaches half of
  * what this does (benchmarks/kernels.py).
  *
- * Blocking: a panel's K is cut in blocks of KC (KC x NR floats, 128 KiB: L2) and all rows of
- * x run against one block before the next; a thread takes a contiguous run of panels (its own
- * slice of the weights) and, when there are fewer panels than threads can share, rows as well.
+ * Blocking: rows of x in blocks of up to MC, a panel's K in blocks of KC (KC x NR floats);
+ * a row block runs against one K block of a few adjacent panels before the next K block, so
+ * the x block stays in L2 and each panel block is read once per row block (see packed_gemm).
  *
  * Weights may be float32, 16-bit (bfloat16, float16: vecmath.h) or int8, converted to float32
  * as each panel row is loaded, once for the MR rows of the tile; x, y and the bias are
@@ -156,33 +156,29 @@ int packed_gemm(const float *x, const void *p, const float *bias, const float *s
     const rows_fn block = wtype == W_BF16 ? rows_bf16 : wtype == W_F16 ? rows_f16
                           : wtype == W_I8 ? rows_i8 : rows_f32;
     const int64_t panels = O / NR;
-    /* Rows are split too only when panels alone would leave threads idle and the rows are
-     * many: splitting rows makes each thread read the same weights again. */
-    int64_t parts = 1;
-    while (panels * parts < 4 * num_threads && N / (2 * parts) >= 8 * MR) parts *= 2;
-    const int64_t items = panels * parts;
-    /* Each thread takes a contiguous run of items (its own slice of the weights). With more
-     * rows than one block, rows go in blocks of MC: a block of x is read from L2 by all of a
-     * thread's panels, and only the weights are read again, once per block. */
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t i0 = items * t / nt, i1 = items * (t + 1) / nt;
-        for (int64_t mb = 0; mb < N; mb += MC) {
-            for (int64_t k0 = 0; k0 < K; k0 += KC) {
-                const int kc = K - k0 < KC ? (int)(K - k0) : KC;
-                for (int64_t it = i0; it < i1; it++) {
-                    const int64_t q = it / parts, part = it % parts;
-                    int64_t m0 = N * part / parts, m1 = N * (part + 1) / parts;
-                    m0 = m0 > mb ? m0 : mb;
-                    m1 = m1 < mb + MC ? m1 : mb + MC;
-                    if (m0 >= m1) continue;
-                    const float *bq = bias ? bias + q * NR : 0;
-                    const float *sq = scale ? scale + q * NR : 0;
-                    block(x + k0, p, q * K * NR + k0 * NR, y + q * NR, m0, m1, K, O, kc,
-                          k0 == 0, k0 + kc >= K, bq, sq);
-                }
-            }
+    /* Rows in blocks of at most MC; smaller ones (never under 8 tiles) only when there are too
+     * few panels to keep the threads busy, since each row block reads the weights again. */
+    int64_t rb = MC;
+    while (panels * ((N + rb - 1) / rb) < 4 * num_threads && rb / 2 >= 8 * MR) rb /= 2;
+    const int64_t nb = (N + rb - 1) / rb;
+    /* Work items: a row block against a group of G adjacent panels, K blocks outermost in an
+     * item so the block of x stays in L2 while the group's panels run against it. Threads take
+     * items as they finish (dynamic), at least 8 each where there are enough panels: a thread
+     * the OS takes away for a while (the HTTP server, a client beside us) delays only its
+     * item, where equal static shares would leave the other threads waiting at the end. */
+    int64_t G = panels * nb / (8 * num_threads);
+    G = G < 1 ? 1 : G > 8 ? 8 : G;
+    const int64_t groups = (panels + G - 1) / G, items = nb * groups;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t b = it / groups, q0 = it % groups * G;
+        const int64_t q1 = q0 + G < panels ? q0 + G : panels;
+        const int64_t m0 = N * b / nb, m1 = N * (b + 1) / nb;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int kc = K - k0 < KC ? (int)(K - k0) : KC;
+            for (int64_t q = q0; q < q1; q++)
+                block(x + k0, p, q * K * NR + k0 * NR, y + q * NR, m0, m1, K, O, kc, k0 == 0,
+                      k0 + kc >= K, bias ? bias + q * NR : 0, scale ? scale + q * NR : 0);
         }
     }
     return 0;
