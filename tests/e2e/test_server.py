@@ -166,6 +166,9 @@ def test_kserve_v2_with_tritonclient(server):
     binary = triton.infer("llama", [inp], parameters={"max_tokens": 4, "temperature": 0})
     assert binary.as_numpy("text_output")[0].decode() == \
         res.get_response()["outputs"][0]["data"][0]  # the client's default: binary outputs
+    inp.set_data_from_numpy(np.array(["Hello there"], dtype=object))  # binary input too
+    both = triton.infer("llama", [inp], parameters={"max_tokens": 4, "temperature": 0})
+    assert both.as_numpy("text_output")[0] == binary.as_numpy("text_output")[0]
     req = urllib.request.Request(f"{server}/v2/models/llama/generate", data=json.dumps(
         {"text_input": "Hello there", "parameters": {"max_tokens": 4, "temperature": 0}})
         .encode(), headers={"Content-Type": "application/json"})

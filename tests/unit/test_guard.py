@@ -50,6 +50,11 @@ def test_only_json_bodies():
     assert client.post("/v1/echo", content=b"{}", headers={
         "Content-Type": "application/json; charset=utf-8"}).status_code == 200
     assert client.post("/v1/echo", content=b"{}").status_code == 200  # no type: tritonclient
+    # raw bytes only as KServe's binary tensors: with the header that sizes their JSON part
+    octet = {"Content-Type": "application/octet-stream"}
+    assert client.post("/v1/echo", content=b"{}", headers=octet).status_code == 415
+    assert client.post("/v1/echo", content=b"{}", headers={
+        **octet, "Inference-Header-Content-Length": "2"}).status_code == 200
 
 
 def test_body_limit_by_header_and_while_streaming():

@@ -44,13 +44,16 @@ async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
     return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
-async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    if request.headers.get("inference-header-content-length"):
-        return error_response(request, 400, "the binary tensor extension is not supported; "
-                                            "send JSON tensors (binary_data=False)")
-    first = exc.errors()[0] if exc.errors() else {}
+def invalid_body(errors: list) -> APIError:
+    """A 400 naming the first field pydantic refused (``errors()`` of a validation error)."""
+    first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or None
-    return error_response(request, 400, f"invalid field {field!r}: {first.get('msg', 'invalid')}"
-                          if field else "request body is not valid JSON of the expected shape",
-                          field, "invalid_request")
+    return APIError(400, f"invalid field {field!r}: {first.get('msg', 'invalid')}" if field
+                    else "request body is not valid JSON of the expected shape", field,
+                    "invalid_request")
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    e = invalid_body(exc.errors())
+    return error_response(request, e.status, e.message, e.param, e.code)

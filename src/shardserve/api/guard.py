@@ -7,7 +7,10 @@
   ``allowed_origins`` gets 403, so a web page cannot make the user's browser call the API
   (programmatic clients send no Origin).
 - **Content-Type**: a body must be JSON: another declared type is 415 (a body without one is
-  read as JSON, as tritonclient sends it).
+  read as JSON, as tritonclient sends it), except ``application/octet-stream`` with an
+  ``Inference-Header-Content-Length`` header (KServe's binary tensors: JSON, then raw data).
+  Browsers send neither a custom header nor that type without a CORS preflight, which the
+  Origin check refuses.
 - **Body**: over ``max_body_bytes`` is 413 (by Content-Length, or while it streams in); a body
   that has not fully arrived ``body_timeout_s`` after the request began is 408.
 
@@ -83,7 +86,9 @@ class RequestGuard:
         kind = headers.get(b"content-type")
         if kind is not None and int(length or b"1") > 0:
             media = kind.decode("latin-1").split(";")[0].strip().lower()
-            if media != "application/json":
+            binary = media == "application/octet-stream" and \
+                b"inference-header-content-length" in headers
+            if media != "application/json" and not binary:
                 return 415, "the request body must be JSON: send Content-Type: application/json"
         return None
 

@@ -80,12 +80,16 @@ class GenerateRequest(BaseModel):
 
 
 class InferTensor(BaseModel):
+    """An input tensor: ``data`` in the JSON, or ``parameters.binary_data_size`` bytes after
+    it (the binary tensor data extension; ``api/routes/kserve.read_infer`` fills ``data``)."""
+
     model_config = ConfigDict(extra="ignore")
 
     name: str
     datatype: str
     shape: list[int]
-    data: list
+    data: list | None = None
+    parameters: dict[str, float | int | bool | str] = Field(default_factory=dict)
 
 
 class InferRequestedOutput(BaseModel):

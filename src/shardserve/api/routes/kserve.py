@@ -14,6 +14,7 @@ import uuid
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from shardserve.api.admission import (
     embed,
@@ -24,7 +25,7 @@ from shardserve.api.admission import (
     within,
 )
 from shardserve.api.auth import Principal, principal
-from shardserve.api.errors import APIError
+from shardserve.api.errors import APIError, invalid_body
 from shardserve.api.protocol import GenerateRequest, InferRequest
 from shardserve.api.routes.openai import deployment, encode, generative
 from shardserve.engine.errors import InvalidRequest, PipelineError
@@ -96,15 +97,14 @@ async def generate(name: str, body: GenerateRequest, request: Request,
     return {"model_name": name, "model_version": "1", "text_output": text}
 
 
-@router.post("/v2/models/{name}/infer")
-async def infer(name: str, body: InferRequest, request: Request,
-                who: Principal = Depends(principal)) -> Response:
-    """JSON tensors in; JSON tensors out, or binary ones (the binary tensor data extension)
-    for the outputs the request asks so (``"binary_data": true`` on a requested output, or
-    ``"binary_data_output": true`` for all)."""
-    if request.headers.get("inference-header-content-length"):
-        raise APIError(400, "binary input tensors are not supported; send inputs as JSON "
-                            "(binary_data=False on each input); outputs may be binary")
+@router.post("/v2/models/{name}/infer",
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": InferRequest.model_json_schema()}}}})
+async def infer(name: str, request: Request, who: Principal = Depends(principal)) -> Response:
+    """Tensors in as JSON or binary data, out as JSON or binary data (the binary tensor data
+    extension) as the request asks: ``"binary_data": true`` on a requested output, or
+    ``"binary_data_output": true`` for all."""
+    body = await read_infer(request)
     binary = _binary_outputs(body)
     pipe = _pipeline(request, name, who)
     if pipe is not None:
@@ -116,6 +116,84 @@ async def infer(name: str, body: InferRequest, request: Request,
     return _answer({"model_name": name, "model_version": "1", "id": body.id or "",
                     "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
                                  "data": [text]}]}, binary)
+
+
+# The binary tensor data extension's element types, little-endian.
+_DTYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+           "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2",
+           "FP32": "<f4", "FP64": "<f8"}
+
+
+async def read_infer(request: Request) -> InferRequest:
+    """The infer request's JSON; with an ``Inference-Header-Content-Length`` header, the JSON
+    is that many bytes and the binary data of the inputs that give a ``binary_data_size``
+    follows in input order, decoded here into each input's ``data``."""
+    raw = await request.body()
+    size = request.headers.get("inference-header-content-length")
+    if size is not None and (not size.isdigit() or int(size) > len(raw)):
+        raise APIError(400, f"Inference-Header-Content-Length must be the size in bytes of "
+                            f"the JSON at the start of the body (at most {len(raw)})")
+    cut = len(raw) if size is None else int(size)
+    try:
+        body = InferRequest.model_validate_json(raw[:cut])
+    except ValidationError as e:
+        raise invalid_body(e.errors()) from None
+    blob, at = memoryview(raw)[cut:], 0
+    for t in body.inputs:
+        n = t.parameters.get("binary_data_size")
+        if n is None:
+            if t.data is None:
+                raise APIError(400, f"input {t.name!r} has no data: give its values in "
+                                    "'data', or as binary data with "
+                                    "parameters.binary_data_size")
+            continue
+        if t.data is not None:
+            raise APIError(400, f"input {t.name!r} has both 'data' and binary_data_size; "
+                                "send one")
+        if type(n) is not int or n < 0 or at + n > len(blob):
+            raise APIError(400, f"input {t.name!r}: binary_data_size must be the byte size "
+                                f"of its data, within the {len(blob) - at} bytes left in "
+                                "the body")
+        t.data = _decode(t.name, t.datatype, t.shape, blob[at:at + n])
+        at += n
+    if at != len(blob):
+        raise APIError(400, f"the body has {len(blob) - at} bytes after the binary data of "
+                            "its inputs; each binary input needs its binary_data_size")
+    return body
+
+
+def _decode(name: str, datatype: str, shape: list[int], raw: memoryview) -> list:
+    """One input's binary data as the flat list JSON would have carried."""
+    if any(d < 0 for d in shape):
+        raise APIError(400, f"input {name!r}: shape {shape} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64))
+    if datatype == "BYTES":  # each element: its length (4 bytes, little-endian), its bytes
+        out, at = [], 0
+        while at < len(raw):
+            n = int.from_bytes(raw[at:at + 4], "little") if at + 4 <= len(raw) else -1
+            if n < 0 or at + 4 + n > len(raw):
+                raise APIError(400, f"input {name!r}: BYTES element {len(out)} runs past its "
+                                    "binary data (each element is a 4-byte little-endian "
+                                    "length, then that many bytes)")
+            try:
+                out.append(bytes(raw[at + 4:at + 4 + n]).decode())
+            except UnicodeDecodeError:
+                raise APIError(400, f"input {name!r}: BYTES element {len(out)} is not "
+                                    "UTF-8 text") from None
+            at += 4 + n
+        if len(out) != count:
+            raise APIError(400, f"input {name!r} has shape {shape} but its binary data holds "
+                                f"{len(out)} elements")
+        return out
+    if datatype not in _DTYPES:
+        raise APIError(400, f"input {name!r}: datatype {datatype!r} is not one of "
+                            f"{sorted([*_DTYPES, 'BYTES'])}")
+    dtype = np.dtype(_DTYPES[datatype])
+    if len(raw) != count * dtype.itemsize:
+        raise APIError(400, f"input {name!r}: shape {shape} of {datatype} is "
+                            f"{count * dtype.itemsize} bytes, binary_data_size says "
+                            f"{len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).tolist()
 
 
 def _binary_outputs(body: InferRequest) -> set[str] | bool:
