@@ -82,7 +82,11 @@ def main() -> None:
                   "infinity": {k: peer[c].get(k) for k in keys},
                   "ratio": round(ours[c]["request_throughput"] /
                                  peer[c]["request_throughput"], 3)} for c in loads}
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    out = ROOT / "benchmarks" / ".cache"
+    out.mkdir(exist_ok=True)
+    (out / "encoder-serving.json").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,9 @@ def main() -> None:
         if c == 64:  # the offline run's batch
             row["served_over_offline"] = round(ours[c]["output_throughput"] / offline, 3)
         report["loads"][c] = row
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    (Path(args.out) / f"serving-{args.devices.replace(':', '')}.json").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from shardserve.layers.sampler import RowState, Sampler
@@ -74,3 +75,31 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token():
     logits = torch.randn(3, 50)
     res = Sampler()(logits, _rows(3, top_p=1e-50, seed=1))
     assert not res.failed and torch.equal(res.token_ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_inverse_cdf_draws_follow_the_weights(native):
+    """The sampler's draw (native kernel, or its PyTorch twin): each index at its weight's
+    share, never a zero weight, -1 for a row with nothing to draw from."""
+    from shardserve.kernels import ops
+    from shardserve.layers.sampler import _inverse_cdf
+
+    draw = ops.sample_rows if native else _inverse_cdf
+    if native and ops.sample_rows(torch.ones(1, 2), torch.zeros(1, dtype=torch.float64)) is None:
+        pytest.skip("no C compiler: the PyTorch twin runs")
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0, 6.0, 0.0])  # shares 0.1, 0.3, 0.6
+    n = 20000
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = draw(weights.expand(n, -1).contiguous(), u)
+    counts = torch.bincount(got, minlength=7).double() / n
+    assert counts[[0, 2, 4, 6]].sum() == 0
+    torch.testing.assert_close(counts[[1, 3, 5]], torch.tensor([0.1, 0.3, 0.6],
+                                                               dtype=torch.float64), atol=0.015,
+                               rtol=0)
+    edge = torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64)  # the ends of [0, 1)
+    assert draw(weights.expand(2, -1).contiguous(), edge).tolist() == [1, 5]
+    bad = torch.tensor([[0.0, 0.0], [float("nan"), 1.0], [float("inf"), 1.0], [0.5, 0.5]])
+    assert draw(bad, torch.full((4,), 0.75, dtype=torch.float64)).tolist() == [-1, -1, -1, 1]
+    big = torch.rand(3, 50000, generator=torch.Generator().manual_seed(1))  # a vocabulary row
+    us = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    assert torch.equal(draw(big, us), _inverse_cdf(big, us))

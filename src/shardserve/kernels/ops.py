@@ -56,6 +56,10 @@ def packed_width() -> int | None:
     return None if handle is None else int(handle.packed_gemm_nr())
 
 
+def _sample_fn():
+    return _fn("sampling", "sample_rows", (_P, _P, _P, _I64, _I64, _I32))
+
+
 def _elementwise_fn(name: str):
     argtypes = {"add_rms_norm": (_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, _I32),
                 "silu_mul": (_P, _P, _I64, _I64, _I32),
@@ -176,6 +180,22 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
             None if scale is None else scale.data_ptr(), y.data_ptr(), x2.shape[0], K, q * nr,
             torch.get_num_threads(), _WTYPES[packed.dtype])
     return y.view(*x.shape[:-1], q * nr) if rc == 0 else None
+
+
+def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """One index per row of non-negative float32 ``weights`` (B, V), drawn by inverse CDF
+    with ``u`` (B,) float64 uniforms in [0, 1) (``kernels/sampling.c``); -1 for a row whose
+    total is not positive and finite."""
+    fn = _sample_fn()
+    weights = weights.contiguous()
+    if (fn is None or weights.dim() != 2 or not _f32_cpu(weights) or u.dtype != torch.float64
+            or u.shape != weights.shape[:1]):
+        return None
+    u = u.contiguous()
+    out = torch.empty(weights.shape[0], dtype=torch.int64)
+    fn(weights.data_ptr(), u.data_ptr(), out.data_ptr(), weights.shape[0], weights.shape[1],
+       torch.get_num_threads())
+    return out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

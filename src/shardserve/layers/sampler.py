@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardserve.kernels import ops
+
 
 @dataclass
 class RowState:
@@ -47,11 +49,16 @@ class Sampler:
         logp = torch.log_softmax(logits, dim=-1) if k >= 0 else None
         for i, r in enumerate(rows):
             _apply_penalties(logits[i], r)
-        bad = (~torch.isfinite(logits).all(dim=-1)).nonzero()[:, 0].tolist()
+        # A row holds a NaN or an infinity iff its max or min is one (both propagate NaN):
+        # two reductions, where isfinite().all() is a pass writing a mask as large as logits.
+        finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+        bad = (~finite).nonzero()[:, 0].tolist()
         result.failed.update((i, "the model's logits for this sequence are not finite")
                              for i in bad)
         greedy = [i for i, r in enumerate(rows) if r.params["temperature"] == 0]
-        if greedy:
+        if len(greedy) == len(rows):
+            result.token_ids = logits.argmax(dim=-1)
+        elif greedy:
             result.token_ids[greedy] = logits[greedy].argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows)
                    if r.params["temperature"] > 0 and i not in result.failed]
@@ -92,15 +99,31 @@ def _sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, d
         probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
     probs = _top_k_top_p(probs, [r.params["top_k"] for r in rows],
                          [r.params["top_p"] for r in rows])
-    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    out = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
-    failed = {}
-    for j, (r, ok) in enumerate(zip(rows, usable.tolist(), strict=True)):
-        if not ok:
-            failed[j] = "sampling found no finite probability mass for this sequence"
-            continue
-        out[j] = torch.multinomial(probs[j], 1, generator=r.generator)[0]
+    # One uniform number per row, a seeded row's from its own generator, then the inverse
+    # CDF of its distribution: no row's draw depends on the others in the batch.
+    u = torch.empty(len(rows), dtype=torch.float64)
+    free = [j for j, r in enumerate(rows) if r.generator is None]
+    if free:
+        u[free] = torch.rand(len(free), dtype=torch.float64)
+    for j, r in enumerate(rows):
+        if r.generator is not None:
+            u[j] = torch.rand((), dtype=torch.float64, generator=r.generator)
+    out = ops.sample_rows(probs, u) if dev.type == "cpu" else None
+    if out is None:
+        out = _inverse_cdf(probs, u.to(dev))
+    failed = {j: "sampling found no finite probability mass for this sequence"
+              for j in (out < 0).nonzero()[:, 0].tolist()}
     return out, failed
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``kernels.ops.sample_rows`` in PyTorch: the first index whose running sum (in float64)
+    exceeds ``u * total``; -1 for a row whose total is not positive and finite."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    out = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    return torch.where(torch.isfinite(total) & (total > 0), out, -1)
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
