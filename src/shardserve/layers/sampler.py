@@ -101,14 +101,11 @@ def _sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, d
                          [r.params["top_p"] for r in rows])
     # One uniform number per row, a seeded row's from its own generator, then the inverse
     # CDF of its distribution: no row's draw depends on the others in the batch.
-    u = torch.empty(len(rows), dtype=torch.float64)
-    free = [j for j, r in enumerate(rows) if r.generator is None]
-    if free:
-        u[free] = torch.rand(len(free), dtype=torch.float64)
+    u = torch.rand(len(rows), dtype=torch.float64)
     for j, r in enumerate(rows):
         if r.generator is not None:
             u[j] = torch.rand((), dtype=torch.float64, generator=r.generator)
-    out = ops.sample_rows(probs, u) if dev.type == "cpu" else None
+    out = ops.sample_rows(probs, u)  # None off the CPU or without the kernel
     if out is None:
         out = _inverse_cdf(probs, u.to(dev))
     failed = {j: "sampling found no finite probability mass for this sequence"
