@@ -173,7 +173,11 @@ def run_vllm(path: Path, dtype: str, names) -> list[dict]:
         raise SystemExit(f"{python} is missing: `make peers` builds vLLM's CPU engine there")
     out = subprocess.run([str(python), str(Path(__file__).parent / "peer_vllm.py"), "--model",
                           str(path), "--dtype", dtype, "--workloads", ",".join(names)],
-                         capture_output=True, text=True, timeout=3600)
+                         capture_output=True, text=True, timeout=3600,
+                         # not this folder: vLLM runs `python -m` helpers, which put the
+                         # working directory first on sys.path, where kernels.py would shadow
+                         # the `kernels` package it imports
+                         cwd=path)
     peers = [json.loads(line[5:]) for line in out.stdout.splitlines()
              if line.startswith("PEER ")]
     if out.returncode or not peers:
@@ -192,6 +196,9 @@ def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
         run_shardserve(llm, *workload("B"))  # warm up
         for name in names:
             prompts, outs = workload(name)
+            # each workload's shapes once, 8 tokens each, before it is timed (peer_vllm.py
+            # does the same): first-touch allocations are not what a server pays per request
+            run_shardserve(llm, prompts, [min(n, 8) for n in outs])
             s0 = dict(vars(llm.engine.stats))
             dt = run_shardserve(llm, prompts, outs)
             s1 = vars(llm.engine.stats)

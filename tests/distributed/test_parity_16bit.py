@@ -1,16 +1,23 @@
 """Parity of bfloat16 and float16 checkpoints with Hugging Face transformers, tp=1 and tp=2.
 
-On the native CPU path the weights stay in 16 bits and are read into float32 registers;
-activations, norms and the KV cache are float32 (runtime/precision.py). So two references:
+On the native CPU path the weights and the KV cache stay in 16 bits; bfloat16 linear layers run
+on the CPU's bfloat16 dot products where it has them (activations rounded to bfloat16, float32
+sums), float16 ones and bfloat16 ones elsewhere in float32 registers; norms and activations
+between layers are float32 (runtime/precision.py). Two references:
 
-- **Exact arithmetic**: transformers in float32 on the same checkpoint (it upcasts the 16-bit
-  weights, which is exact): logits within atol=rtol=1e-4 and 16 greedy tokens identical, as
-  for float32 checkpoints.
-- **Same dtype**: transformers in the checkpoint's dtype, which rounds every activation to 16
-  bits. Logits within atol=0.05 (bfloat16: 8 significant bits, logits of magnitude ~1) or
-  0.01 (float16), and the rule for greedy tokens: identical up to the first position where
+- **Same dtype** (the issue's rule): transformers in the checkpoint's dtype, which rounds every
+  activation to 16 bits. Logits within atol=0.05 (bfloat16: 8 significant bits, logits of
+  magnitude ~1) or 0.01 (float16), and greedy tokens identical up to the first position where
   transformers' own top two logits are closer than that tolerance (a tie it rounds either
-  way); on at least half of the prompts the 16 tokens are identical outright.
+  way).
+- **Exact arithmetic**: transformers in float32 on the same checkpoint (it upcasts the 16-bit
+  weights, which is exact): the same tolerance and tie rule, since our only roundings are the
+  16-bit ones (the cache, bfloat16 activations into the dot products); for float16 (linear
+  layers in float32 registers, only the cache's 11-bit rounding) the logits within 2e-3.
+
+On at least half of the prompts the 16 tokens are identical outright to one of the two: on these
+random tiny models top-two gaps under 0.05 are common, and transformers' bfloat16 run itself
+leaves its float32 tokens on some prompts where ours keep them.
 """
 
 import pytest
@@ -55,23 +62,28 @@ def test_16_bit_checkpoints_match_transformers(checkpoints16, arch, dtype, tp):
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(
             max_tokens=16, temperature=0, ignore_eos=True))
         whole = 0
-        for prompt, out, (x_tokens, x_logits), (s_tokens, s_logits) in zip(
-                PROMPTS, outs, exact, same, strict=True):
+        for prompt, out, exact_ref, same_ref in zip(PROMPTS, outs, exact, same, strict=True):
             tokens = out.outputs[0].token_ids
-            assert tokens == x_tokens
             logits = torch.from_numpy(llm.engine.executor.collective_rpc(
-                "prompt_logits", token_ids=prompt + x_tokens)[0].copy())
-            torch.testing.assert_close(logits, x_logits, atol=1e-4, rtol=1e-4)
+                "prompt_logits", token_ids=prompt + tokens)[0].copy())
             tol = TOLERANCE[dtype]
-            n = len(prompt)
-            agree = _agreed(tokens, s_tokens)
-            torch.testing.assert_close(logits[:n + agree], s_logits[:n + agree], atol=tol,
-                                       rtol=0)
-            if agree < len(tokens):  # a near-tie in transformers' own 16-bit logits
-                top2 = s_logits[n - 1 + agree].topk(2).values
-                assert top2[0] - top2[1] < tol, (prompt, agree)
-            whole += agree == len(tokens)
+            agreed = [_check(prompt, tokens, logits, ref_tokens, ref_logits, tol)
+                      for ref_tokens, ref_logits in (same_ref, exact_ref)]
+            whole += max(agreed) == len(tokens)
+            if agreed[1] == len(tokens) and dtype == "float16":
+                torch.testing.assert_close(logits, exact_ref[1], atol=2e-3, rtol=0)
         assert whole >= len(PROMPTS) / 2
+
+
+def _check(prompt, tokens, logits, ref_tokens, ref_logits, tol) -> int:
+    """Logits within ``tol`` of the reference's while the tokens agree, and where they part,
+    the reference's own top two closer than ``tol``. Returns how many tokens agree."""
+    n, agree = len(prompt), _agreed(tokens, ref_tokens)
+    torch.testing.assert_close(logits[:n + agree], ref_logits[:n + agree], atol=tol, rtol=0)
+    if agree < len(tokens):  # a near-tie in the reference's logits
+        top2 = ref_logits[n - 1 + agree].topk(2).values
+        assert top2[0] - top2[1] < tol, (prompt, agree)
+    return agree
 
 
 def _agreed(a: list[int], b: list[int]) -> int:

@@ -76,6 +76,31 @@ def test_decode_backends_match_dense_attention(shape, D, monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_a_16_bit_cache_is_read_as_its_values(shape, kv_dtype, monkeypatch):
+    """A bfloat16 / float16 KV cache (a 16-bit checkpoint's): both backends read each stored
+    value exactly (float32 arithmetic), so they equal dense attention over the rounded cache;
+    the write path rounds float32 keys and values into it."""
+    attn, q, meta, _ = _case(5, *shape, seed=3)
+    attn.k_cache, attn.v_cache = attn.k_cache.to(kv_dtype), attn.v_cache.to(kv_dtype)
+    want = _dense(q.double(), attn.k_cache.double(), attn.v_cache.double(), meta.decode_tables,
+                  meta.decode_context, shape[4]).float()
+    torch.testing.assert_close(TorchSDPABackend()._decode(attn, q, meta), want,
+                               atol=2e-5, rtol=1e-4)
+    native = default_backend()
+    if isinstance(native, CPUPagedBackend):
+        if shape[2] % 8 == 0:
+            monkeypatch.setattr(TorchSDPABackend, "_decode", None)
+        torch.testing.assert_close(native._decode(attn, q, meta), want, atol=2e-5, rtol=1e-4)
+    k, v = torch.randn(2, attn.num_kv_heads, attn.head_dim), torch.randn(2, attn.num_kv_heads,
+                                                                         attn.head_dim)
+    meta.slot_mapping = torch.tensor([3, 17])
+    TorchSDPABackend().write_kv(attn, k, v, meta)
+    flat = attn.k_cache.view(-1, *k.shape[1:])
+    assert flat.dtype == kv_dtype and torch.equal(flat[[3, 17]], k.to(kv_dtype))
+
+
 def test_native_kernel_is_the_default_where_a_compiler_exists():
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here: the PyTorch path is the default")

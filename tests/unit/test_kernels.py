@@ -128,6 +128,49 @@ def test_16_bit_weights_run_in_float32_registers(dtype, rows):
         assert ops.small_linear(x.to(dtype), w) is None  # activations stay float32
 
 
+def _rounded_as_the_kernel_reads(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """K-pair panels (bfloat16 dot products) take the activations rounded to bfloat16."""
+    return x.bfloat16().float() if packed.dim() == 4 else x
+
+
+PAIR_MODES = [m for m in ops.PAIR_MODES if m <= ops.pair_mode()]
+
+
+@pytest.mark.skipif(not PAIR_MODES, reason="no bfloat16 dot products (AMX, AVX512-BF16) here")
+@pytest.mark.parametrize("mode", PAIR_MODES, ids=lambda m: ops.PAIR_MODES[m])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 31, 33, 64, 130, 300])
+@pytest.mark.parametrize("in_features", [32, 768, 1056])
+def test_bfloat16_dot_products(mode, rows, in_features):
+    """bfloat16 (and int8) weights on the CPU's bfloat16 dot products (``bf16_gemm.c``):
+    activations rounded to bfloat16 once (round to nearest even, as ``Tensor.bfloat16``),
+    products and sums float32, so the result is F.linear on those rounded activations up to
+    the order of the float32 sums; at every AMX tile shape (16 / 32 rows, partial tiles) and
+    vdpbf16ps row count, with the bias and the int8 scales."""
+    g = torch.Generator().manual_seed(rows * in_features + mode)
+    w = torch.randn(3 * ops.PAIR_WIDTH - 5, in_features, generator=g)  # padded to panels
+    b = torch.randn(w.shape[0], generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    xr = x.bfloat16().float()
+    with torch.inference_mode():
+        packed = ops.pack_weight(w.bfloat16(), pad=True)
+        assert packed.shape == (3, in_features // 2, ops.PAIR_WIDTH, 2)
+        assert torch.equal(ops.unpack_weight(packed)[:w.shape[0]], w.bfloat16())
+        assert torch.equal(ops.packed_rows(packed, torch.tensor([0, 70, 130])),
+                           w.bfloat16()[[0, 70, 130]])
+        for bias in (None, b):
+            got = ops.packed_linear(x, packed, None if bias is None else
+                                    torch.cat([bias, bias.new_zeros(5)]), mode=mode)
+            want = F.linear(xr, w.bfloat16().float(), bias)
+            torch.testing.assert_close(got[:, :w.shape[0]], want, atol=1e-4, rtol=1e-5)
+        q, scale = ops.quantize_int8(w)
+        packed = ops.pack_weight(q, pad=True)
+        scale = torch.cat([scale, scale.new_ones(5)])
+        assert packed.dim() == 4 and packed.dtype == torch.int8
+        got = ops.packed_linear(x, packed, None, scale, mode=mode)[:, :w.shape[0]]
+        want = F.linear(xr, ops.dequantize_int8(q, scale[:w.shape[0]]))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_int8_quantization_is_per_output_channel_and_symmetric():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 300, generator=g) * torch.logspace(-3, 1, 40)[:, None]
@@ -155,10 +198,11 @@ def test_int8_packed_linear_equals_the_dequantized_weight(rows, in_features):
     packed = ops.pack_weight(q)
     assert packed is not None and packed.dtype == torch.int8
     want_w = ops.dequantize_int8(q, scale)
+    xr = _rounded_as_the_kernel_reads(x, packed)
     with torch.inference_mode():
         for bias in (None, b):
             got = ops.packed_linear(x, packed, bias, scale)
-            torch.testing.assert_close(got, F.linear(x, want_w, bias), atol=2e-3, rtol=1e-4)
+            torch.testing.assert_close(got, F.linear(xr, want_w, bias), atol=2e-3, rtol=1e-4)
             torch.testing.assert_close(linear(x, packed, bias, scale), got)
         # no kernel for float64 activations: the dequantized PyTorch path, same answer
         x64 = x.double()

@@ -120,10 +120,11 @@ class _HostCollector:
                                      labels=["model_name"])
         info = GaugeMetricFamily("shardserve:model_info", "The kernel path and dtypes a "
                                  "model runs with (value 1).",
-                                 labels=["model_name", "kernels", "dtype", "compute_dtype"])
+                                 labels=["model_name", "kernels", "dtype", "compute_dtype",
+                                         "kv_cache_dtype"])
         for name, dep in list(self.host.deployments.items()):
             p = dep.precision
-            info.add_metric([name, p.label, p.weights, p.compute], 1.0)
+            info.add_metric([name, p.label, p.weights, p.compute, p.kv], 1.0)
             ready.add_metric([name], float(dep.ready))
             admitted.add_metric([name], dep.inflight)
             restarts.add_metric([name], sum(r.engine.status.restarts for r in dep.replicas))

@@ -165,6 +165,7 @@ def _plan(args: argparse.Namespace) -> None:
     budget = devices[0].memory_budget
     print(json.dumps({"model": model.path, "architecture": model.spec.architecture,
                       "tp": tp, "dtype": precision.weights, "compute_dtype": precision.compute,
+                      "kv_cache_dtype": precision.kv,
                       "quantization": precision.quantization,
                       "kernels": precision.label, "kernels_note": precision.note,
                       "weight_bytes_per_device": need,

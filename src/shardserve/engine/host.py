@@ -100,8 +100,8 @@ class Deployment:
 
 def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precision) -> Need:
     """Bytes per device: weights (in their dtype), one step's activations, and a KV cache that
-    holds ``max_num_seqs`` sequences of full length (both in the compute dtype; encoders:
-    weights and a batch's activations)."""
+    holds ``max_num_seqs`` sequences of full length (activations in the compute dtype, the
+    cache in its own; encoders: weights and a batch's activations)."""
     spec, dtype = model.spec, precision.compute
     check_architecture(spec.architecture)
     ParallelConfig(cfg.tp).check_model(spec)
@@ -119,7 +119,7 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
                            cfg.max_num_seqs)
     block = cfg.block_size
     blocks = cfg.max_num_seqs * -(-model.context_len // block)
-    kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, dtype)
+    kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, precision.kv)
     return Need(cfg.name, cfg.tp, weights + act + kv)
 
 

@@ -90,7 +90,8 @@ class LLMEngine:
         self.eos_ids = model.eos_token_ids
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler, precision)
         log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
-        self.executor = Executor(model, devices, label, step_timeout_s, self.precision.compute)
+        self.executor = Executor(model, devices, label, step_timeout_s, self.precision.compute,
+                                 kv_cache_dtype=self.precision.kv)
         try:
             self.executor.collective_rpc("allocate_kv_cache", num_blocks=num_blocks,
                                          block_size=cache.block_size)
@@ -111,20 +112,20 @@ class LLMEngine:
               device: DeviceConfig | list[Device], cache: CacheConfig, sched: SchedulerConfig,
               precision: Precision | None):
         """Check everything fits before any worker starts; returns (num_blocks, devices).
-        Weights count in their dtype, activations and the KV cache in the compute dtype."""
+        Weights count in their dtype, activations in the compute dtype, the KV cache in its."""
         devices, weights, self.precision = devices_for(model, parallel, device, precision)
-        spec, dtype = model.spec, self.precision.compute
+        spec, dtype, kv = model.spec, self.precision.compute, self.precision.kv
         tp, budget = parallel.tensor_parallel_size, devices[0].memory_budget
         act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)
         free = budget - weights - act
         per_seq_blocks = -(-self.max_len // cache.block_size)
-        fit = kv_blocks(spec, tp, dtype, cache.block_size, free)
+        fit = kv_blocks(spec, tp, kv, cache.block_size, free)
         if cache.num_blocks is not None and cache.num_blocks > fit:
             raise ValueError(f"num_blocks={cache.num_blocks} does not fit: {fit} blocks fit in "
                              f"the {format_bytes(max(free, 0))} left per device")
         num_blocks = cache.num_blocks or min(fit, sched.max_num_seqs * per_seq_blocks)
         if cache.num_blocks is None and num_blocks < per_seq_blocks:
-            need = per_seq_blocks * cache.block_size * kv_bytes_per_token(spec, tp, dtype)
+            need = per_seq_blocks * cache.block_size * kv_bytes_per_token(spec, tp, kv)
             raise ValueError(
                 f"the KV cache of one {self.max_len}-token sequence needs {format_bytes(need)} "
                 f"per device, but {format_bytes(max(free, 0))} is left after "

@@ -89,7 +89,7 @@ def _owned(path: Path) -> Path:
     return path
 
 
-KERNELS = ("gemm", "small_gemm", "paged_attention", "elementwise")
+KERNELS = ("gemm", "bf16_gemm", "small_gemm", "paged_attention", "elementwise", "sampling")
 
 
 @functools.cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -27,7 +28,7 @@ def _fn(lib: str, name: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
 def _attention_fn():
     return _fn("paged_attention", "paged_decode_attention",
                (_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32, _I64,
-                ctypes.c_float, _I32))
+                ctypes.c_float, _I32, _I32))
 
 
 def _gemm_fn():
@@ -56,6 +57,48 @@ def packed_width() -> int | None:
     return None if handle is None else int(handle.packed_gemm_nr())
 
 
+def _pairs_fn():
+    return _fn("bf16_gemm", "bf16_gemm", (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32, _I32))
+
+
+# bf16_gemm.c's modes: the CPU's own bfloat16 dot products.
+PAIR_MODES = {1: "AVX512-BF16", 2: "AMX"}
+
+
+@functools.cache
+def pair_mode() -> int:
+    """The bfloat16 dot-product kernel this machine runs (2: AMX tiles, 1: AVX512-BF16's
+    vdpbf16ps, 0: none, 16-bit weights then read into float32 registers by gemm.c).
+    ``SHARDSERVE_BF16_GEMM=avx512_bf16`` caps it at vdpbf16ps, ``=off`` turns it off."""
+    handle = kernels.load("bf16_gemm")
+    if handle is None:
+        return 0
+    mode = int(handle.bf16_gemm_mode())
+    cap = os.environ.get("SHARDSERVE_BF16_GEMM", "").lower()
+    if cap in ("off", "0", "none"):
+        return 0
+    if cap == "avx512_bf16":
+        return min(mode, 1)
+    return mode
+
+
+def linear_path(dtype: torch.dtype, quantization: str | None = None) -> str:
+    """The kernel the packed linear layers run for weights of ``dtype`` (or int8), in words."""
+    if packed_width() is None:
+        return "PyTorch GEMM"
+    if (quantization == "int8" or dtype == torch.bfloat16) and pair_mode():
+        return (f"{PAIR_MODES[pair_mode()]} bfloat16 dot products, float32 sums "
+                "(activations rounded to bfloat16)")
+    isa = "AVX-512" if packed_width() == 64 else "AVX2"
+    if dtype == torch.float32 and quantization is None:
+        return f"{isa} float32 FMA"
+    return f"{isa} float32 FMA, {quantization or dtype_name(dtype)} weights widened in registers"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _sample_fn():
     return _fn("sampling", "sample_rows", (_P, _P, _P, _I64, _I64, _I32))
 
@@ -80,10 +123,12 @@ def _f32_cpu(*ts: torch.Tensor) -> bool:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            tables: torch.Tensor, context: torch.Tensor, num_kv_heads: int,
                            window: int | None, scale: float) -> torch.Tensor | None:
-    """q (D, nh, hd) against the cache blocks in ``tables`` (D, nb) up to ``context`` (D,)."""
+    """q (D, nh, hd) against the cache blocks in ``tables`` (D, nb) up to ``context`` (D,);
+    float32 q, the caches float32, bfloat16 or float16 (both the same)."""
     fn = _attention_fn()
     q = q.contiguous()
-    if (fn is None or not _f32_cpu(q, k_cache, v_cache)
+    if (fn is None or not _f32_cpu(q) or not _weight_cpu(k_cache) or not _weight_cpu(v_cache)
+            or k_cache.dtype != v_cache.dtype or k_cache.dtype == torch.int8
             or tables.dtype != torch.int64 or context.dtype != torch.int64):
         return None
     tables, context = tables.contiguous(), context.contiguous()
@@ -91,7 +136,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     D, nh, hd = q.shape
     rc = fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             context.data_ptr(), out.data_ptr(), D, tables.shape[1], nh, num_kv_heads, hd,
-            k_cache.shape[1], window or 0, scale, torch.get_num_threads())
+            k_cache.shape[1], window or 0, scale, torch.get_num_threads(),
+            _WTYPES[k_cache.dtype])
     return out if rc == 0 else None
 
 
@@ -115,24 +161,57 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor,
 
 
 def pack_weight(weight: torch.Tensor, pad: bool = False) -> torch.Tensor | None:
-    """A linear weight ``(O, K)`` as the packed kernel's panels ``(O / NR, K, NR)`` in its own
-    dtype, or None where it does not apply: no kernel, not on the CPU, O not a multiple of NR
-    (with ``pad``, zero rows make it one: the caller drops the extra outputs). Packed weights
-    take the packed kernel at every row count: on AVX2 it matches oneDNN's prepacked float32
-    GEMM from 16 rows up and beats PyTorch's (MKL) at 16-64 rows by 1.5-2x; at one row it
-    streams weights within 10% of the unpacked small-batch kernel (benchmarks/kernels.py)."""
+    """A linear weight ``(O, K)`` as the packed kernel's panels in its own dtype, or None where
+    it does not apply: no kernel, not on the CPU, O not a multiple of the panel width (with
+    ``pad``, zero rows make it one: the caller drops the extra outputs).
+
+    - bfloat16 and int8 weights on a CPU with bfloat16 dot products (``pair_mode``), K a
+      multiple of 32: panels of K pairs ``(O / 64, K / 2, 64, 2)`` for ``bf16_gemm.c`` (AMX
+      or vdpbf16ps).
+    - otherwise ``(O / NR, K, NR)`` for ``gemm.c``, which at 16-64 rows beats PyTorch's
+      float32 GEMM (MKL) by 1.5-2x on AVX2 and at one row streams weights within 10% of the
+      unpacked small-batch kernel (benchmarks/kernels.py)."""
     nr = packed_width()
-    if (nr is None or weight.dim() != 2 or not _weight_cpu(weight)
-            or (weight.shape[0] % nr and not pad)):
+    if nr is None or weight.dim() != 2 or not _weight_cpu(weight):
+        return None
+    pairs = _pairs_apply(weight.dtype, weight.shape[1])
+    if pairs:
+        nr = PAIR_WIDTH
+    if weight.shape[0] % nr and not pad:
         return None
     if weight.shape[0] % nr:
         weight = torch.cat([weight, weight.new_zeros(-weight.shape[0] % nr, weight.shape[1])])
     O, K = weight.shape
+    if pairs:
+        return weight.view(O // nr, nr, K // 2, 2).transpose(1, 2).contiguous()
     return weight.view(O // nr, nr, K).transpose(1, 2).contiguous()
+
+
+PAIR_WIDTH = 64  # NR in bf16_gemm.c
+
+
+def _pairs_apply(dtype: torch.dtype, K: int) -> bool:
+    return dtype in (torch.bfloat16, torch.int8) and K % 32 == 0 and pair_mode() > 0
+
+
+def packed_features(packed: torch.Tensor) -> int:
+    """Output features (padding included) of ``pack_weight``'s panels."""
+    return packed.shape[0] * packed.shape[2]
+
+
+def packed_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``W[rows]`` ``(len(rows), K)`` of the weight ``pack_weight`` packed (an embedding
+    tied to a packed head reads its rows from the panels)."""
+    nr = packed.shape[2]
+    y = packed[rows // nr, :, rows % nr]
+    return y.flatten(-2) if packed.dim() == 4 else y
 
 
 def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
     """The ``(O, K)`` weight back from ``pack_weight``'s panels (a copy)."""
+    if packed.dim() == 4:
+        q, k2, nr, _ = packed.shape
+        return packed.transpose(1, 2).reshape(q * nr, k2 * 2)
     q, K, nr = packed.shape
     return packed.transpose(1, 2).reshape(q * nr, K)
 
@@ -162,24 +241,31 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
-                  scale: torch.Tensor | None = None) -> torch.Tensor | None:
+                  scale: torch.Tensor | None = None, mode: int | None = None
+                  ) -> torch.Tensor | None:
     """``x @ W.T + bias`` for any number of rows, ``packed`` from ``pack_weight(W)``; for int8
-    panels ``W = panels * scale[:, None]`` (``quantize_int8``)."""
-    fn = _packed_fn()
-    q, K, nr = packed.shape
+    panels ``W = panels * scale[:, None]`` (``quantize_int8``). K-pair panels run
+    ``bf16_gemm.c`` in ``mode`` (default ``pair_mode()``)."""
+    pairs = packed.dim() == 4
+    fn = _pairs_fn() if pairs else _packed_fn()
+    K = packed.shape[1] * 2 if pairs else packed.shape[1]
+    O = packed_features(packed)
     if fn is None or x.shape[-1] != K or x.numel() == 0:
         return None
     x2 = x.reshape(-1, K).contiguous()
     if (not _f32_cpu(x2) or not _weight_cpu(packed)
             or (bias is not None and not _f32_cpu(bias))
             or (scale is not None) != (packed.dtype == torch.int8)
-            or (scale is not None and (not _f32_cpu(scale) or scale.numel() != q * nr))):
+            or (scale is not None and (not _f32_cpu(scale) or scale.numel() != O))):
         return None
-    y = x2.new_empty(x2.shape[0], q * nr)
-    rc = fn(x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-            None if scale is None else scale.data_ptr(), y.data_ptr(), x2.shape[0], K, q * nr,
-            torch.get_num_threads(), _WTYPES[packed.dtype])
-    return y.view(*x.shape[:-1], q * nr) if rc == 0 else None
+    y = x2.new_empty(x2.shape[0], O)
+    args = [x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if scale is None else scale.data_ptr(), y.data_ptr(), x2.shape[0], K, O,
+            torch.get_num_threads(), _WTYPES[packed.dtype]]
+    if pairs:
+        args.append(pair_mode() if mode is None else mode)
+    rc = fn(*args)
+    return y.view(*x.shape[:-1], O) if rc == 0 else None
 
 
 def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:

@@ -1,4 +1,6 @@
-/* Decode attention over a paged KV cache, float32, for CPUs.
+/* Decode attention over a paged KV cache for CPUs: float32 queries and results, the cache in
+ * float32, bfloat16 or float16 (vecmath.h's weight types: 16-bit keys and values are read
+ * into float32 registers, half the bytes of a pass that is bound by memory).
  *
  * One query token per sequence attends to its cached keys and values, read in place from the
  * cache blocks its block table names: no gathered copy, no padding to the longest context.
@@ -11,6 +13,7 @@
  *   q, out    (D, num_heads, head_dim)
  *   k_cache   (num_blocks, block_size, num_kv_heads, head_dim), v_cache the same
  *   tables    (D, max_blocks) int64 block ids; context (D,) int64 keys each sequence sees
+ *   kvtype    W_F32, W_BF16 or W_F16 (vecmath.h), both caches
  * window > 0 limits each sequence to its last `window` keys (sliding-window attention).
  * Query head h uses KV head h / (num_heads / num_kv_heads).
  */
@@ -23,29 +26,36 @@
  * once for all of them. */
 #define QC 4
 
+/* 8 keys or values from element i of a cache of type kvt, as floats. */
+static inline v8 kv8(const void *p, int64_t i, int kvt) {
+    if (kvt == W_BF16) return bf16x8((const uint16_t *)p + i);
+    if (kvt == W_F16) return f16x8((const uint16_t *)p + i);
+    return *(const v8 *)((const float *)p + i);
+}
+
 /* s[c] = scale * dot(q[c], k) for NC query heads against one key row. */
 static inline __attribute__((always_inline)) void score_row(
-        const float *restrict q, const float *restrict k, int NC, int hd, float scale,
-        float *restrict s, int stride) {
+        const float *restrict q, const void *restrict k, int64_t at, int NC, int hd,
+        float scale, float *restrict s, int stride, int kvt) {
     v8 a[QC] = {{0}}, b[QC] = {{0}};
     int i = 0;
     for (; i + 16 <= hd; i += 16) {
-        const v8 k0 = *(const v8 *)(k + i), k1 = *(const v8 *)(k + i + 8);
+        const v8 k0 = kv8(k, at + i, kvt), k1 = kv8(k, at + i + 8, kvt);
         for (int c = 0; c < NC; c++) {
             a[c] += *(const v8 *)(q + c * hd + i) * k0;
             b[c] += *(const v8 *)(q + c * hd + i + 8) * k1;
         }
     }
     if (i < hd)
-        for (int c = 0; c < NC; c++) a[c] += *(const v8 *)(q + c * hd + i) * *(const v8 *)(k + i);
+        for (int c = 0; c < NC; c++) a[c] += *(const v8 *)(q + c * hd + i) * kv8(k, at + i, kvt);
     for (int c = 0; c < NC; c++) s[c * stride] = hsum8(a[c] + b[c]) * scale;
 }
 
 /* acc[c] += sum over t of s[c][t] v[t] for NC heads: the accumulators stay in registers across
  * the block's tokens, two sets (even and odd tokens) to keep two FMA chains per head going. */
 static inline __attribute__((always_inline)) void weigh_values(
-        float *restrict acc, const float *restrict v, int64_t row, int t0, int t1, int NC,
-        int hd, const float *restrict s, int stride) {
+        float *restrict acc, const void *restrict v, int64_t at, int64_t row, int t0, int t1,
+        int NC, int hd, const float *restrict s, int stride, int kvt) {
     for (int i = 0; i < hd; i += 8) {
         v8 a[QC], b[QC];
         for (int c = 0; c < NC; c++) {
@@ -54,14 +64,14 @@ static inline __attribute__((always_inline)) void weigh_values(
         }
         int t = t0;
         for (; t + 2 <= t1; t += 2) {
-            const v8 v0 = *(const v8 *)(v + t * row + i), v1 = *(const v8 *)(v + (t + 1) * row + i);
+            const v8 v0 = kv8(v, at + t * row + i, kvt), v1 = kv8(v, at + (t + 1) * row + i, kvt);
             for (int c = 0; c < NC; c++) {
                 a[c] += s[c * stride + t] * v0;
                 b[c] += s[c * stride + t + 1] * v1;
             }
         }
         if (t < t1) {
-            const v8 v0 = *(const v8 *)(v + t * row + i);
+            const v8 v0 = kv8(v, at + t * row + i, kvt);
             for (int c = 0; c < NC; c++) a[c] += s[c * stride + t] * v0;
         }
         for (int c = 0; c < NC; c++) *(v8 *)(acc + c * hd + i) = a[c] + b[c];
@@ -78,10 +88,11 @@ static inline __attribute__((always_inline)) void weigh_values(
     }
 
 /* KV heads [g0, g1) of one sequence and their query heads (q and out start at head g0 * G). */
-static void attend(const float *restrict q, const float *restrict k_cache,
-                   const float *restrict v_cache, const int64_t *restrict table,
-                   int64_t first, int64_t last, int g0, int g1, int G, int bs, int nkv,
-                   int hd, float scale, float *restrict out) {
+static inline __attribute__((always_inline)) void attend(
+        const float *restrict q, const void *restrict k_cache, const void *restrict v_cache,
+        const int64_t *restrict table, int64_t first, int64_t last, int g0, int g1, int G,
+        int bs, int nkv, int hd, float scale, float *restrict out, int kvt) {
+    const int64_t esize = kvt == W_F32 ? 4 : 2;
     const int H = (g1 - g0) * G;
     float acc[H * hd], m[H], l[H], s[H * bs];
     for (int h = 0; h < H; h++) {
@@ -98,14 +109,14 @@ static void attend(const float *restrict q, const float *restrict k_cache,
          * head would stride through it, and the prefetchers lose it); the values are fetched
          * alongside for the pass below. */
         for (int t = t0; t < t1; t++) {
-            const float *kt = k_cache + base + t * row;
-            for (int i = g0 * hd; i < g1 * hd; i += 16)
-                __builtin_prefetch(v_cache + base + t * row + i);
+            const int64_t kt = base + t * row;
+            for (int64_t i = g0 * hd * esize; i < g1 * hd * esize; i += 64)
+                __builtin_prefetch((const char *)v_cache + (base + t * row) * esize + i);
             for (int g = g0; g < g1; g++)
                 for (int c0 = 0; c0 < G; c0 += QC) {
                     const int h = (g - g0) * G + c0;
-                    BY_HEADS(G - c0, score_row(q + (int64_t)h * hd, kt + g * hd, NC, hd, scale,
-                                               s + h * bs + t, bs));
+                    BY_HEADS(G - c0, score_row(q + (int64_t)h * hd, k_cache, kt + g * hd, NC,
+                                               hd, scale, s + h * bs + t, bs, kvt));
                 }
         }
         /* Online softmax: s becomes this block's weights under the running maximum. */
@@ -135,8 +146,8 @@ static void attend(const float *restrict q, const float *restrict k_cache,
         for (int g = g0; g < g1; g++)
             for (int c0 = 0; c0 < G; c0 += QC) {
                 const int h = (g - g0) * G + c0;
-                BY_HEADS(G - c0, weigh_values(acc + h * hd, v_cache + base + g * hd, row, t0,
-                                              t1, NC, hd, s + h * bs, bs));
+                BY_HEADS(G - c0, weigh_values(acc + h * hd, v_cache, base + g * hd, row, t0,
+                                              t1, NC, hd, s + h * bs, bs, kvt));
             }
     }
     for (int h = 0; h < H; h++) {
@@ -145,12 +156,28 @@ static void attend(const float *restrict q, const float *restrict k_cache,
     }
 }
 
+typedef void (*attend_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
+                          int64_t, int, int, int, int, int, int, float, float *);
+#define ATTEND(NAME, KVT)                                                                   \
+    static void NAME(const float *q, const void *k, const void *v, const int64_t *table,    \
+                     int64_t first, int64_t last, int g0, int g1, int G, int bs, int nkv,   \
+                     int hd, float scale, float *out) {                                     \
+        attend(q, k, v, table, first, last, g0, g1, G, bs, nkv, hd, scale, out, KVT);       \
+    }
+ATTEND(attend_f32, W_F32)
+ATTEND(attend_bf16, W_BF16)
+ATTEND(attend_f16, W_F16)
+
 /* Returns 0, or -1 for shapes this kernel does not take (the caller falls back). */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                            const int64_t *tables, const int64_t *context, float *out,
                            int64_t D, int64_t max_blocks, int nh, int nkv, int hd, int bs,
-                           int64_t window, float scale, int num_threads) {
-    if (nkv <= 0 || nh % nkv || hd % 8 || hd > 512 || bs > 256 || nh > 256) return -1;
+                           int64_t window, float scale, int num_threads, int kvtype) {
+    if (nkv <= 0 || nh % nkv || hd % 8 || hd > 512 || bs > 256 || nh > 256
+            || (kvtype != W_F32 && kvtype != W_BF16 && kvtype != W_F16))
+        return -1;
+    const attend_fn attend_one = kvtype == W_BF16 ? attend_bf16
+                                 : kvtype == W_F16 ? attend_f16 : attend_f32;
     const int G = nh / nkv;
     /* Split a sequence's KV heads only when sequences alone would leave threads idle. */
     int splits = 1;
@@ -164,8 +191,8 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
         const int64_t last = context[d];
         const int64_t first = window > 0 && last > window ? last - window : 0;
         const int64_t at = (d * nh + (int64_t)g0 * G) * hd;
-        attend(q + at, k_cache, v_cache, tables + d * max_blocks, first, last, g0, g0 + per, G,
-               bs, nkv, hd, scale, out + at);
+        attend_one(q + at, k_cache, v_cache, tables + d * max_blocks, first, last, g0, g0 + per,
+                   G, bs, nkv, hd, scale, out + at);
     }
     return 0;
 }

@@ -92,8 +92,11 @@ class TorchSDPABackend:
 
     def write_kv(self, attn: Attention, k: torch.Tensor, v: torch.Tensor,
                  meta: AttentionMetadata) -> None:
-        attn.k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
-        attn.v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+        # (the cache may be narrower than the activations: a 16-bit cache, float32 compute)
+        attn.k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping,
+                                                        k.to(attn.k_cache.dtype))
+        attn.v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping,
+                                                        v.to(attn.v_cache.dtype))
 
     def attend(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                ) -> torch.Tensor:
@@ -114,8 +117,8 @@ class TorchSDPABackend:
 
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
-        k = self._gather(attn.k_cache, meta.decode_tables)  # (D, nkv, L, hd)
-        v = self._gather(attn.v_cache, meta.decode_tables)
+        k = self._gather(attn.k_cache, meta.decode_tables).to(q.dtype)  # (D, nkv, L, hd)
+        v = self._gather(attn.v_cache, meta.decode_tables).to(q.dtype)
         mask = meta.decode_mask(attn.k_cache.shape[1], attn.window)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=mask, scale=attn.scale,
@@ -124,8 +127,8 @@ class TorchSDPABackend:
 
     def _prefill(self, attn: Attention, q: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         n, ctx, window = chunk.num_tokens, chunk.context_len, attn.window
-        k = self._gather(attn.k_cache, chunk.block_ids)[:, :ctx]  # (nkv, ctx, hd)
-        v = self._gather(attn.v_cache, chunk.block_ids)[:, :ctx]
+        k = self._gather(attn.k_cache, chunk.block_ids)[:, :ctx].to(q.dtype)  # (nkv, ctx, hd)
+        v = self._gather(attn.v_cache, chunk.block_ids)[:, :ctx].to(q.dtype)
         mask = None
         if n != ctx or window is not None:
             q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
@@ -140,8 +143,9 @@ class TorchSDPABackend:
 
 
 class CPUPagedBackend(TorchSDPABackend):
-    """Decodes through the native paged-attention kernel (float32 on CPU, head_dim a multiple
-    of 8); everything else, prefill chunks included, through ``TorchSDPABackend``."""
+    """Decodes through the native paged-attention kernel (float32 queries on CPU, a float32 or
+    16-bit cache, head_dim a multiple of 8); everything else, prefill chunks included,
+    through ``TorchSDPABackend``."""
 
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:

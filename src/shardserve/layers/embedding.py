@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.kernels import ops
 from shardserve.layers.linear import linear, pack_in_place
 from shardserve.planner.memory import shard
 from shardserve.runtime.group import Group
@@ -46,9 +47,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def _rows(self, local_ids: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.dim() == 3:  # a tied head packed the table into panels (q, H, NR)
-            nr = w.shape[2]
-            y = w[local_ids // nr, :, local_ids % nr]
+        if w.dim() >= 3:  # a tied head packed the table into panels
+            y = ops.packed_rows(w, local_ids)
             if self.weight_scale is not None:  # and quantized them: int8 rows times scales
                 scale = self.weight_scale[local_ids].unsqueeze(-1)
                 return y.to(scale.dtype).mul_(scale).to(self.out_dtype or scale.dtype)

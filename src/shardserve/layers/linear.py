@@ -23,12 +23,13 @@ from shardserve.runtime.group import Group
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias``. ``weight`` is ``W`` ``(out, in)``, or its panels ``(out / NR, in, NR)``
-    when ``pack_in_place`` repacked it at load time: those run the native packed GEMM at every
-    row count. int8 panels stand for ``W = panels * scale[:, None]``. An unpacked weight with a
+    """``x @ W.T + bias``. ``weight`` is ``W`` ``(out, in)``, or its panels (``(out / NR, in,
+    NR)``, or K pairs ``(out / 64, in / 2, 64, 2)`` for bfloat16 dot products) when
+    ``pack_in_place`` repacked it at load time: those run the native packed GEMM at every row
+    count. int8 panels stand for ``W = panels * scale[:, None]``. An unpacked weight with a
     few rows (decode at small batch) takes the native kernel that streams it from every core;
     the rest takes PyTorch's GEMM."""
-    if weight.dim() == 3:
+    if weight.dim() >= 3:
         y = ops.packed_linear(x, weight, bias, scale)
         if y is not None:
             return y

@@ -92,7 +92,8 @@ class Executor:
 
     def __init__(self, config: ModelConfig, devices: list[Device], label: str = "",
                  step_timeout_s: float = 300.0, compute_dtype: str | None = None,
-                 load_timeout_s: float = 1800.0, shm_slot_bytes: int = 8 << 20) -> None:
+                 load_timeout_s: float = 1800.0, shm_slot_bytes: int = 8 << 20,
+                 kv_cache_dtype: str | None = None) -> None:
         self.config, self.devices = config, devices
         self.step_timeout_s = step_timeout_s
         self.grace_s = 10.0  # how long the peers of a rank that raised get to answer
@@ -115,7 +116,7 @@ class Executor:
                     compute_dtype=compute_dtype or config.torch_dtype_name,
                     max_model_len=config.context_len, quantization=config.quantization,
                     shm_path=shm_path,
-                    shm_slot_bytes=shm_slot_bytes))
+                    shm_slot_bytes=shm_slot_bytes, kv_cache_dtype=kv_cache_dtype))
             self.load_stats = self._gather_all(load_timeout_s, what="loading")
         except BaseException:
             self._kill()  # others may be stuck joining the group

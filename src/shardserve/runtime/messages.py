@@ -70,11 +70,12 @@ class WorkerInit:
     memory_budget: int
     model_path: str
     dtype: str  # of the linear and embedding weights
-    compute_dtype: str  # of activations, norms, biases and the KV cache
+    compute_dtype: str  # of activations, norms and biases
     max_model_len: int
     quantization: str | None = None  # of the linear layers and LM head (ModelConfig)
     shm_path: str | None = None  # shared-memory collectives file (CPU groups on one host)
     shm_slot_bytes: int = 0
+    kv_cache_dtype: str | None = None  # of the KV cache (None: compute_dtype)
 
 
 @dataclass

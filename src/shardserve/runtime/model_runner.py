@@ -49,11 +49,14 @@ class ModelRunner:
     and the KV cache; the linear and embedding weights stay in the config's dtype."""
 
     def __init__(self, config: ModelConfig, group: Group, device: torch.device,
-                 budget: int, compute_dtype: str | None = None) -> None:
+                 budget: int, compute_dtype: str | None = None,
+                 kv_cache_dtype: str | None = None) -> None:
         self.config, self.group, self.device, self.budget = config, group, device, budget
         self.dtype = getattr(torch, config.torch_dtype_name)  # the weights'
         self.compute_name = compute_dtype or config.torch_dtype_name
         self.compute = getattr(torch, self.compute_name)
+        self.kv_name = kv_cache_dtype or self.compute_name
+        self.kv_dtype = getattr(torch, self.kv_name)
         cls = model_class(config.spec.architecture)
         with _default_dtype(self.dtype), torch.device("meta"):
             meta = _quantize(cls(config.spec, config.context_len, group), config.quantization)
@@ -77,7 +80,7 @@ class ModelRunner:
     # -- control verbs ---------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
         """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer."""
-        per_token = kv_bytes_per_token(self.config.spec, self.group.size, self.compute_name)
+        per_token = kv_bytes_per_token(self.config.spec, self.group.size, self.kv_name)
         need = per_token * num_blocks * block_size
         if self.weight_bytes + need > self.budget:
             raise MemoryError(
@@ -87,8 +90,8 @@ class ModelRunner:
         self.free_kv_cache()
         for attn in self.model.attention_layers():
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.compute, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.compute, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.block_size, self.cache_bytes = block_size, need
         return need
 
@@ -117,7 +120,7 @@ class ModelRunner:
         try:
             n = len(token_ids)
             for a in layers:
-                a.k_cache = torch.zeros(1, n, a.num_kv_heads, a.head_dim, dtype=self.compute,
+                a.k_cache = torch.zeros(1, n, a.num_kv_heads, a.head_dim, dtype=self.kv_dtype,
                                         device=self.device)
                 a.v_cache = torch.zeros_like(a.k_cache)
             ids = torch.tensor(token_ids, device=self.device)

@@ -3,10 +3,12 @@ starts, from the checkpoint, the device and whether the native kernels build her
 reported everywhere (the log, ``shardserve plan``, ``/v2/repository/devices``, a metric
 label), so no deployment is ever silently slow.
 
-- CPU with the native kernels: a decoder's linear and embedding weights stay in the
-  checkpoint's dtype (bfloat16 or float16 read into float32 registers by the kernels: half the
-  bytes of float32 to stream per step), while activations, norms, biases and the KV cache are
-  float32 (the kernels' arithmetic, and numerically the better choice).
+- CPU with the native kernels: a decoder's linear and embedding weights and its KV cache stay
+  in the checkpoint's dtype (half the bytes of float32 to stream per step), while activations,
+  norms and biases are float32. bfloat16 weights run on the CPU's own bfloat16 dot
+  products where it has them (AMX tiles, else AVX512-BF16: activations rounded to bfloat16 at
+  each linear layer, float32 sums, as oneDNN and transformers' bf16 matmul); float16 weights,
+  and bfloat16 ones elsewhere, are read into float32 registers (float32 arithmetic).
 - CPU without them (no compiler, ``SHARDSERVE_KERNELS=0``), encoders, CUDA: PyTorch's kernels
   in the checkpoint's dtype.
 - ``quantization: int8`` (decoders on the CPU with the native kernels): the linear layers and
@@ -29,6 +31,12 @@ class Precision:
     kernels: str  # "native" or "pytorch"
     note: str  # why, in one line
     quantization: str | None = None  # of the linear layers and LM head (e.g. int8)
+    kv_cache: str = ""  # dtype of the KV cache ("": the compute dtype)
+
+    @property
+    def kv(self) -> str:
+        """The KV cache's dtype."""
+        return self.kv_cache or self.compute
 
     @property
     def label(self) -> str:
@@ -50,11 +58,14 @@ def choose(model: ModelConfig, device_kind: str) -> Precision:
         raise ValueError(f"quantization {model.quantization!r} runs on the native CPU kernels, "
                          f"which this deployment cannot use ({p.note}); serve it without "
                          "quantization")
+    from shardserve.kernels import ops
+
     return Precision(p.weights, "float32", "native",
                      f"native CPU kernels: {model.quantization} linear layers and LM head "
-                     "(a float32 scale per output feature, quantized at load), "
-                     f"{p.weights} embeddings; float32 activations and KV cache",
-                     model.quantization)
+                     "(a float32 scale per output feature, quantized at load) on "
+                     f"{ops.linear_path(_torch_dtype(model), model.quantization)}; "
+                     f"{p.weights} embeddings; float32 activations, {p.kv} KV cache",
+                     model.quantization, p.kv_cache)
 
 
 def _choose(model: ModelConfig, device_kind: str) -> Precision:
@@ -72,8 +83,20 @@ def _choose(model: ModelConfig, device_kind: str) -> Precision:
         return Precision(weights, weights, "native" if weights == "float32" else "pytorch",
                          "encoder: PyTorch kernels with the native linear kernels where they "
                          "apply (float32)")
+    from shardserve.kernels import ops
+
+    path = ops.linear_path(_torch_dtype(model))
     if weights == "float32":
-        return Precision(weights, weights, "native", "native CPU kernels, float32")
+        return Precision(weights, weights, "native", f"native CPU kernels: {path}")
+    # The KV cache in the checkpoint's 16 bits too, as vLLM's kv_cache_dtype=auto: half the
+    # bytes decode attention streams, twice the tokens per byte of budget.
     return Precision(weights, "float32", "native",
-                     f"native CPU kernels: {weights} weights read into float32 registers "
-                     "(half the bytes per step); float32 activations and KV cache")
+                     f"native CPU kernels: {weights} weights (half the bytes per step) on "
+                     f"{path}; {weights} KV cache; float32 activations and norms",
+                     kv_cache=weights)
+
+
+def _torch_dtype(model: ModelConfig):
+    import torch
+
+    return getattr(torch, model.torch_dtype_name)

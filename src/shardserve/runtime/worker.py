@@ -64,7 +64,8 @@ def serve(conn_in: Connection, conn_out: Connection) -> None:
         device = _setup_device(init)
         group = _join_group(init)
         config = ModelConfig(init.model_path, init.dtype, init.max_model_len, init.quantization)
-        runner = ModelRunner(config, group, device, init.memory_budget, init.compute_dtype)
+        runner = ModelRunner(config, group, device, init.memory_budget, init.compute_dtype,
+                             init.kv_cache_dtype)
     except Exception as e:  # report why we could not start, then exit
         conn_out.send_bytes(_encode(_error(e)))
         return

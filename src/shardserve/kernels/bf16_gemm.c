@@ -1,0 +1,272 @@
+/* y = x W^T (+ b) with bfloat16 (or int8) weights on the CPU's own bfloat16 dot products: AMX
+ * tiles where the CPU has them (Sapphire Rapids and later), else AVX512-BF16's vdpbf16ps (Zen 4,
+ * Cooper Lake). Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM
+ * (vLLM's CPU backend) and transformers' bf16 matmul do: the activations are rounded to
+ * bfloat16 once per call, the sums stay float32, x and y are float32.
+ *
+ * Weights are packed once at load in pairs along K, the layout both instruction sets read
+ * (Intel calls it VNNI): P[q][k/2][j][k%2] = W[q * NR + j][k], panels of NR = 64 output
+ * features, K a multiple of 32. One panel row (a K pair of 64 features) is 256 bytes:
+ *   - AVX512-BF16: per K pair, 4 vector loads of the panel and one 32-bit broadcast of x's pair
+ *     per row feed 4 vdpbf16ps (MR x 64 tile in 24 registers);
+ *   - AMX: a B tile is 16 K pairs x 16 features (16 rows of 64 bytes at stride 256), an A tile
+ *     16 rows x 32 K of x in bfloat16; one TDPBF16PS is 16 x 16 x 32 multiply-adds. A block of
+ *     32 rows x 32 features keeps 2 x 2 C tiles.
+ *
+ * int8 weights (weight-only quantization, W = scale[o] * P, P in -127..127): bfloat16 holds
+ * every integer of that range exactly, so each panel is widened to bfloat16 once per work item
+ * (in L2) and runs the same tiles; the scales come in with the bias.
+ *
+ * Work items: a chunk of up to MC rows against one panel, threads taking items as they finish;
+ * the rows of a chunk run one after another against the same panel, which stays in L2.
+ *
+ *   x (N, K), y (N, O) float32 contiguous; p packed as above (bfloat16 or int8); O % 64 == 0,
+ *   K % 32 == 0; bias (O,) or NULL; scale (O,) for int8, else NULL.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define NR 64
+#define MC 128
+#define MR 6
+/* Software prefetch this many bytes ahead in a panel streamed from memory (few rows). */
+#ifndef PF_AHEAD
+#define PF_AHEAD 4096
+#endif
+
+enum { MODE_NONE = 0, MODE_AVX512_BF16 = 1, MODE_AMX = 2 };
+enum { W_BF16 = 1, W_I8 = 3 };  /* as vecmath.h */
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define HAVE_AMX 1
+#endif
+
+#if defined(__AVX512BF16__)
+
+/* The kernel this build and this process can run: AMX needs the kernel's permission for the
+ * tile state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+), asked once. */
+int bf16_gemm_mode(void) {
+#if defined(HAVE_AMX)
+    static int mode = -1;
+    if (mode < 0)
+        mode = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                       18 /* XFEATURE_XTILEDATA */) == 0 ? MODE_AMX : MODE_AVX512_BF16;
+    return mode;
+#else
+    return MODE_AVX512_BF16;
+#endif
+}
+
+/* Rows [r0, r1) of x as bfloat16 (round to nearest even) into xb (ld K), zero rows up to r2. */
+static void to_bf16(const float *x, uint16_t *xb, int64_t r0, int64_t r1, int64_t r2, int64_t K) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t k = 0; k < K; k += 32) {
+            const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + r * K + k + 16),
+                                                   _mm512_loadu_ps(x + r * K + k));
+            _mm512_storeu_si512((void *)(xb + r * K + k), (__m512i)v);
+        }
+    if (r2 > r1) memset(xb + r1 * K, 0, (size_t)((r2 - r1) * K) * 2);
+}
+
+/* A panel of int8 weights (K * NR) widened to bfloat16: exact for -127..127. */
+static void widen_i8(const int8_t *p, uint16_t *out, int64_t K) {
+    for (int64_t i = 0; i < K * NR; i += 16) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)(p + i))));
+        _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+}
+
+/* y[rows, 64 features] = acc * scale + bias, from a tile of sums c (ld NR). */
+static inline void store_rows(const float *c, float *y, int64_t O, int rows,
+                              const float *bias, const float *scale) {
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < NR; v += 16) {
+            __m512 s = _mm512_loadu_ps(c + i * NR + v);
+            if (scale) s = _mm512_mul_ps(s, _mm512_loadu_ps(scale + v));
+            if (bias) s = _mm512_add_ps(s, _mm512_loadu_ps(bias + v));
+            _mm512_storeu_ps(y + i * O + v, s);
+        }
+}
+
+/* AVX512-BF16: rows [m, m + mr) of xb against one panel pp (K/2 x NR pairs), sums into c. */
+static inline __attribute__((always_inline)) void dp_tile(int mr, const uint16_t *xb,
+                                                          const uint16_t *pp, int64_t K,
+                                                          float *c) {
+    __m512 acc[MR][4];
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < 4; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K / 2; k2++) {
+        const uint16_t *row = pp + k2 * NR * 2;
+        for (int l = 0; l < 256; l += 64)
+            _mm_prefetch((const char *)row + PF_AHEAD + l, _MM_HINT_T0);
+        __m512bh b[4];
+        for (int v = 0; v < 4; v++) b[v] = (__m512bh)_mm512_loadu_si512(row + v * 32);
+        for (int i = 0; i < mr; i++) {
+            int32_t pair;
+            memcpy(&pair, xb + i * K + 2 * k2, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < 4; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(c + i * NR + v * 16, acc[i][v]);
+}
+
+static void rows_dp(const uint16_t *xb, const uint16_t *pp, int64_t m0, int64_t m1, int64_t K,
+                    int64_t O, float *y, const float *bias, const float *scale) {
+    float c[MR * NR] __attribute__((aligned(64)));
+    for (int64_t m = m0; m < m1; m += MR) {
+        const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
+        switch (mr) {  /* a constant row count each, so the tile stays in registers */
+        case 1: dp_tile(1, xb + m * K, pp, K, c); break;
+        case 2: dp_tile(2, xb + m * K, pp, K, c); break;
+        case 3: dp_tile(3, xb + m * K, pp, K, c); break;
+        case 4: dp_tile(4, xb + m * K, pp, K, c); break;
+        case 5: dp_tile(5, xb + m * K, pp, K, c); break;
+        default: dp_tile(6, xb + m * K, pp, K, c); break;
+        }
+        store_rows(c, y + m * O, O, mr, bias, scale);
+    }
+}
+
+#if defined(HAVE_AMX)
+/* Tile configuration: palette 1, every tile 16 rows of 64 bytes (C: 16 x 16 float32; A: 16
+ * rows x 32 bfloat16; B: 16 K pairs x 16 features). */
+static void tile_config(void) {
+    uint8_t cfg[64] __attribute__((aligned(64))) = {0};
+    cfg[0] = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg[16 + 2 * t] = 64;  /* bytes per row (little-endian uint16) */
+        cfg[48 + t] = 16;      /* rows */
+    }
+    _tile_loadconfig(cfg);
+}
+
+/* Rows [m0, m1) of xb (zero-padded to whole 16-row tiles) against panel pp; sums via c. */
+static void rows_amx(const uint16_t *xb, const uint16_t *pp, int64_t m0, int64_t m1, int64_t K,
+                     int64_t O, float *y, const float *bias, const float *scale) {
+    float c[32 * NR] __attribute__((aligned(64)));
+    const int64_t lda = K * 2, ldb = NR * 4;  /* bytes */
+    for (int64_t m = m0; m < m1; m += 32) {
+        const uint16_t *a = xb + m * K;
+        if (m1 - m > 16) {  /* 32 rows: 2 x 2 C tiles per half panel */
+            for (int h = 0; h < 2; h++) {
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t k = 0; k < K; k += 32) {
+                    const uint16_t *b = pp + k * NR + h * 64;  /* pair row k/2, feature 32h */
+                    _tile_loadd(4, a + k, lda);
+                    _tile_loadd(5, a + 16 * K + k, lda);
+                    _tile_loadd(6, b, ldb);
+                    _tile_loadd(7, b + 32, ldb);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, c + h * 32, NR * 4);
+                _tile_stored(1, c + h * 32 + 16, NR * 4);
+                _tile_stored(2, c + 16 * NR + h * 32, NR * 4);
+                _tile_stored(3, c + 16 * NR + h * 32 + 16, NR * 4);
+            }
+        } else {  /* 16 rows (or fewer, zero-padded): 1 x 4 C tiles over the whole panel */
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t k = 0; k < K; k += 32) {
+                const uint16_t *b = pp + k * NR;  /* 4 KiB: 16 pair rows of the panel */
+                for (int l = 0; l < 4096; l += 64)
+                    _mm_prefetch((const char *)b + PF_AHEAD + l, _MM_HINT_T0);
+                _tile_loadd(4, a + k, lda);
+                _tile_loadd(5, b, ldb);
+                _tile_loadd(6, b + 32, ldb);
+                _tile_loadd(7, b + 64, ldb);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(5, b + 96, ldb);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+            _tile_stored(0, c, NR * 4);
+            _tile_stored(1, c + 16, NR * 4);
+            _tile_stored(2, c + 32, NR * 4);
+            _tile_stored(3, c + 48, NR * 4);
+        }
+        const int rows = m1 - m < 32 ? (int)(m1 - m) : 32;
+        store_rows(c, y + m * O, O, rows, bias, scale);
+    }
+}
+#endif
+
+/* Returns 0, or -1 for a shape, weight type or mode it does not take (the caller falls back).
+ * mode: MODE_AMX or MODE_AVX512_BF16 (at most bf16_gemm_mode()). */
+int bf16_gemm(const float *x, const void *p, const float *bias, const float *scale, float *y,
+              int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode) {
+    if (N < 1 || K < 32 || K % 32 || O < NR || O % NR || num_threads < 1
+            || (wtype != W_BF16 && wtype != W_I8) || (wtype == W_I8) != (scale != 0)
+            || mode < MODE_AVX512_BF16 || mode > bf16_gemm_mode())
+        return -1;
+    const int64_t Np = (N + 15) / 16 * 16;  /* whole AMX row tiles */
+    uint16_t *xb = aligned_alloc(64, (size_t)(Np * K * 2 + 64));
+    const int widen = wtype == W_I8;
+    if (!xb) return -1;
+    const int64_t panels = O / NR, chunks = (N + MC - 1) / MC, items = panels * chunks;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        to_bf16(x, xb, N * t / nt, N * (t + 1) / nt, t == nt - 1 ? Np : N * (t + 1) / nt, K);
+        uint16_t *wide = widen ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
+        if (widen && !wide) failed = 1;
+#if defined(HAVE_AMX)
+        if (mode == MODE_AMX) tile_config();
+#endif
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (failed) continue;
+            const int64_t q = it % panels, c = it / panels;
+            const int64_t m0 = c * MC, m1 = m0 + MC < N ? m0 + MC : N;
+            const uint16_t *pp;
+            if (widen) {
+                widen_i8((const int8_t *)p + q * K * NR, wide, K);
+                pp = wide;
+            } else {
+                pp = (const uint16_t *)p + q * K * NR;
+            }
+            const float *b = bias ? bias + q * NR : 0, *s = scale ? scale + q * NR : 0;
+#if defined(HAVE_AMX)
+            if (mode == MODE_AMX) {
+                rows_amx(xb, pp, m0, m1, K, O, y + q * NR, b, s);
+                continue;
+            }
+#endif
+            rows_dp(xb, pp, m0, m1, K, O, y + q * NR, b, s);
+        }
+#if defined(HAVE_AMX)
+        if (mode == MODE_AMX) _tile_release();
+#endif
+        free(wide);
+    }
+    free(xb);
+    return failed ? -1 : 0;
+}
+
+#else  /* no AVX512-BF16 in this build: the caller keeps the float32-register kernels */
+
+int bf16_gemm_mode(void) { return MODE_NONE; }
+
+int bf16_gemm(const float *x, const void *p, const float *bias, const float *scale, float *y,
+              int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode) {
+    (void)x; (void)p; (void)bias; (void)scale; (void)y; (void)N; (void)K; (void)O;
+    (void)num_threads; (void)wtype; (void)mode;
+    return -1;
+}
+
+#endif
