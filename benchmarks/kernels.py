@@ -12,6 +12,12 @@
    oneDNN's float32 GEMM with weights prepacked once for the row count
    (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``: the library vLLM's
    CPU backend runs its linear layers on).
+3. The same layers with bfloat16 weights (``--bf16``; needs AVX512-BF16): the CPU's bfloat16
+   dot products on K-pair panels (``kernels/bf16_gemm.c``: AMX tiles where the CPU has them,
+   and vdpbf16ps, what a CPU without AMX runs) against oneDNN's bf16 matmul through
+   ``F.linear`` on bfloat16 activations (AMX / AVX512-BF16 too), and against the kernel that
+   reads bfloat16 weights into float32 registers (``gemm.c``, the path of CPUs without
+   bfloat16 dot products).
 """
 
 from __future__ import annotations
@@ -91,14 +97,58 @@ def linear_rows() -> list[str]:
     return rows
 
 
+def bf16_rows() -> list[str]:
+    import os
+
+    rows = []
+    shapes = [("qkv 110m", 2304, 768), ("down 110m", 768, 2048), ("LM head 110m", 32000, 768)]
+    for name, O, K in shapes:
+        copies = max(2, (256 << 20) // (2 * O * K))
+        ws = [torch.randn(O, K).bfloat16() for _ in range(copies)]
+        pairs = [ops.pack_weight(w) for w in ws]
+        os.environ["SHARDSERVE_BF16_GEMM"] = "off"  # the float32-register layout
+        ops.pair_mode.cache_clear()
+        widened = [ops.pack_weight(w) for w in ws]
+        os.environ.pop("SHARDSERVE_BF16_GEMM")
+        ops.pair_mode.cache_clear()
+        for N in (1, 4, 16, 64, 128, 512, 2048):
+            x = torch.randn(N, K)
+            xb = x.bfloat16()
+            it = iter(range(10**9))
+            pick = lambda ws: ws[next(it) % copies]  # noqa: E731, B023
+            n = max(3, min(20, int(4e10 / (2 * N * K * O))))
+            with torch.inference_mode():
+                dnn = timed(lambda: F.linear(xb, pick(ws)), n)  # noqa: B023
+                amx = (timed(lambda: ops.packed_linear(x, pick(pairs), mode=2), n)  # noqa: B023
+                       if ops.pair_mode() >= 2 else None)
+                dp = timed(lambda: ops.packed_linear(x, pick(pairs), mode=1), n)  # noqa: B023
+                wide = timed(lambda: ops.packed_linear(x, pick(widened)), n)  # noqa: B023
+            best = amx or dp
+            rate = (f"{2 * O * K / best / 1e9:.1f} GB/s" if N <= 4 else
+                    f"{2 * N * K * O / best / 1e9:.0f} GFLOP/s")
+            ms = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
+            rows.append(f"| {name} | {O}x{K} | {N} | {ms(dnn)} | {ms(amx)} | {ms(dp)} | "
+                        f"{ms(wide)} | {dnn / best:.2f}x | {rate} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="only the bfloat16 section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not ops.available():
         raise SystemExit("the native kernels do not build here (see the log for why)")
     print(f"{args.threads} threads\n")
+    if args.bf16:
+        if not ops.pair_mode():
+            raise SystemExit("no bfloat16 dot products on this CPU (AMX or AVX512-BF16)")
+        print("| layer | out x in | rows | oneDNN bf16 ms | AMX ms | vdpbf16ps ms | "
+              "float32-register ms | oneDNN / ours | our rate |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(bf16_rows()))
+        return
     print("| sequences | context | gather + SDPA ms | native ms | speedup | KV read GB/s |")
     print("|---|---|---|---|---|---|")
     print("\n".join(attention_rows()), flush=True)

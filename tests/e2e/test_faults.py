@@ -190,7 +190,7 @@ def test_metrics_need_a_key_and_a_tenant_sees_only_its_models(server):
     admin = server.call("/metrics")[1].decode()
     assert 'model_name="big"' in admin and "device_memory_budget_bytes" in admin
     assert 'shardserve:model_info{compute_dtype="float32",dtype="float32",kernels=' \
-           '"native-float32",model_name="big"} 1.0' in admin
+           '"native-float32",kv_cache_dtype="float32",model_name="big"} 1.0' in admin
     devices = server.call("/v2/repository/devices")[1]
     assert any(row["kernels"].get("big/0") == "native-float32" for row in devices)
 

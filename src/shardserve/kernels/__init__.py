@@ -110,7 +110,10 @@ def status() -> tuple[bool, str]:
         return False, "; ".join(failed)
     isa = "AVX-512" if "avx512f" in _cpu_id() else "AVX2" if "avx2" in _cpu_id() else \
         platform.machine()
-    return True, f"{', '.join(KERNELS)} built for {isa} in {_cache_dir()}"
+    from shardserve.kernels import ops
+
+    bf16 = ops.PAIR_MODES.get(ops.pair_mode(), "bfloat16 widened to float32")
+    return True, f"{', '.join(KERNELS)} built for {isa} (bfloat16: {bf16}) in {_cache_dir()}"
 
 
 @functools.cache

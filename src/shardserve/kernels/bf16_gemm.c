@@ -14,8 +14,10 @@
  *     32 rows x 32 features keeps 2 x 2 C tiles.
  *
  * int8 weights (weight-only quantization, W = scale[o] * P, P in -127..127): bfloat16 holds
- * every integer of that range exactly, so each panel is widened to bfloat16 once per work item
- * (in L2) and runs the same tiles; the scales come in with the bias.
+ * every integer of that range exactly, so for AMX each panel is widened to bfloat16 once per
+ * work item (in L2) and runs the same tiles; vdpbf16ps (and AMX machines at 16 rows or fewer,
+ * where one pass over the weights is the whole cost) widen each panel row in registers. The
+ * scales come in with the bias.
  *
  * Work items: a chunk of up to MC rows against one panel, threads taking items as they finish;
  * the rows of a chunk run one after another against the same panel, which stays in L2.
@@ -37,6 +39,11 @@
 #define NR 64
 #define MC 128
 #define MR 6
+/* int8 panels with at most this many rows in a chunk skip AMX: widening a whole panel to
+ * bfloat16 for the tiles costs more than vdpbf16ps widening it in registers. */
+#ifndef AMX_I8_ROWS
+#define AMX_I8_ROWS 16
+#endif
 /* Software prefetch this many bytes ahead in a panel streamed from memory (few rows). */
 #ifndef PF_AHEAD
 #define PF_AHEAD 4096
@@ -97,19 +104,39 @@ static inline void store_rows(const float *c, float *y, int64_t O, int rows,
         }
 }
 
+/* A panel row (one K pair of 64 features) as 4 vectors of bfloat16 pairs: loaded as they are,
+ * or int8 widened in registers (exact). */
+static inline __attribute__((always_inline)) void pair_row(const void *pp, int64_t k2,
+                                                           int wtype, __m512bh b[4]) {
+    if (wtype == W_I8) {
+        const int8_t *row = (const int8_t *)pp + k2 * NR * 2;
+        for (int v = 0; v < 4; v++) {
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(row + v * 32))));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(row + v * 32 + 16))));
+            b[v] = _mm512_cvtne2ps_pbh(hi, lo);
+        }
+    } else {
+        const uint16_t *row = (const uint16_t *)pp + k2 * NR * 2;
+        for (int v = 0; v < 4; v++) b[v] = (__m512bh)_mm512_loadu_si512(row + v * 32);
+    }
+}
+
 /* AVX512-BF16: rows [m, m + mr) of xb against one panel pp (K/2 x NR pairs), sums into c. */
 static inline __attribute__((always_inline)) void dp_tile(int mr, const uint16_t *xb,
-                                                          const uint16_t *pp, int64_t K,
-                                                          float *c) {
+                                                          const void *pp, int64_t K,
+                                                          float *c, int wtype) {
+    const int64_t row_bytes = wtype == W_I8 ? NR * 2 : NR * 4;
     __m512 acc[MR][4];
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < 4; v++) acc[i][v] = _mm512_setzero_ps();
     for (int64_t k2 = 0; k2 < K / 2; k2++) {
-        const uint16_t *row = pp + k2 * NR * 2;
-        for (int l = 0; l < 256; l += 64)
-            _mm_prefetch((const char *)row + PF_AHEAD + l, _MM_HINT_T0);
+        const char *row = (const char *)pp + k2 * row_bytes;
+        for (int l = 0; l < row_bytes; l += 64)
+            _mm_prefetch(row + PF_AHEAD + l, _MM_HINT_T0);
         __m512bh b[4];
-        for (int v = 0; v < 4; v++) b[v] = (__m512bh)_mm512_loadu_si512(row + v * 32);
+        pair_row(pp, k2, wtype, b);
         for (int i = 0; i < mr; i++) {
             int32_t pair;
             memcpy(&pair, xb + i * K + 2 * k2, 4);
@@ -121,21 +148,32 @@ static inline __attribute__((always_inline)) void dp_tile(int mr, const uint16_t
         for (int v = 0; v < 4; v++) _mm512_storeu_ps(c + i * NR + v * 16, acc[i][v]);
 }
 
-static void rows_dp(const uint16_t *xb, const uint16_t *pp, int64_t m0, int64_t m1, int64_t K,
-                    int64_t O, float *y, const float *bias, const float *scale) {
+static inline __attribute__((always_inline)) void rows_dp(
+        const uint16_t *xb, const void *pp, int64_t m0, int64_t m1, int64_t K, int64_t O,
+        float *y, const float *bias, const float *scale, int wtype) {
     float c[MR * NR] __attribute__((aligned(64)));
     for (int64_t m = m0; m < m1; m += MR) {
         const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
         switch (mr) {  /* a constant row count each, so the tile stays in registers */
-        case 1: dp_tile(1, xb + m * K, pp, K, c); break;
-        case 2: dp_tile(2, xb + m * K, pp, K, c); break;
-        case 3: dp_tile(3, xb + m * K, pp, K, c); break;
-        case 4: dp_tile(4, xb + m * K, pp, K, c); break;
-        case 5: dp_tile(5, xb + m * K, pp, K, c); break;
-        default: dp_tile(6, xb + m * K, pp, K, c); break;
+        case 1: dp_tile(1, xb + m * K, pp, K, c, wtype); break;
+        case 2: dp_tile(2, xb + m * K, pp, K, c, wtype); break;
+        case 3: dp_tile(3, xb + m * K, pp, K, c, wtype); break;
+        case 4: dp_tile(4, xb + m * K, pp, K, c, wtype); break;
+        case 5: dp_tile(5, xb + m * K, pp, K, c, wtype); break;
+        default: dp_tile(6, xb + m * K, pp, K, c, wtype); break;
         }
         store_rows(c, y + m * O, O, mr, bias, scale);
     }
+}
+
+static void rows_dp_bf16(const uint16_t *xb, const void *pp, int64_t m0, int64_t m1,
+                         int64_t K, int64_t O, float *y, const float *bias, const float *scale) {
+    rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_BF16);
+}
+
+static void rows_dp_i8(const uint16_t *xb, const void *pp, int64_t m0, int64_t m1,
+                       int64_t K, int64_t O, float *y, const float *bias, const float *scale) {
+    rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_I8);
 }
 
 #if defined(HAVE_AMX)
@@ -222,8 +260,8 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         to_bf16(x, xb, N * t / nt, N * (t + 1) / nt, t == nt - 1 ? Np : N * (t + 1) / nt, K);
-        uint16_t *wide = widen ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
-        if (widen && !wide) failed = 1;
+        uint16_t *wide = widen && mode == MODE_AMX ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
+        if (widen && mode == MODE_AMX && !wide) failed = 1;
 #if defined(HAVE_AMX)
         if (mode == MODE_AMX) tile_config();
 #endif
@@ -233,21 +271,23 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
             if (failed) continue;
             const int64_t q = it % panels, c = it / panels;
             const int64_t m0 = c * MC, m1 = m0 + MC < N ? m0 + MC : N;
-            const uint16_t *pp;
-            if (widen) {
-                widen_i8((const int8_t *)p + q * K * NR, wide, K);
-                pp = wide;
-            } else {
-                pp = (const uint16_t *)p + q * K * NR;
-            }
             const float *b = bias ? bias + q * NR : 0, *s = scale ? scale + q * NR : 0;
 #if defined(HAVE_AMX)
-            if (mode == MODE_AMX) {
+            if (mode == MODE_AMX && (!widen || m1 - m0 > AMX_I8_ROWS)) {
+                const uint16_t *pp = (const uint16_t *)p + q * K * NR;
+                if (widen) {
+                    widen_i8((const int8_t *)p + q * K * NR, wide, K);
+                    pp = wide;
+                }
                 rows_amx(xb, pp, m0, m1, K, O, y + q * NR, b, s);
                 continue;
             }
 #endif
-            rows_dp(xb, pp, m0, m1, K, O, y + q * NR, b, s);
+            if (widen)
+                rows_dp_i8(xb, (const int8_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b, s);
+            else
+                rows_dp_bf16(xb, (const uint16_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b,
+                             s);
         }
 #if defined(HAVE_AMX)
         if (mode == MODE_AMX) _tile_release();

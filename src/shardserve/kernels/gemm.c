@@ -41,9 +41,13 @@ typedef float vec __attribute__((vector_size(32), aligned(4)));
 #define KC 512
 #define MC 120  /* rows per block of x: MC x KC floats (240 KiB) stay in L2 */
 /* Software prefetch this far ahead while a tile streams a panel block from memory: at decode
- * sizes the hardware prefetcher alone left a 16-bit panel stream at ~10 GB/s of this AVX2
- * machine's ~21 (a bfloat16 llama-110m decode step: 17 -> 12.4 ms of linear layers). */
-#define PF_BYTES 2048
+ * sizes the hardware prefetcher alone left a 16-bit panel stream at ~10 GB/s of an AVX2
+ * machine's ~21 (a bfloat16 llama-110m decode step: 17 -> 12.4 ms of linear layers). Every
+ * line of a panel row, into every cache level (prefetcht0): on a Sapphire Rapids core the
+ * non-temporal hint kept the block out of L2, where the tiles after the first read it, and
+ * one line per row left 3 of an AVX-512 float32 row's 4 to the hardware (768 -> 2048, cold
+ * weights, 2 threads: 64 rows 119 -> 191 GFLOP/s, MKL 163; one row 7 -> 12, MKL 10). */
+#define PF_BYTES 4096
 
 int packed_gemm_nr(void) { return NR; }
 
@@ -94,7 +98,9 @@ static inline __attribute__((always_inline)) void micro(
     const int64_t wsize = wtype == W_F32 ? 4 : wtype == W_I8 ? 1 : 2;
     const char *pb = (const char *)p0 + off * wsize;
     for (int k = 0; k < kc; k++) {
-        if (stream) __builtin_prefetch(pb + (k * NR) * wsize + PF_BYTES, 0, 0);
+        if (stream)  /* every cache line of the panel row (4 for an AVX-512 float32 one) */
+            for (int64_t l = 0; l < NR * wsize; l += 64)
+                __builtin_prefetch(pb + (k * NR) * wsize + PF_BYTES + l, 0, 3);
         vec b[NV];
         for (int v = 0; v < NV; v++) b[v] = loadv(p0, off + k * NR + v * LANES, wtype);
         for (int i = 0; i < mr; i++) {
