@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test serve lint bench peers clean
+.PHONY: setup test serve lint bench peers peer-llamacpp clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ $(PEER_VLLM)/.installed:
 	touch $@
 
 peers: $(PEER_VLLM)/.installed
+
+# llama.cpp, the batch-1 peer of throughput.py --peers llamacpp: llama-cpp-python compiled for
+# this CPU (a few minutes), and the gguf package that writes our checkpoint in its format.
+PEER_LLAMACPP := benchmarks/.venv-llamacpp
+$(PEER_LLAMACPP)/.installed:
+	$(PYTHON) -m venv $(PEER_LLAMACPP)
+	$(PEER_LLAMACPP)/bin/pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEER_LLAMACPP)/bin/pip install --quiet \
+		llama-cpp-python==0.3.36 gguf numpy safetensors
+	touch $@
+
+peer-llamacpp: $(PEER_LLAMACPP)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,7 +1,8 @@
 """Offline throughput of the paged engine against transformers ``generate``, in one run.
 
     python benchmarks/throughput.py [--workloads A,M,B] [--dtypes float32,bfloat16,int8]
-                                    [--tps 1,2] [--out benchmarks/.cache] [--peers vllm]
+                                    [--tps 1,2] [--out benchmarks/.cache]
+                                    [--peers vllm,llamacpp]
 
 Model: llama-110m shape (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate 2048,
 vocab 32000, untied), random weights, stored in each of ``--dtypes`` (the same seed: a
@@ -28,6 +29,12 @@ by ``make peers``; benchmarks/peer_vllm.py) on the same checkpoint and workloads
 run, float32 and bfloat16 (its int8 needs a pre-quantized checkpoint: no row), and prints
 our tok/s over its, our time to first token on B beside its (a 1-token request of B's
 prompt, median of 5) and whether the first 16 greedy tokens of B agree.
+
+``--peers llamacpp`` runs llama.cpp at batch 1 on B (llama-cpp-python built for this CPU in
+benchmarks/.venv-llamacpp by ``make peer-llamacpp``; benchmarks/peer_llamacpp.py): the
+float32 checkpoint written as GGUF in f32, bf16 or q8_0 beside our float32, bfloat16 and int8
+rows; it prints decode time per token (after the first) for both, end-to-end tok/s, TTFT and
+whether the first 16 greedy tokens agree.
 
 The machine's limits are measured in the same run (benchmarks/machine.py): float32 GEMM
 FLOP/s for A and M, where a generated or prompt token costs 2 x (matmul parameters) FLOPs
@@ -79,7 +86,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--tps", default="1,2")
     ap.add_argument("--out", default=str(Path(__file__).parent / ".cache"))
-    ap.add_argument("--peers", default="", help="vllm: also run vLLM's CPU engine")
+    ap.add_argument("--peers", default="", help="vllm: also run vLLM's CPU engine; llamacpp: "
+                    "llama.cpp at batch 1 on B (f32 / bf16 / q8_0 for float32 / bfloat16 / "
+                    "int8); both: vllm,llamacpp")
     args = ap.parse_args()
     names, tps = args.workloads.split(","), [int(t) for t in args.tps.split(",")]
 
@@ -112,6 +121,15 @@ def main() -> None:
                   + (f"; TTFT {r['ttft_ms']:.1f} ms vs vLLM {r['vllm_ttft_ms']:.1f} ms; first 16 "
                      f"greedy tokens agree: {r['greedy_agree_vllm']}/16" if "ttft_ms" in r
                      else ""))
+    for r in rows:
+        if "llamacpp" in r:
+            p = r["llamacpp"]
+            print(f"B {r['dtype']} batch 1: decode {r['decode_ms_per_token']:.2f} ms per token "
+                  f"vs llama.cpp {p['ftype']} {p['decode_ms_per_token']:.2f} ms "
+                  f"({p['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x); end to end "
+                  f"{r['shardserve_tok_s']:.1f} vs {p['tokens'] / p['seconds']:.1f} tok/s; "
+                  f"TTFT {r['ttft_ms']:.1f} vs {p['ttft_s'] * 1e3:.1f} ms; first 16 greedy "
+                  f"tokens agree: {r['greedy_agree_llamacpp']}/16")
     for r in rows:
         if r["dtype"] != "float32" and (r["workload"], r["tp"]) in f32:
             print(f"{r['workload']} tp={r['tp']}: shardserve {r['dtype']} / shardserve float32 "
@@ -156,6 +174,18 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "") ->
                     if "ttft_s" in peer:
                         r["vllm_ttft_ms"] = peer["ttft_s"] * 1e3
                         r["greedy_agree_vllm"] = _agreed(r["greedy"], peer["greedy"])
+    if "llamacpp" in peers and "B" in names:
+        ftype = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}.get(dtype)
+        f32_path = root / "llama-110m-random-f32"
+        if ftype and not (f32_path / "config.json").is_file():
+            test_models.write(f32_path, "llama", "llama-110m", seed=0, dtype="float32",
+                              tokenizer=False)
+        if ftype:
+            peer = run_llamacpp(f32_path, ftype, root)
+            for r in rows:
+                if peer and r["workload"] == "B" and r["tp"] == 1:
+                    r["llamacpp"] = peer
+                    r["greedy_agree_llamacpp"] = _agreed(r["greedy"], peer["greedy"])
     return rows
 
 
@@ -165,6 +195,27 @@ def _agreed(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def run_llamacpp(f32_path: Path, ftype: str, out: Path) -> dict | None:
+    """llama.cpp on B at batch 1 (benchmarks/peer_llamacpp.py in its own venv): the float32
+    checkpoint written as GGUF in ``ftype`` (bf16 rounds it as our bfloat16 checkpoint is)."""
+    python = Path(__file__).parent / ".venv-llamacpp" / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} is missing: `make peer-llamacpp` builds llama.cpp there")
+    res = subprocess.run([str(python), str(Path(__file__).parent / "peer_llamacpp.py"),
+                          "--model", str(f32_path), "--ftype", ftype, "--out", str(out)],
+                         capture_output=True, text=True, timeout=1800, cwd=out)
+    peers = [json.loads(line[5:]) for line in res.stdout.splitlines()
+             if line.startswith("PEER ")]
+    if res.returncode or not peers:  # reported, and the run goes on without this row
+        print(f"llama.cpp {ftype} peer failed (exit {res.returncode}):\n{res.stderr[-2000:]}",
+              flush=True)
+        return None
+    p = peers[0]
+    print(f"llama.cpp {ftype} B: {p['tokens'] / p['seconds']:.1f} output tok/s, "
+          f"{p['decode_ms_per_token']:.2f} ms per decode token", flush=True)
+    return p
 
 
 def run_vllm(path: Path, dtype: str, names) -> list[dict]:
@@ -214,6 +265,7 @@ def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
             if name == "B":
                 row["ttft_ms"] = 1e3 * statistics.median(
                     run_shardserve(llm, prompts, [1]) for _ in range(5))
+                row["decode_ms_per_token"] = (1e3 * dt - row["ttft_ms"]) / (tokens - 1)
                 res = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
                     max_tokens=16, temperature=0, ignore_eos=True))
                 row["greedy"] = res[0].outputs[0].token_ids

@@ -112,7 +112,7 @@ def status() -> tuple[bool, str]:
         platform.machine()
     from shardserve.kernels import ops
 
-    bf16 = ops.PAIR_MODES.get(ops.pair_mode(), "bfloat16 widened to float32")
+    bf16 = "AMX" if ops.pair_mode() == 2 else "widened to float32"
     return True, f"{', '.join(KERNELS)} built for {isa} (bfloat16: {bf16}) in {_cache_dir()}"
 
 

@@ -1,8 +1,9 @@
 /* y = x W^T (+ b) with bfloat16 (or int8) weights on the CPU's own bfloat16 dot products: AMX
- * tiles where the CPU has them (Sapphire Rapids and later), else AVX512-BF16's vdpbf16ps (Zen 4,
- * Cooper Lake). Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM
- * (vLLM's CPU backend) and transformers' bf16 matmul do: the activations are rounded to
- * bfloat16 once per call, the sums stay float32, x and y are float32.
+ * tiles (Sapphire Rapids and later), and AVX512-BF16's vdpbf16ps for the few-row calls of int8
+ * layers. Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM (vLLM's
+ * CPU backend) and transformers' bf16 matmul do: the activations are rounded to bfloat16 once
+ * per call, the sums stay float32, x and y are float32. (Without AMX, ops.py keeps bfloat16 on
+ * gemm.c's float32 registers: vdpbf16ps multiplies no faster than two float32 FMA ports.)
  *
  * Weights are packed once at load in pairs along K, the layout both instruction sets read
  * (Intel calls it VNNI): P[q][k/2][j][k%2] = W[q * NR + j][k], panels of NR = 64 output
@@ -298,7 +299,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
     return failed ? -1 : 0;
 }
 
-#else  /* no AVX512-BF16 in this build: the caller keeps the float32-register kernels */
+#else  /* no AVX512-BF16 in this build: ops.py keeps the float32-register kernels */
 
 int bf16_gemm_mode(void) { return MODE_NONE; }
 

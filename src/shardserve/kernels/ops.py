@@ -67,28 +67,25 @@ PAIR_MODES = {1: "AVX512-BF16", 2: "AMX"}
 
 @functools.cache
 def pair_mode() -> int:
-    """The bfloat16 dot-product kernel this machine runs (2: AMX tiles, 1: AVX512-BF16's
-    vdpbf16ps, 0: none, 16-bit weights then read into float32 registers by gemm.c).
-    ``SHARDSERVE_BF16_GEMM=avx512_bf16`` caps it at vdpbf16ps, ``=off`` turns it off."""
+    """The bfloat16 dot products this machine has (2: AMX tiles, 1: AVX512-BF16's vdpbf16ps
+    only, 0: none); ``SHARDSERVE_BF16_GEMM=off`` makes it 0. bfloat16 and int8 weights take
+    ``bf16_gemm.c`` only with AMX: vdpbf16ps alone multiplies no faster than float32 FMAs
+    (one instruction of 32 products per cycle against two of 16 on a Sapphire Rapids core,
+    and slower than ``gemm.c`` reading bfloat16 into float32 registers from 16 rows up,
+    benchmarks/kernels.py --bf16) while it rounds the activations; it serves the few-row
+    calls of int8 layers packed for AMX."""
     handle = kernels.load("bf16_gemm")
-    if handle is None:
+    if handle is None or os.environ.get("SHARDSERVE_BF16_GEMM", "").lower() in ("off", "0"):
         return 0
-    mode = int(handle.bf16_gemm_mode())
-    cap = os.environ.get("SHARDSERVE_BF16_GEMM", "").lower()
-    if cap in ("off", "0", "none"):
-        return 0
-    if cap == "avx512_bf16":
-        return min(mode, 1)
-    return mode
+    return int(handle.bf16_gemm_mode())
 
 
 def linear_path(dtype: torch.dtype, quantization: str | None = None) -> str:
     """The kernel the packed linear layers run for weights of ``dtype`` (or int8), in words."""
     if packed_width() is None:
         return "PyTorch GEMM"
-    if (quantization == "int8" or dtype == torch.bfloat16) and pair_mode():
-        return (f"{PAIR_MODES[pair_mode()]} bfloat16 dot products, float32 sums "
-                "(activations rounded to bfloat16)")
+    if (quantization == "int8" or dtype == torch.bfloat16) and pair_mode() == 2:
+        return ("AMX bfloat16 dot products, float32 sums (activations rounded to bfloat16)")
     isa = "AVX-512" if packed_width() == 64 else "AVX2"
     if dtype == torch.float32 and quantization is None:
         return f"{isa} float32 FMA"
@@ -165,9 +162,8 @@ def pack_weight(weight: torch.Tensor, pad: bool = False) -> torch.Tensor | None:
     it does not apply: no kernel, not on the CPU, O not a multiple of the panel width (with
     ``pad``, zero rows make it one: the caller drops the extra outputs).
 
-    - bfloat16 and int8 weights on a CPU with bfloat16 dot products (``pair_mode``), K a
-      multiple of 32: panels of K pairs ``(O / 64, K / 2, 64, 2)`` for ``bf16_gemm.c`` (AMX
-      or vdpbf16ps).
+    - bfloat16 and int8 weights on a CPU with AMX (``pair_mode``), K a multiple of 32: panels
+      of K pairs ``(O / 64, K / 2, 64, 2)`` for ``bf16_gemm.c``.
     - otherwise ``(O / NR, K, NR)`` for ``gemm.c``, which at 16-64 rows beats PyTorch's
       float32 GEMM (MKL) by 1.5-2x on AVX2 and at one row streams weights within 10% of the
       unpacked small-batch kernel (benchmarks/kernels.py)."""
@@ -191,7 +187,7 @@ PAIR_WIDTH = 64  # NR in bf16_gemm.c
 
 
 def _pairs_apply(dtype: torch.dtype, K: int) -> bool:
-    return dtype in (torch.bfloat16, torch.int8) and K % 32 == 0 and pair_mode() > 0
+    return dtype in (torch.bfloat16, torch.int8) and K % 32 == 0 and pair_mode() == 2
 
 
 def packed_features(packed: torch.Tensor) -> int:

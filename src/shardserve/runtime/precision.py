@@ -5,10 +5,10 @@ label), so no deployment is ever silently slow.
 
 - CPU with the native kernels: a decoder's linear and embedding weights and its KV cache stay
   in the checkpoint's dtype (half the bytes of float32 to stream per step), while activations,
-  norms and biases are float32. bfloat16 weights run on the CPU's own bfloat16 dot
-  products where it has them (AMX tiles, else AVX512-BF16: activations rounded to bfloat16 at
-  each linear layer, float32 sums, as oneDNN and transformers' bf16 matmul); float16 weights,
-  and bfloat16 ones elsewhere, are read into float32 registers (float32 arithmetic).
+  norms and biases are float32. bfloat16 weights run on AMX's bfloat16 tiles where the CPU
+  has them (activations rounded to bfloat16 at each linear layer, float32 sums, as oneDNN
+  and transformers' bf16 matmul); float16 weights, and bfloat16 ones elsewhere, are read into
+  float32 registers (float32 arithmetic).
 - CPU without them (no compiler, ``SHARDSERVE_KERNELS=0``), encoders, CUDA: PyTorch's kernels
   in the checkpoint's dtype.
 - ``quantization: int8`` (decoders on the CPU with the native kernels): the linear layers and
