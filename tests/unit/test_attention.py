@@ -96,9 +96,40 @@ def test_a_16_bit_cache_is_read_as_its_values(shape, kv_dtype, monkeypatch):
     k, v = torch.randn(2, attn.num_kv_heads, attn.head_dim), torch.randn(2, attn.num_kv_heads,
                                                                          attn.head_dim)
     meta.slot_mapping = torch.tensor([3, 17])
-    TorchSDPABackend().write_kv(attn, k, v, meta)
-    flat = attn.k_cache.view(-1, *k.shape[1:])
-    assert flat.dtype == kv_dtype and torch.equal(flat[[3, 17]], k.to(kv_dtype))
+    for backend in (TorchSDPABackend(), native):
+        attn.k_cache.zero_()
+        backend.write_kv(attn, k, v, meta)
+        flat = attn.k_cache.view(-1, *k.shape[1:])
+        assert flat.dtype == kv_dtype and torch.equal(flat[[3, 17]], k.to(kv_dtype))
+        assert torch.equal(attn.v_cache.view(-1, *v.shape[1:])[[3, 17]], v.to(kv_dtype))
+        assert not flat[[0, 4]].any()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_native_cache_write_rounds_as_pytorch_does(kv_dtype):
+    """``ops.write_kv``: the QKV output's strided k and v views into their slots in one pass,
+    rounded to nearest even as ``Tensor.to`` (ties, NaN, infinities, values past float16's
+    range included)."""
+    from shardserve.kernels import ops
+
+    nkv, hd = 2, 8
+    qkv = torch.randn(5, (4 + 2 * nkv) * hd) * 100
+    qkv[0, 32:40] = torch.tensor([1.00390625, 1.01171875, float("nan"), float("inf"),
+                                  -float("inf"), 70000.0, -1e-40, 3.0e-8])
+    k = qkv[:, 32:48].view(5, nkv, hd)
+    v = qkv[:, 48:64].view(5, nkv, hd)
+    cache_k = torch.zeros(4, 4, nkv, hd, dtype=kv_dtype)
+    cache_v = torch.zeros_like(cache_k)
+    slots = torch.tensor([15, 0, 7, 8, 2])
+    if not ops.write_kv(k, v, cache_k, cache_v, slots):
+        pytest.skip("the native kernels do not build here")
+    want_k, want_v = torch.zeros_like(cache_k), torch.zeros_like(cache_v)
+    want_k.view(-1, nkv, hd)[slots] = k.to(kv_dtype)
+    want_v.view(-1, nkv, hd)[slots] = v.to(kv_dtype)
+    # bit for bit but for the NaN's payload (a NaN either way)
+    torch.testing.assert_close(cache_k, want_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(cache_v, want_v, rtol=0, atol=0, equal_nan=True)
+    assert not ops.write_kv(k.double(), v.double(), cache_k, cache_v, slots)  # declines
 
 
 def test_native_kernel_is_the_default_where_a_compiler_exists():

@@ -135,7 +135,7 @@ def _rounded_as_the_kernel_reads(x: torch.Tensor, packed: torch.Tensor) -> torch
 
 @pytest.mark.skipif(ops.pair_mode() < 2, reason="no AMX here: no K-pair panels")
 @pytest.mark.parametrize("mode", [1, 2], ids=lambda m: ops.PAIR_MODES[m])
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 31, 33, 64, 130, 300])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 31, 33, 64, 80, 130, 200, 300])
 @pytest.mark.parametrize("in_features", [32, 768, 1056])
 def test_bfloat16_dot_products(mode, rows, in_features):
     """bfloat16 (and int8) weights on the CPU's bfloat16 dot products (``bf16_gemm.c``):

@@ -17,6 +17,33 @@ def test_greedy_is_argmax():
                        logits.argmax(-1))
 
 
+def test_one_pass_argmax_matches_torch():
+    """``ops.row_argmax`` (the greedy rows' and the finiteness check's one pass): the first
+    index of the maximum as torch.argmax, max and min exact; a NaN row is flagged, an infinite
+    one reported as such; widths not a multiple of the vector width."""
+    from shardserve.kernels import ops
+
+    x = torch.randn(9, 1003)
+    x[1, :] = 2.5  # all tied: index 0
+    x[2, 7] = x[2, 900] = 50.0  # tie: the first
+    x[3, 1002] = 60.0  # in the tail past the last whole vector
+    x[4, 10] = float("nan")
+    x[5, 20] = float("inf")
+    x[6, 30] = float("-inf")
+    got = ops.row_argmax(x)
+    if got is None:
+        pytest.skip("the native kernels do not build here")
+    idx, hi, lo = got
+    ok = [r for r in range(9) if r != 4]
+    assert torch.equal(idx[ok], x[ok].argmax(-1)) and idx[2] == 7 and idx[3] == 1002
+    assert torch.equal(hi[ok], x[ok].amax(-1)) and torch.equal(lo[ok], x[ok].amin(-1))
+    assert idx[4] == -1 and hi[4].isnan() and lo[4].isnan()
+    strided = torch.randn(1003, 4).t()  # not contiguous: copied first
+    assert torch.equal(ops.row_argmax(strided)[0], strided.argmax(-1))
+    result = Sampler()(x.clone(), _rows(9, temperature=0.0))
+    assert set(result.failed) == {4, 5, 6} and result.token_ids[0] == x[0].argmax()
+
+
 def test_seeded_rows_reproduce_and_top_k_one_is_greedy():
     logits = torch.randn(3, 50)
     a = Sampler()(logits, _rows(3, seed=11)).token_ids

@@ -6,6 +6,7 @@
  *   silu_mul:     out[n][i] = silu(gu[n][i]) * gu[n][I + i]   (gate and up side by side)
  *   rotary:       q and k rotated in place by their positions, Hugging Face's rotate_half
  *                 layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the two halves
+ *   write_kv:     the new keys and values into their cache slots, in the cache's dtype
  */
 #include "vecmath.h"
 
@@ -87,5 +88,39 @@ int rotary(float *q, float *k, const float *cos_t, const float *sin_t,
             }
         }
     }
+    return 0;
+}
+
+/* A float32 value as bfloat16, rounded to nearest even (as PyTorch converts); NaN stays NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* The new tokens' keys and values into their cache slots: k and v (N, width) rows at strides
+ * k_stride / v_stride (floats; the QKV output's views), slots (N,) (block * block_size +
+ * offset), caches (slots, width) of type kvtype (W_F32, W_BF16 or W_F16: rounded to nearest
+ * even). One pass, where index_copy_ after a conversion is two and slow on 16-bit tensors. */
+int write_kv(const float *k, const float *v, void *k_cache, void *v_cache,
+             const int64_t *slots, int64_t N, int64_t width, int64_t k_stride,
+             int64_t v_stride, int kvtype, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (N * width > 65536)
+    for (int64_t n = 0; n < N; n++)
+        for (int side = 0; side < 2; side++) {
+            const float *src = side ? v + n * v_stride : k + n * k_stride;
+            void *cache = side ? v_cache : k_cache;
+            const int64_t at = slots[n] * width;
+            if (kvtype == W_F32) {
+                memcpy((float *)cache + at, src, (size_t)width * 4);
+            } else if (kvtype == W_BF16) {
+                uint16_t *dst = (uint16_t *)cache + at;
+                for (int64_t i = 0; i < width; i++) dst[i] = f32_to_bf16(src[i]);
+            } else {
+                _Float16 *dst = (_Float16 *)cache + at;
+                for (int64_t i = 0; i < width; i++) dst[i] = (_Float16)src[i];
+            }
+        }
     return 0;
 }

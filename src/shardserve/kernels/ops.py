@@ -103,7 +103,8 @@ def _sample_fn():
 def _elementwise_fn(name: str):
     argtypes = {"add_rms_norm": (_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, _I32),
                 "silu_mul": (_P, _P, _I64, _I64, _I32),
-                "rotary": (_P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _I64, _I32)}
+                "rotary": (_P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _I64, _I32),
+                "write_kv": (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I32, _I32)}
     return _fn("elementwise", name, argtypes[name])
 
 
@@ -280,6 +281,22 @@ def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(argmax, max, min)`` of each row of float32 ``x`` (B, V) in one pass
+    (``kernels/sampling.c``): the first index of the largest value, as ``torch.argmax``; a row
+    holding a NaN has NaN max and min and index -1."""
+    fn = _fn("sampling", "row_argmax", (_P, _P, _P, _P, _I64, _I64, _I32))
+    x = x.contiguous()
+    if fn is None or x.dim() != 2 or not _f32_cpu(x) or x.shape[1] == 0:
+        return None
+    B, V = x.shape
+    idx = torch.empty(B, dtype=torch.int64)
+    hi, lo = torch.empty(B), torch.empty(B)
+    fn(x.data_ptr(), idx.data_ptr(), hi.data_ptr(), lo.data_ptr(), B, V,
+       torch.get_num_threads())
+    return idx, hi, lo
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(rms_norm(x + residual) * weight, x + residual)`` in one pass over rows of ``x``."""
@@ -306,6 +323,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = gate_up.new_empty(n, i)
     fn(gate_up.data_ptr(), out.data_ptr(), n, i, torch.get_num_threads())
     return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> bool:
+    """``k_cache.view(-1, *k.shape[1:])[slots] = k`` and the same for v, converting to the
+    caches' dtype (float32, bfloat16 or float16) in one pass. ``k`` and ``v`` (N, nkv, hd)
+    float32, each token's heads contiguous, tokens at any stride (the QKV output's views).
+    False (nothing done) where the kernel does not apply."""
+    fn = _elementwise_fn("write_kv")
+    if fn is None or k.dim() != 3 or v.shape != k.shape or slots.dtype != torch.int64:
+        return False
+    n, nkv, hd = k.shape
+    for t in (k, v):
+        if not (t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(2) == 1
+                and t.stride(1) == hd):
+            return False
+    if not (_weight_cpu(k_cache) and k_cache.dtype != torch.int8
+            and v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
+            and k_cache.shape[-2:] == (nkv, hd) and v_cache.shape == k_cache.shape
+            and slots.shape == (n,)):
+        return False
+    slots = slots.contiguous()
+    fn(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), n,
+       nkv * hd, k.stride(0), v.stride(0), _WTYPES[k_cache.dtype], torch.get_num_threads())
+    return True
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

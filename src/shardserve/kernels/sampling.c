@@ -12,6 +12,9 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 int sample_rows(const float *p, const double *u, int64_t *out, int64_t B, int64_t V,
                 int num_threads) {
@@ -39,6 +42,57 @@ int sample_rows(const float *p, const double *u, int64_t *out, int64_t B, int64_
             }
         }
         out[b] = pick;
+    }
+    return 0;
+}
+
+/* For greedy rows and the sampler's finiteness check, in one pass over the logits instead of
+ * PyTorch's three (max, min, argmax: ~2.5 ms for 64 rows of 32000 here, single-threaded argmax
+ * the most of it). Per row of x (B, V) float32: mx[b] and mn[b] its largest and smallest
+ * values (NaN when the row holds a NaN), idx[b] the first index of the largest, as
+ * torch.argmax (-1 for a row with a NaN). */
+int row_argmax(const float *x, int64_t *idx, float *mx, float *mn, int64_t B, int64_t V,
+               int num_threads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (B > 1)
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = x + b * V;
+        float hi = -INFINITY, lo = INFINITY;
+        int nan = 0;
+        int64_t i = 0;
+#if defined(__AVX2__)
+        __m256 vhi = _mm256_set1_ps(-INFINITY), vlo = _mm256_set1_ps(INFINITY);
+        __m256 vnan = _mm256_setzero_ps();
+        for (; i + 8 <= V; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            vhi = _mm256_max_ps(vhi, v);
+            vlo = _mm256_min_ps(vlo, v);
+            vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float h8[8], l8[8];
+        _mm256_storeu_ps(h8, vhi);
+        _mm256_storeu_ps(l8, vlo);
+        for (int j = 0; j < 8; j++) {
+            hi = h8[j] > hi ? h8[j] : hi;
+            lo = l8[j] < lo ? l8[j] : lo;
+        }
+        nan = _mm256_movemask_ps(vnan) != 0;
+#endif
+        for (; i < V; i++) {
+            const float v = row[i];
+            nan |= v != v;
+            hi = v > hi ? v : hi;
+            lo = v < lo ? v : lo;
+        }
+        if (nan) {
+            mx[b] = mn[b] = NAN;
+            idx[b] = -1;
+            continue;
+        }
+        mx[b] = hi;
+        mn[b] = lo;
+        int64_t at = 0;
+        while (at < V && row[at] != hi) at++;
+        idx[b] = at < V ? at : 0;
     }
     return 0;
 }

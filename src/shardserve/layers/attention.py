@@ -144,8 +144,13 @@ class TorchSDPABackend:
 
 class CPUPagedBackend(TorchSDPABackend):
     """Decodes through the native paged-attention kernel (float32 queries on CPU, a float32 or
-    16-bit cache, head_dim a multiple of 8); everything else, prefill chunks included,
-    through ``TorchSDPABackend``."""
+    16-bit cache, head_dim a multiple of 8) and writes the cache with one native pass;
+    everything else, prefill chunks included, through ``TorchSDPABackend``."""
+
+    def write_kv(self, attn: Attention, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        if not ops.write_kv(k, v, attn.k_cache, attn.v_cache, meta.slot_mapping):
+            super().write_kv(attn, k, v, meta)
 
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:

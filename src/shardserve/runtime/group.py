@@ -104,11 +104,15 @@ class FakeGroup:
         return [FakeGroup(r, size, shared) for r in range(size)]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
         parts = self._shared.exchange(self.rank, x.clone())
         x.copy_(torch.stack(parts).sum(0))
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        if self.size == 1:
+            return x
         return torch.cat(self._shared.exchange(self.rank, x.clone()), dim=dim)
 
     def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
