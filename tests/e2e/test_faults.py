@@ -278,13 +278,19 @@ def test_a_fuzz_run_finds_no_server_error(server, tmp_path):
                     p["schema"] = {"type": "string", "enum": names}
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     st = Path(sys.executable).with_name("st")
-    out = subprocess.run(
-        [str(st), "run", str(tmp_path / "schema.json"), "--url", server.url,
-         "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples",
-         "15", "--max-time", "60", "--request-timeout", "60", "--workers", "2",
-         "--generation-database", "none", "--seed", "7", "--no-color",
-         "-H", f"Authorization: Bearer {T}"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    for seed in (7, 8):
+        out = subprocess.run(
+            [str(st), "run", str(tmp_path / "schema.json"), "--url", server.url,
+             "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples",
+             "15", "--max-time", "60", "--request-timeout", "60", "--workers", "2",
+             "--generation-database", "none", "--seed", str(seed), "--no-color",
+             "-H", f"Authorization: Bearer {T}"],
+            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        # A failed check (a 5xx) fails at once; an error of schemathesis itself with no
+        # failed check (seen: CPython's "AST constructor recursion depth mismatch" inside its
+        # generator) gets one more run with another seed, not a pass.
+        if out.returncode == 0 or "FAILURES" in out.stdout:
+            break
     assert out.returncode == 0, out.stdout[-12000:]
     assert server.complete()[0] == 200
     assert server.call("/v2/health/ready")[0] == 200
