@@ -99,6 +99,18 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+/* ... and as float16 (F16C's conversion where the CPU has it: GCC before 12 has no _Float16). */
+static inline uint16_t f32_to_f16(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    const _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+#endif
+}
+
 /* The new tokens' keys and values into their cache slots: k and v (N, width) rows at strides
  * k_stride / v_stride (floats; the QKV output's views), slots (N,) (block * block_size +
  * offset), caches (slots, width) of type kvtype (W_F32, W_BF16 or W_F16: rounded to nearest
@@ -118,8 +130,8 @@ int write_kv(const float *k, const float *v, void *k_cache, void *v_cache,
                 uint16_t *dst = (uint16_t *)cache + at;
                 for (int64_t i = 0; i < width; i++) dst[i] = f32_to_bf16(src[i]);
             } else {
-                _Float16 *dst = (_Float16 *)cache + at;
-                for (int64_t i = 0; i < width; i++) dst[i] = (_Float16)src[i];
+                uint16_t *dst = (uint16_t *)cache + at;
+                for (int64_t i = 0; i < width; i++) dst[i] = f32_to_f16(src[i]);
             }
         }
     return 0;
