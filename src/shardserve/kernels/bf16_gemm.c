@@ -42,13 +42,9 @@
 #define MR 6
 /* int8 panels with at most this many rows in a chunk skip AMX: widening a whole panel to
  * bfloat16 for the tiles costs more than vdpbf16ps widening it in registers. */
-#ifndef AMX_I8_ROWS
 #define AMX_I8_ROWS 16
-#endif
 /* Software prefetch this many bytes ahead in a panel streamed from memory (few rows). */
-#ifndef PF_AHEAD
 #define PF_AHEAD 4096
-#endif
 
 enum { MODE_NONE = 0, MODE_AVX512_BF16 = 1, MODE_AMX = 2 };
 enum { W_BF16 = 1, W_I8 = 3 };  /* as vecmath.h */
