@@ -4,11 +4,12 @@
                                     [--tps 1,2] [--out benchmarks/.cache]
                                     [--peers vllm,llamacpp]
 
-Model: llama-110m shape (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate 2048,
-vocab 32000, untied), random weights, stored in each of ``--dtypes`` (the same seed: a
-bfloat16 checkpoint is the float32 one rounded), EOS ignored. transformers runs in the
-checkpoint's dtype; shardserve takes it with dtype auto (16-bit weights read into float32
-registers by the native kernels: runtime/precision.py), and the ratio of each 16-bit row to
+Model (``--shape``): llama-110m (hidden 768, 12 layers, 12 heads, 4 KV heads, intermediate
+2048, vocab 32000, untied) or tinyllama (the 1.1B shape: hidden 2048, 22 layers, 32 heads,
+intermediate 5632), random weights, stored in each of ``--dtypes`` (the same seed: a bfloat16
+checkpoint is the float32 one rounded), EOS ignored. transformers runs in the checkpoint's
+dtype; shardserve takes it with dtype auto (runtime/precision.py: AMX tiles where the CPU has
+them, else 16-bit weights read into float32 registers), and the ratio of each 16-bit row to
 the float32 row of the same workload and tp is printed too. ``int8`` is the float32
 checkpoint served with ``quantization="int8"`` (weight-only, float32 arithmetic) against
 transformers with PyTorch's dynamic int8 quantization of its linear layers
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument("--peers", default="", help="vllm: also run vLLM's CPU engine; llamacpp: "
                     "llama.cpp at batch 1 on B (f32 / bf16 / q8_0 for float32 / bfloat16 / "
                     "int8); both: vllm,llamacpp")
+    ap.add_argument("--shape", default="llama-110m", choices=["llama-110m", "tinyllama"],
+                    help="test_models shape: tinyllama is the 1.1B one (hidden 2048, 22 "
+                    "layers), for batch-1 rows (B)")
     args = ap.parse_args()
     names, tps = args.workloads.split(","), [int(t) for t in args.tps.split(",")]
 
@@ -99,7 +103,7 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)", flush=True)
     rows = []
     for dtype in args.dtypes.split(","):
-        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw, args.peers)
+        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw, args.peers, args.shape)
     print("\n| workload | dtype | tp | transformers tok/s | shardserve tok/s | speedup | "
           "machine fraction (shardserve / transformers) | steps | per-step control overhead |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -136,7 +140,8 @@ def main() -> None:
                   f"= {r['shardserve_tok_s'] / f32[(r['workload'], r['tp'])]:.2f}x")
 
 
-def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "") -> list[dict]:
+def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
+              shape: str = "llama-110m") -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from shardserve.config import ModelConfig
@@ -144,9 +149,9 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "") ->
 
     quantization = "int8" if dtype == "int8" else None
     stored = "float32" if quantization else dtype
-    path = root / ("llama-110m-random-f32" if stored == "float32" else f"llama-110m-{stored}")
+    path = root / (f"{shape}-random-f32" if stored == "float32" else f"{shape}-{stored}")
     if not (path / "config.json").is_file():
-        test_models.write(path, "llama", "llama-110m", seed=0, dtype=stored, tokenizer=False)
+        test_models.write(path, "llama", shape, seed=0, dtype=stored, tokenizer=False)
     spec = ModelConfig(str(path)).spec
     matmul_params = weight_params_per_device(spec, 1) - spec.vocab_size * spec.hidden_size
     weight_bytes = weight_bytes_per_device(spec, 1, stored, stored, quantization)
@@ -176,9 +181,9 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "") ->
                         r["greedy_agree_vllm"] = _agreed(r["greedy"], peer["greedy"])
     if "llamacpp" in peers and "B" in names:
         ftype = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}.get(dtype)
-        f32_path = root / "llama-110m-random-f32"
+        f32_path = root / f"{shape}-random-f32"
         if ftype and not (f32_path / "config.json").is_file():
-            test_models.write(f32_path, "llama", "llama-110m", seed=0, dtype="float32",
+            test_models.write(f32_path, "llama", shape, seed=0, dtype="float32",
                               tokenizer=False)
         if ftype:
             peer = run_llamacpp(f32_path, ftype, root)
