@@ -122,12 +122,10 @@ def bf16_rows() -> list[str]:
                 amx = timed(lambda: ops.packed_linear(x, pick(pairs), mode=2), n)  # noqa: B023
                 dp = timed(lambda: ops.packed_linear(x, pick(pairs), mode=1), n)  # noqa: B023
                 wide = timed(lambda: ops.packed_linear(x, pick(widened)), n)  # noqa: B023
-            best = amx
-            rate = (f"{2 * O * K / best / 1e9:.1f} GB/s" if N <= 4 else
-                    f"{2 * N * K * O / best / 1e9:.0f} GFLOP/s")
-            ms = lambda t: "-" if t is None else f"{t * 1e3:.3f}"  # noqa: E731
-            rows.append(f"| {name} | {O}x{K} | {N} | {ms(dnn)} | {ms(amx)} | {ms(dp)} | "
-                        f"{ms(wide)} | {dnn / best:.2f}x | {rate} |")
+            rate = (f"{2 * O * K / amx / 1e9:.1f} GB/s" if N <= 4 else
+                    f"{2 * N * K * O / amx / 1e9:.0f} GFLOP/s")
+            rows.append(f"| {name} | {O}x{K} | {N} | {dnn * 1e3:.3f} | {amx * 1e3:.3f} | "
+                        f"{dp * 1e3:.3f} | {wide * 1e3:.3f} | {dnn / amx:.2f}x | {rate} |")
     return rows
 
 

@@ -202,17 +202,26 @@ def _agreed(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _peer(venv: str, make: str, script: str, args: list[str], cwd: Path, timeout: int
+          ) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """Run a peer script with its own venv's Python; its ``PEER {json}`` lines, and the run.
+    The working directory is not this folder: vLLM runs `python -m` helpers, which put it first
+    on sys.path, where kernels.py would shadow the `kernels` package vLLM imports."""
+    python = Path(__file__).parent / venv / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} is missing: `make {make}` builds it")
+    res = subprocess.run([str(python), str(Path(__file__).parent / script), *args],
+                         capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return [json.loads(line[5:]) for line in res.stdout.splitlines()
+            if line.startswith("PEER ")], res
+
+
 def run_llamacpp(f32_path: Path, ftype: str, out: Path) -> dict | None:
     """llama.cpp on B at batch 1 (benchmarks/peer_llamacpp.py in its own venv): the float32
     checkpoint written as GGUF in ``ftype`` (bf16 rounds it as our bfloat16 checkpoint is)."""
-    python = Path(__file__).parent / ".venv-llamacpp" / "bin" / "python"
-    if not python.is_file():
-        raise SystemExit(f"{python} is missing: `make peer-llamacpp` builds llama.cpp there")
-    res = subprocess.run([str(python), str(Path(__file__).parent / "peer_llamacpp.py"),
-                          "--model", str(f32_path), "--ftype", ftype, "--out", str(out)],
-                         capture_output=True, text=True, timeout=1800, cwd=out)
-    peers = [json.loads(line[5:]) for line in res.stdout.splitlines()
-             if line.startswith("PEER ")]
+    peers, res = _peer(".venv-llamacpp", "peer-llamacpp", "peer_llamacpp.py",
+                       ["--model", str(f32_path), "--ftype", ftype, "--out", str(out)],
+                       out, 1800)
     if res.returncode or not peers:  # reported, and the run goes on without this row
         print(f"llama.cpp {ftype} peer failed (exit {res.returncode}):\n{res.stderr[-2000:]}",
               flush=True)
@@ -224,20 +233,11 @@ def run_llamacpp(f32_path: Path, ftype: str, out: Path) -> dict | None:
 
 
 def run_vllm(path: Path, dtype: str, names) -> list[dict]:
-    python = Path(__file__).parent / ".venv-vllm" / "bin" / "python"
-    if not python.is_file():
-        raise SystemExit(f"{python} is missing: `make peers` builds vLLM's CPU engine there")
-    out = subprocess.run([str(python), str(Path(__file__).parent / "peer_vllm.py"), "--model",
-                          str(path), "--dtype", dtype, "--workloads", ",".join(names)],
-                         capture_output=True, text=True, timeout=3600,
-                         # not this folder: vLLM runs `python -m` helpers, which put the
-                         # working directory first on sys.path, where kernels.py would shadow
-                         # the `kernels` package it imports
-                         cwd=path)
-    peers = [json.loads(line[5:]) for line in out.stdout.splitlines()
-             if line.startswith("PEER ")]
-    if out.returncode or not peers:
-        raise SystemExit(f"vLLM peer failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    peers, res = _peer(".venv-vllm", "peers", "peer_vllm.py",
+                       ["--model", str(path), "--dtype", dtype, "--workloads", ",".join(names)],
+                       path, 3600)
+    if res.returncode or not peers:
+        raise SystemExit(f"vLLM peer failed ({res.returncode}):\n{res.stderr[-3000:]}")
     for p in peers:
         print(f"vLLM CPU {dtype} {p['workload']}: {p['tokens'] / p['seconds']:.1f} output tok/s",
               flush=True)

@@ -33,9 +33,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "vecmath.h"
 
 #define NR 64
 #define MC 128
@@ -47,7 +45,6 @@
 #define PF_AHEAD 4096
 
 enum { MODE_NONE = 0, MODE_AVX512_BF16 = 1, MODE_AMX = 2 };
-enum { W_BF16 = 1, W_I8 = 3 };  /* as vecmath.h */
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #define HAVE_AMX 1

@@ -80,20 +80,18 @@ def pair_mode() -> int:
     return int(handle.bf16_gemm_mode())
 
 
-def linear_path(dtype: torch.dtype, quantization: str | None = None) -> str:
-    """The kernel the packed linear layers run for weights of ``dtype`` (or int8), in words."""
+def linear_path(dtype: str, quantization: str | None = None) -> str:
+    """The kernel the packed linear layers run for weights of ``dtype`` ("bfloat16", ...; or
+    int8 ``quantization``), in words."""
     if packed_width() is None:
         return "PyTorch GEMM"
-    if (quantization == "int8" or dtype == torch.bfloat16) and pair_mode() == 2:
-        return ("AMX bfloat16 dot products, float32 sums (activations rounded to bfloat16)")
+    weights = quantization or dtype
+    if weights in ("int8", "bfloat16") and pair_mode() == 2:
+        return "AMX bfloat16 dot products, float32 sums (activations rounded to bfloat16)"
     isa = "AVX-512" if packed_width() == 64 else "AVX2"
-    if dtype == torch.float32 and quantization is None:
+    if weights == "float32":
         return f"{isa} float32 FMA"
-    return f"{isa} float32 FMA, {quantization or dtype_name(dtype)} weights widened in registers"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return f"{isa} float32 FMA, {weights} weights widened in registers"
 
 
 def _sample_fn():

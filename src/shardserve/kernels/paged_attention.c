@@ -26,13 +26,6 @@
  * once for all of them. */
 #define QC 4
 
-/* 8 keys or values from element i of a cache of type kvt, as floats. */
-static inline v8 kv8(const void *p, int64_t i, int kvt) {
-    if (kvt == W_BF16) return bf16x8((const uint16_t *)p + i);
-    if (kvt == W_F16) return f16x8((const uint16_t *)p + i);
-    return *(const v8 *)((const float *)p + i);
-}
-
 /* s[c] = scale * dot(q[c], k) for NC query heads against one key row. */
 static inline __attribute__((always_inline)) void score_row(
         const float *restrict q, const void *restrict k, int64_t at, int NC, int hd,
@@ -40,14 +33,14 @@ static inline __attribute__((always_inline)) void score_row(
     v8 a[QC] = {{0}}, b[QC] = {{0}};
     int i = 0;
     for (; i + 16 <= hd; i += 16) {
-        const v8 k0 = kv8(k, at + i, kvt), k1 = kv8(k, at + i + 8, kvt);
+        const v8 k0 = load8(k, at + i, kvt), k1 = load8(k, at + i + 8, kvt);
         for (int c = 0; c < NC; c++) {
             a[c] += *(const v8 *)(q + c * hd + i) * k0;
             b[c] += *(const v8 *)(q + c * hd + i + 8) * k1;
         }
     }
     if (i < hd)
-        for (int c = 0; c < NC; c++) a[c] += *(const v8 *)(q + c * hd + i) * kv8(k, at + i, kvt);
+        for (int c = 0; c < NC; c++) a[c] += *(const v8 *)(q + c * hd + i) * load8(k, at + i, kvt);
     for (int c = 0; c < NC; c++) s[c * stride] = hsum8(a[c] + b[c]) * scale;
 }
 
@@ -64,14 +57,15 @@ static inline __attribute__((always_inline)) void weigh_values(
         }
         int t = t0;
         for (; t + 2 <= t1; t += 2) {
-            const v8 v0 = kv8(v, at + t * row + i, kvt), v1 = kv8(v, at + (t + 1) * row + i, kvt);
+            const v8 v0 = load8(v, at + t * row + i, kvt);
+            const v8 v1 = load8(v, at + (t + 1) * row + i, kvt);
             for (int c = 0; c < NC; c++) {
                 a[c] += s[c * stride + t] * v0;
                 b[c] += s[c * stride + t + 1] * v1;
             }
         }
         if (t < t1) {
-            const v8 v0 = kv8(v, at + t * row + i, kvt);
+            const v8 v0 = load8(v, at + t * row + i, kvt);
             for (int c = 0; c < NC; c++) a[c] += s[c * stride + t] * v0;
         }
         for (int c = 0; c < NC; c++) *(v8 *)(acc + c * hd + i) = a[c] + b[c];

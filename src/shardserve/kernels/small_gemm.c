@@ -18,12 +18,6 @@
 
 #define MAX_ROWS 8
 
-static inline v8 load8(const void *w, int64_t i, int wtype) {
-    if (wtype == W_BF16) return bf16x8((const uint16_t *)w + i);
-    if (wtype == W_F16) return f16x8((const uint16_t *)w + i);
-    return *(const v8 *)((const float *)w + i);
-}
-
 static inline float load1(const void *w, int64_t i, int wtype) {
     if (wtype == W_BF16) return bf16_to_f32(((const uint16_t *)w)[i]);
     if (wtype == W_F16) return f16_to_f32(((const uint16_t *)w)[i]);

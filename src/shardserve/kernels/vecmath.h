@@ -62,6 +62,14 @@ static inline v8 f16x8(const uint16_t *p) {
 #endif
 }
 
+/* 8 consecutive values from element i of an array of weight type wtype (float32, bfloat16
+ * or float16) as floats: the linear kernels' weights, the attention kernel's cache. */
+static inline v8 load8(const void *p, int64_t i, int wtype) {
+    if (wtype == W_BF16) return bf16x8((const uint16_t *)p + i);
+    if (wtype == W_F16) return f16x8((const uint16_t *)p + i);
+    return *(const v8 *)((const float *)p + i);
+}
+
 /* exp(x) for x <= 0 on 8 lanes: Cephes' polynomial, relative error about 2e-7. Written on
  * vectors because GCC does not vectorize a scalar version (floorf, the bit cast); rounds to
  * nearest with the 1.5 * 2^23 trick. */

@@ -51,22 +51,18 @@ class Sampler:
             _apply_penalties(logits[i], r)
         # A row holds a NaN or an infinity iff its max or min is one (both propagate NaN):
         # reductions, where isfinite().all() is a pass writing a mask as large as logits. The
-        # native kernel finds max, min and argmax in one pass.
-        stats = ops.row_argmax(logits)
-        if stats is not None:
-            argmax, hi, lo = stats
-        else:
-            argmax, hi, lo = None, logits.amax(dim=-1), logits.amin(dim=-1)
+        # native kernel finds argmax, max and min in one pass.
+        argmax, hi, lo = ops.row_argmax(logits) or (
+            logits.argmax(dim=-1), logits.amax(dim=-1), logits.amin(dim=-1))
         finite = torch.isfinite(hi) & torch.isfinite(lo)
         bad = (~finite).nonzero()[:, 0].tolist()
         result.failed.update((i, "the model's logits for this sequence are not finite")
                              for i in bad)
         greedy = [i for i, r in enumerate(rows) if r.params["temperature"] == 0]
         if len(greedy) == len(rows):
-            result.token_ids = argmax if argmax is not None else logits.argmax(dim=-1)
+            result.token_ids = argmax
         elif greedy:
-            result.token_ids[greedy] = (argmax[greedy] if argmax is not None
-                                        else logits[greedy].argmax(dim=-1))
+            result.token_ids[greedy] = argmax[greedy]
         sampled = [i for i, r in enumerate(rows)
                    if r.params["temperature"] > 0 and i not in result.failed]
         if sampled:

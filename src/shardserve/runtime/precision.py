@@ -63,7 +63,7 @@ def choose(model: ModelConfig, device_kind: str) -> Precision:
     return Precision(p.weights, "float32", "native",
                      f"native CPU kernels: {model.quantization} linear layers and LM head "
                      "(a float32 scale per output feature, quantized at load) on "
-                     f"{ops.linear_path(_torch_dtype(model), model.quantization)}; "
+                     f"{ops.linear_path(p.weights, model.quantization)}; "
                      f"{p.weights} embeddings; float32 activations, {p.kv} KV cache",
                      model.quantization, p.kv_cache)
 
@@ -85,7 +85,7 @@ def _choose(model: ModelConfig, device_kind: str) -> Precision:
                          "apply (float32)")
     from shardserve.kernels import ops
 
-    path = ops.linear_path(_torch_dtype(model))
+    path = ops.linear_path(weights)
     if weights == "float32":
         return Precision(weights, weights, "native", f"native CPU kernels: {path}")
     # The KV cache in the checkpoint's 16 bits too, as vLLM's kv_cache_dtype=auto: half the
@@ -94,9 +94,3 @@ def _choose(model: ModelConfig, device_kind: str) -> Precision:
                      f"native CPU kernels: {weights} weights (half the bytes per step) on "
                      f"{path}; {weights} KV cache; float32 activations and norms",
                      kv_cache=weights)
-
-
-def _torch_dtype(model: ModelConfig):
-    import torch
-
-    return getattr(torch, model.torch_dtype_name)
