@@ -136,10 +136,12 @@ class TorchSDPABackend:
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
+        # With a batch dimension PyTorch's CPU SDPA takes its flash kernel (GQA and a boolean
+        # mask included); 3-D inputs fall to the math path: 8x slower at a 2048-token chunk.
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scale,
-            enable_gqa=attn.num_heads != attn.num_kv_heads)  # (nh, n, hd)
-        return out.transpose(0, 1)
+            q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+            scale=attn.scale, enable_gqa=attn.num_heads != attn.num_kv_heads)  # (1, nh, n, hd)
+        return out[0].transpose(0, 1)
 
 
 class CPUPagedBackend(TorchSDPABackend):

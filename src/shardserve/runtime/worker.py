@@ -12,6 +12,8 @@ keeps serving: only the executor decides that a group has failed.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import traceback
 from datetime import timedelta
@@ -26,11 +28,41 @@ from shardserve.runtime.process import serve_pipes
 _CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping")
 
 
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_freed_memory() -> bool:
+    """Let a step reuse the pages the step before freed (glibc; elsewhere a no-op, False).
+
+    By default glibc maps a large block (activations of a prefill chunk, logits) fresh on
+    every allocation and unmaps it on free, and hands the heap's free top back to the OS:
+    every step then takes a page fault per 4 KiB it touches. Measured on the llama-110m shape,
+    a 2048-token prefill step faulted in ~135,000 pages (~540 MB) and ran 10-15% slower than
+    with the memory kept; in a VM each fault also costs the hypervisor. Blocks up to 1 GiB
+    now come from the heap and freed memory stays in it, so the process holds its peak
+    activation working set, the reserve the memory plan already counts (``malloc_trim`` after
+    loading gives back what loading alone needed)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim_heap() -> None:
+    """Give back what is free in the heap now (after loading: conversions, file buffers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _setup_device(init: WorkerInit):
     import torch
 
     os.sched_setaffinity(0, init.cores)
     torch.set_num_threads(len(init.cores))
+    _keep_freed_memory()
     if init.device_kind == "cuda":
         torch.cuda.set_device(init.device_index)
         return torch.device("cuda", init.device_index)
@@ -66,6 +98,7 @@ def serve(conn_in: Connection, conn_out: Connection) -> None:
         config = ModelConfig(init.model_path, init.dtype, init.max_model_len, init.quantization)
         runner = ModelRunner(config, group, device, init.memory_budget, init.compute_dtype,
                              init.kv_cache_dtype)
+        _trim_heap()
     except Exception as e:  # report why we could not start, then exit
         conn_out.send_bytes(_encode(_error(e)))
         return
