@@ -66,7 +66,8 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows)
                    if r.params["temperature"] > 0 and i not in result.failed]
         if sampled:
-            tokens, failed = _sample(logits[sampled], [rows[i] for i in sampled])
+            sub = logits if len(sampled) == len(rows) else logits[sampled]  # no copy if all
+            tokens, failed = _sample(sub, [rows[i] for i in sampled])
             result.token_ids[sampled] = tokens
             result.failed.update((sampled[j], why) for j, why in failed.items())
         if result.failed:
@@ -93,10 +94,13 @@ def _apply_penalties(row: torch.Tensor, r: RowState) -> None:
 
 
 def _sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, dict[int, str]]:
-    """(tokens, {row: why}) for rows that sample; a row with no usable distribution fails."""
+    """(tokens, {row: why}) for rows that sample; a row with no usable distribution fails.
+    ``logits`` may be scaled in place (the caller is done with them)."""
     dev = logits.device
-    temp = torch.tensor([r.params["temperature"] for r in rows], device=dev)
-    probs = torch.softmax(logits / temp[:, None], dim=-1)
+    temps = [r.params["temperature"] for r in rows]
+    if any(t != 1.0 for t in temps):
+        logits.div_(torch.tensor(temps, device=dev)[:, None])
+    probs = torch.softmax(logits, dim=-1)
     min_p = torch.tensor([r.params["min_p"] for r in rows], device=dev)
     if (min_p > 0).any():
         probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
