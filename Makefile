@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test serve lint bench peers peer-llamacpp clean
+.PHONY: setup test serve lint bench peers peer-llamacpp peer-infinity clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,17 @@ $(PEER_LLAMACPP)/.installed:
 	touch $@
 
 peer-llamacpp: $(PEER_LLAMACPP)/.installed
+
+# infinity-emb, the embeddings peer of benchmarks/encoder_serving.py (torch engine on the CPU).
+PEER_INFINITY := benchmarks/.venv-infinity
+$(PEER_INFINITY)/.installed:
+	$(PYTHON) -m venv $(PEER_INFINITY)
+	$(PEER_INFINITY)/bin/pip install --quiet --upgrade pip
+	$(PEER_INFINITY)/bin/pip install --quiet $(TORCH_PIN)
+	$(PEER_INFINITY)/bin/pip install --quiet "infinity-emb[torch,server]==0.0.78"
+	touch $@
+
+peer-infinity: $(PEER_INFINITY)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

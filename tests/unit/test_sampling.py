@@ -130,3 +130,29 @@ def test_inverse_cdf_draws_follow_the_weights(native):
     big = torch.rand(3, 50000, generator=torch.Generator().manual_seed(1))  # a vocabulary row
     us = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     assert torch.equal(draw(big, us), _inverse_cdf(big, us))
+
+
+def test_native_draw_from_logits_is_the_softmax_draw():
+    """Rows without filters draw from the logits in one native pass: the same token as
+    the inverse CDF of softmax(logits / T) for the same uniform (but where the two roundings
+    of a token's weight straddle the target), at the softmax's frequencies."""
+    from shardserve.kernels import ops
+    from shardserve.layers.sampler import _inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 32000, generator=g) * 3
+    temps = torch.linspace(0.2, 2.0, 64)
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    got = ops.sample_logits(logits, logits.amax(-1), temps, u)
+    if got is None:
+        pytest.skip("no C compiler: the softmax path runs")
+    want = _inverse_cdf(torch.softmax(logits / temps[:, None], -1), u)
+    assert (got == want).sum() >= 62
+    small = torch.tensor([[0.0, 2.0, -1e9, 1.0]])  # exp(-1e9) is no weight at all
+    n = 20000
+    u = torch.rand(n, dtype=torch.float64, generator=g)
+    draws = ops.sample_logits(small.expand(n, -1).contiguous(), torch.full((n,), 2.0),
+                              torch.ones(n), u)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    assert freq[2] == 0
+    torch.testing.assert_close(freq, torch.softmax(small[0].double(), -1), atol=0.015, rtol=0)

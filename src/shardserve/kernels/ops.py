@@ -280,6 +280,26 @@ def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def sample_logits(logits: torch.Tensor, row_max: torch.Tensor, temperature: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor | None:
+    """``sample_rows(softmax(logits / temperature), u)`` without forming the softmax
+    (``kernels/sampling.c``): finite float32 ``logits`` (B, V), ``row_max`` (B,) their row
+    maxima, ``temperature`` (B,) > 0, ``u`` (B,) float64."""
+    fn = _fn("sampling", "sample_logits", (_P, _P, _P, _P, _P, _I64, _I64, _I32))
+    logits = logits.contiguous()
+    if (fn is None or logits.dim() != 2 or not _f32_cpu(logits) or u.dtype != torch.float64
+            or u.shape != logits.shape[:1]):
+        return None
+    row_max = row_max.to(torch.float32).contiguous()
+    inv_t = (1.0 / temperature.to(torch.float32)).contiguous()
+    u = u.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if fn(logits.data_ptr(), row_max.data_ptr(), inv_t.data_ptr(), u.data_ptr(),
+          out.data_ptr(), logits.shape[0], logits.shape[1], torch.get_num_threads()):
+        return None
+    return out
+
+
 def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(argmax, max, min)`` of each row of float32 ``x`` (B, V) in one pass
     (``kernels/sampling.c``): the first index of the largest value, as ``torch.argmax``; a row

@@ -12,9 +12,9 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include <stdlib.h>
+
+#include "vecmath.h"
 
 int sample_rows(const float *p, const double *u, int64_t *out, int64_t B, int64_t V,
                 int num_threads) {
@@ -44,6 +44,43 @@ int sample_rows(const float *p, const double *u, int64_t *out, int64_t B, int64_
         out[b] = pick;
     }
     return 0;
+}
+
+/* The same draw from softmax(x / T) without forming it (a row with no top-k, top-p or min-p
+ * filter: what most sampled requests ask for): per row, weights exp((x - max) / T) into a
+ * row-sized buffer that stays in cache, then sample_rows's double sums and scan over it.
+ * PyTorch's softmax and the draw over its result read and write the (B, V) matrix three times.
+ *
+ *   x (B, V) float32 finite logits; mx (B,) each row's max; inv_t (B,) 1 / temperature;
+ *   u (B,) uniforms in [0, 1); out (B,) as sample_rows. A weight under exp(-87) (a
+ *   probability below 1e-38 of the row's largest) is zero.
+ */
+int sample_logits(const float *x, const float *mx, const float *inv_t, const double *u,
+                  int64_t *out, int64_t B, int64_t V, int num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) if (B > 1)
+    {
+        float *w = malloc((size_t)V * sizeof(float));
+        if (!w) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < B; b++) {
+            if (!w) continue;
+            const float *row = x + b * V;
+            const v8 m = (v8){0} + mx[b], s = (v8){0} + inv_t[b], lo = (v8){0} - 87.0f;
+            int64_t i = 0;
+            for (; i + 8 <= V; i += 8) {
+                const v8 z = (*(const v8 *)(row + i) - m) * s;
+                *(v8 *)(w + i) = (v8)((v8i)exp_neg8(z) & (z >= lo));
+            }
+            for (; i < V; i++) {
+                const float z = (row[i] - mx[b]) * inv_t[b];
+                w[i] = z >= -87.0f ? exp_neg(z) : 0.0f;
+            }
+            sample_rows(w, u + b, out + b, 1, V, 1);
+        }
+        free(w);
+    }
+    return failed ? -1 : 0;
 }
 
 /* For greedy rows and the sampler's finiteness check, in one pass over the logits instead of

@@ -66,8 +66,9 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows)
                    if r.params["temperature"] > 0 and i not in result.failed]
         if sampled:
-            sub = logits if len(sampled) == len(rows) else logits[sampled]  # no copy if all
-            tokens, failed = _sample(sub, [rows[i] for i in sampled])
+            whole = len(sampled) == len(rows)  # then no copy
+            tokens, failed = _sample(logits if whole else logits[sampled],
+                                     hi if whole else hi[sampled], [rows[i] for i in sampled])
             result.token_ids[sampled] = tokens
             result.failed.update((sampled[j], why) for j, why in failed.items())
         if result.failed:
@@ -93,28 +94,35 @@ def _apply_penalties(row: torch.Tensor, r: RowState) -> None:
             row -= p["frequency_penalty"] * counts + p["presence_penalty"] * (counts > 0)
 
 
-def _sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, dict[int, str]]:
-    """(tokens, {row: why}) for rows that sample; a row with no usable distribution fails.
-    ``logits`` may be scaled in place (the caller is done with them)."""
+def _sample(logits: torch.Tensor, row_max: torch.Tensor, rows: list[RowState]
+            ) -> tuple[torch.Tensor, dict[int, str]]:
+    """(tokens, {row: why}) for rows that sample (finite logits, ``row_max`` their maxima);
+    a row with no usable distribution fails. ``logits`` may be scaled in place (the caller is
+    done with them)."""
     dev = logits.device
-    temps = [r.params["temperature"] for r in rows]
-    if any(t != 1.0 for t in temps):
-        logits.div_(torch.tensor(temps, device=dev)[:, None])
-    probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([r.params["min_p"] for r in rows], device=dev)
-    if (min_p > 0).any():
-        probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
-    probs = _top_k_top_p(probs, [r.params["top_k"] for r in rows],
-                         [r.params["top_p"] for r in rows])
+    temps = torch.tensor([r.params["temperature"] for r in rows], device=dev)
     # One uniform number per row, a seeded row's from its own generator, then the inverse
     # CDF of its distribution: no row's draw depends on the others in the batch.
     u = torch.rand(len(rows), dtype=torch.float64)
     for j, r in enumerate(rows):
         if r.generator is not None:
             u[j] = torch.rand((), dtype=torch.float64, generator=r.generator)
-    out = ops.sample_rows(probs, u)  # None off the CPU or without the kernel
+    out = None
+    if all(r.params["min_p"] <= 0 and r.params["top_k"] <= 0 and r.params["top_p"] >= 1.0
+           for r in rows):  # the softmax itself, no filter: one native pass (None if none)
+        out = ops.sample_logits(logits, row_max, temps, u)
     if out is None:
-        out = _inverse_cdf(probs, u.to(dev))
+        if (temps != 1.0).any():
+            logits.div_(temps[:, None])
+        probs = torch.softmax(logits, dim=-1)
+        min_p = torch.tensor([r.params["min_p"] for r in rows], device=dev)
+        if (min_p > 0).any():
+            probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
+        probs = _top_k_top_p(probs, [r.params["top_k"] for r in rows],
+                             [r.params["top_p"] for r in rows])
+        out = ops.sample_rows(probs, u)  # None off the CPU or without the kernel
+        if out is None:
+            out = _inverse_cdf(probs, u.to(dev))
     failed = {j: "sampling found no finite probability mass for this sequence"
               for j in (out < 0).nonzero()[:, 0].tolist()}
     return out, failed
