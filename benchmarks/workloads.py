@@ -21,3 +21,10 @@ def workload(name: str) -> tuple[list[list[int]], list[int]]:
         raise ValueError(f"unknown workload {name!r}; A, M or B")
     prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in lens]
     return prompts, outs
+
+
+def cold_prompts(prompt: list[int], n: int) -> list[list[int]]:
+    """``n`` prompts as long as ``prompt`` whose first tokens differ from its and from each
+    other's: no prefix cache (ours, vLLM's, llama.cpp's reuse of its context) holds any block
+    of them, so the time to the first token of each is a whole prefill."""
+    return [[3 + (prompt[0] - 3 + 1 + i) % (32000 - 3)] + prompt[1:] for i in range(n)]

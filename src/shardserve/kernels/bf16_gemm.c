@@ -16,9 +16,10 @@
  *
  * int8 weights (weight-only quantization, W = scale[o] * P, P in -127..127): bfloat16 holds
  * every integer of that range exactly, so for AMX each panel is widened to bfloat16 once per
- * work item (in L2) and runs the same tiles; vdpbf16ps (and AMX machines at 16 rows or fewer,
- * where one pass over the weights is the whole cost) widen each panel row in registers. The
- * scales come in with the bias.
+ * work item (in L2) and runs the same tiles; vdpbf16ps widens each panel row in registers.
+ * Calls of 16 rows or fewer (decode at small batch: one pass over the weights is the whole
+ * cost) widen the int8 to float32 instead and keep x in float32 (f32pair_tile). The scales
+ * come in with the bias.
  *
  * Work items: a chunk of up to MC rows against one panel, threads taking items as they finish;
  * the rows of a chunk run one after another against the same panel, which stays in L2.
@@ -38,9 +39,10 @@
 #define NR 64
 #define MC 128
 #define MR 6
-/* int8 panels with at most this many rows in a chunk skip AMX: widening a whole panel to
- * bfloat16 for the tiles costs more than vdpbf16ps widening it in registers. */
-#define AMX_I8_ROWS 16
+/* int8 layers called with at most this many rows run on float32 registers (f32pair_tile),
+ * with float32 activations: widening a whole panel to bfloat16 for the tiles, or pairs for
+ * vdpbf16ps, costs more than the float32 FMAs there. */
+#define FEW_I8_ROWS 16
 /* Software prefetch this many bytes ahead in a panel streamed from memory (few rows). */
 #define PF_AHEAD 4096
 
@@ -170,6 +172,60 @@ static void rows_dp_i8(const uint16_t *xb, const void *pp, int64_t m0, int64_t m
     rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_I8);
 }
 
+/* int8 pair panels at few rows, on float32 registers (the way gemm.c reads int8 panels):
+ * per K pair, the panel row's 128 weights (64 features x 2 of K) widen to 8 vectors of 16
+ * floats whose lanes alternate the two K of each feature; x's pair (x[k], x[k+1]), float32,
+ * broadcast as one 64-bit pattern; one FMA per 16 weights and row into 8 accumulators per row,
+ * and at the end each feature's two lanes are added. At one to 16 rows streaming the weights
+ * is the whole cost, and this widens them with fewer instructions than vdpbf16ps's bfloat16
+ * pairs (int8 -> float32 only). x is not rounded to bfloat16 here. */
+static inline __attribute__((always_inline)) void f32pair_tile(int mr, const float *x, int64_t K,
+                                                               const int8_t *pp, float *c) {
+    __m512 acc[3][8];
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < 8; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K / 2; k2++) {
+        const int8_t *row = pp + k2 * NR * 2;
+        _mm_prefetch((const char *)row + PF_AHEAD, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + PF_AHEAD + 64, _MM_HINT_T0);
+        __m512 a[3];
+        for (int i = 0; i < mr; i++) {
+            double pair;
+            memcpy(&pair, x + i * K + 2 * k2, 8);
+            a[i] = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        }
+        for (int v = 0; v < 8; v++) {
+            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(row + v * 16))));
+            for (int i = 0; i < mr; i++) acc[i][v] = _mm512_fmadd_ps(a[i], w, acc[i][v]);
+        }
+    }
+    /* lanes (2f, 2f + 1) of acc[v] are feature 8v + f's two halves */
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < 8; v += 2) {
+            const __m512 s0 = _mm512_add_ps(acc[i][v], _mm512_permute_ps(acc[i][v], 0xB1));
+            const __m512 s1 = _mm512_add_ps(acc[i][v + 1],
+                                            _mm512_permute_ps(acc[i][v + 1], 0xB1));
+            _mm512_storeu_ps(c + i * NR + v * 8, _mm512_permutex2var_ps(s0, even, s1));
+        }
+}
+
+static void rows_f32pair_i8(const float *x, const int8_t *pp, int64_t m0, int64_t m1, int64_t K,
+                            int64_t O, float *y, const float *bias, const float *scale) {
+    float c[3 * NR] __attribute__((aligned(64)));
+    for (int64_t m = m0; m < m1; m += 3) {
+        const int mr = m1 - m < 3 ? (int)(m1 - m) : 3;
+        switch (mr) {  /* a constant row count each, so the tile stays in registers */
+        case 1: f32pair_tile(1, x + m * K, K, pp, c); break;
+        case 2: f32pair_tile(2, x + m * K, K, pp, c); break;
+        default: f32pair_tile(3, x + m * K, K, pp, c); break;
+        }
+        store_rows(c, y + m * O, O, mr, bias, scale);
+    }
+}
+
 #if defined(HAVE_AMX)
 /* Tile configuration: palette 1, every tile 16 rows of 64 bytes (C: 16 x 16 float32; A: 16
  * rows x 32 bfloat16; B: 16 K pairs x 16 features). */
@@ -246,7 +302,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
         return -1;
     const int64_t Np = (N + 15) / 16 * 16;  /* whole AMX row tiles */
     uint16_t *xb = aligned_alloc(64, (size_t)(Np * K * 2 + 64));
-    const int widen = wtype == W_I8;
+    const int widen = wtype == W_I8, few_i8 = widen && N <= FEW_I8_ROWS;
     if (!xb) return -1;
     const int64_t panels = O / NR, chunks = (N + MC - 1) / MC, items = panels * chunks;
     int failed = 0;
@@ -254,8 +310,9 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         to_bf16(x, xb, N * t / nt, N * (t + 1) / nt, t == nt - 1 ? Np : N * (t + 1) / nt, K);
-        uint16_t *wide = widen && mode == MODE_AMX ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
-        if (widen && mode == MODE_AMX && !wide) failed = 1;
+        uint16_t *wide = widen && !few_i8 && mode == MODE_AMX
+                         ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
+        if (widen && !few_i8 && mode == MODE_AMX && !wide) failed = 1;
 #if defined(HAVE_AMX)
         if (mode == MODE_AMX) tile_config();
 #endif
@@ -267,7 +324,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
             const int64_t m0 = c * MC, m1 = m0 + MC < N ? m0 + MC : N;
             const float *b = bias ? bias + q * NR : 0, *s = scale ? scale + q * NR : 0;
 #if defined(HAVE_AMX)
-            if (mode == MODE_AMX && (!widen || m1 - m0 > AMX_I8_ROWS)) {
+            if (mode == MODE_AMX && !few_i8) {
                 const uint16_t *pp = (const uint16_t *)p + q * K * NR;
                 if (widen) {
                     widen_i8((const int8_t *)p + q * K * NR, wide, K);
@@ -277,7 +334,10 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
                 continue;
             }
 #endif
-            if (widen)
+            if (few_i8)
+                rows_f32pair_i8(x, (const int8_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b,
+                                s);
+            else if (widen)
                 rows_dp_i8(xb, (const int8_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b, s);
             else
                 rows_dp_bf16(xb, (const uint16_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b,

@@ -13,6 +13,7 @@ from shardserve import kernels
 
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 SMALL_GEMM_MAX_ROWS = 8  # MAX_ROWS in small_gemm.c
+FEW_I8_ROWS = 16  # bf16_gemm.c: int8 K-pair calls of this many rows keep x in float32
 
 
 @functools.cache
