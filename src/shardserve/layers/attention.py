@@ -62,9 +62,11 @@ class AttentionBackend(Protocol):
                  meta: AttentionMetadata) -> None:
         """Store the step's keys and values (N, nkv, hd) in their cache slots."""
 
-    def attend(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
-               ) -> torch.Tensor:
-        """Queries (N, nh, hd) against the cache -> (N, nh, hd)."""
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """Queries (N, nh, hd) against the cache -> (N, nh, hd). ``k``, ``v``: the step's own
+        keys and values (N, nkv, hd), already in the cache; a chunk that is its sequence's
+        whole context may attend to them directly."""
 
 
 class Attention(nn.Module):
@@ -83,7 +85,7 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: (N, nh, hd); k, v: (N, nkv, hd) -> (N, nh * hd)."""
         self.backend.write_kv(self, k, v, meta)
-        return self.backend.attend(self, q, meta).view(q.shape[0], -1)
+        return self.backend.attend(self, q, k, v, meta).view(q.shape[0], -1)
 
 
 class TorchSDPABackend:
@@ -98,14 +100,19 @@ class TorchSDPABackend:
         attn.v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping,
                                                         v.to(attn.v_cache.dtype))
 
-    def attend(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
-               ) -> torch.Tensor:
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
         out = q.new_empty(q.shape)
         if meta.num_decodes:
             out[:meta.num_decodes] = self._decode(attn, q[:meta.num_decodes], meta)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
-            out[rows] = self._prefill(attn, q[rows], chunk)
+            if chunk.num_tokens == chunk.context_len:  # nothing cached before it: its own
+                kv = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (nkv, n, hd)
+            else:
+                kv = (self._gather(attn.k_cache, chunk.block_ids)[:, :chunk.context_len],
+                      self._gather(attn.v_cache, chunk.block_ids)[:, :chunk.context_len])
+            out[rows] = self._prefill(attn, q[rows], *kv, chunk)
         return out
 
     @staticmethod
@@ -125,10 +132,12 @@ class TorchSDPABackend:
             enable_gqa=attn.num_heads != attn.num_kv_heads)  # (D, nh, 1, hd)
         return out.squeeze(2)
 
-    def _prefill(self, attn: Attention, q: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 chunk: PrefillChunk) -> torch.Tensor:
+        """q (n, nh, hd) of a chunk against k, v (nkv, ctx, hd): its context's keys and
+        values, from the cache or (a chunk that is the whole context) the step's own."""
         n, ctx, window = chunk.num_tokens, chunk.context_len, attn.window
-        k = self._gather(attn.k_cache, chunk.block_ids)[:, :ctx].to(q.dtype)  # (nkv, ctx, hd)
-        v = self._gather(attn.v_cache, chunk.block_ids)[:, :ctx].to(q.dtype)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         mask = None
         if n != ctx or window is not None:
             q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
