@@ -38,7 +38,7 @@ def _keep_freed_memory() -> bool:
     By default glibc maps a large block (activations of a prefill chunk, logits) fresh on
     every allocation and unmaps it on free, and hands the heap's free top back to the OS:
     every step then takes a page fault per 4 KiB it touches. Measured on the llama-110m shape,
-    a 2048-token prefill step faulted in ~135,000 pages (~540 MB) and ran 10-15% slower than
+    a 2048-token prefill step faulted in ~135,000 pages (~540 MB) and ran 7-15% slower than
     with the memory kept; in a VM each fault also costs the hypervisor. Blocks up to 1 GiB
     now come from the heap and freed memory stays in it, so the process holds its peak
     activation working set, the reserve the memory plan already counts (``malloc_trim`` after
