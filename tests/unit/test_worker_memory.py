@@ -13,13 +13,14 @@ if sys.argv[1] == "keep":
     assert _keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for size in (8 << 20, 64 << 20, 8 << 20, 64 << 20):  # warm: each size once
-    torch.empty(size // 4).fill_(1.0)
-before = faults()
-for _ in range(4):  # a step's activations: allocated, written, freed
+def step():  # a step's activations: allocated, written, freed
     a = torch.empty((64 << 20) // 4).fill_(1.0)
     b = torch.empty((8 << 20) // 4).fill_(1.0)
     del a, b
+step(); step()  # the first steps fault their working set in either way
+before = faults()
+for _ in range(8):
+    step()
 print(faults() - before)
 """
 
@@ -33,6 +34,8 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_page_faults():
-    pages = 4 * (72 << 20) // 4096  # what the loop touches
+    pages = 8 * (72 << 20) // 4096  # what the loop touches
     assert _faults("default") > pages // 2  # glibc maps 64 MiB afresh each time
-    assert _faults("keep") < pages // 20  # the heap keeps them: faults are ~3% of that
+    # the heap keeps them: 0 to 16,384 faults seen here (a block of the first steps
+    # now and then faulted again), against ~all of them by default
+    assert _faults("keep") < pages // 5
