@@ -48,11 +48,14 @@ peers: $(PEER_VLLM)/.installed
 
 # llama.cpp, the batch-1 peer of throughput.py --peers llamacpp: llama-cpp-python compiled for
 # this CPU (a few minutes), and the gguf package that writes our checkpoint in its format.
+# Without AMX int8: on the Sapphire-Rapids-class machines its AMX q8_0 path crashes at the
+# first evaluation (SIGSEGV); the AVX-512 VNNI q8_0 path runs (a no-op flag elsewhere).
 PEER_LLAMACPP := benchmarks/.venv-llamacpp
+LLAMACPP_CMAKE := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
 $(PEER_LLAMACPP)/.installed:
 	$(PYTHON) -m venv $(PEER_LLAMACPP)
 	$(PEER_LLAMACPP)/bin/pip install --quiet --upgrade pip
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PEER_LLAMACPP)/bin/pip install --quiet \
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PEER_LLAMACPP)/bin/pip install --quiet --no-cache-dir \
 		llama-cpp-python==0.3.36 gguf numpy safetensors
 	touch $@
 

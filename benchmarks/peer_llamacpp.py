@@ -1,6 +1,7 @@
 """llama.cpp at batch 1 on our workload B, for benchmarks/throughput.py: run with the peer
 venv's Python (``make peer-llamacpp`` builds benchmarks/.venv-llamacpp: llama-cpp-python built
-for this CPU with ``-DGGML_NATIVE=ON``, and the ``gguf`` package), never ours.
+for this CPU with ``-DGGML_NATIVE=ON`` less AMX int8, whose q8_0 path crashes on the AMX
+machines, and the ``gguf`` package), never ours.
 
 Writes our float32 test checkpoint (a Llama-family folder of config.json + safetensors) as
 GGUF with the ``gguf`` package's writer, in f32, bf16 (rounded to nearest even, as
