@@ -1,6 +1,6 @@
 /* y = x W^T (+ b) with bfloat16 (or int8) weights on the CPU's own bfloat16 dot products: AMX
- * tiles (Sapphire Rapids and later), and AVX512-BF16's vdpbf16ps for the few-row calls of int8
- * layers. Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM (vLLM's
+ * tiles (Sapphire Rapids and later), and AVX512-BF16's vdpbf16ps for int8 layers of more than
+ * 16 rows on CPUs without AMX. Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM (vLLM's
  * CPU backend) and transformers' bf16 matmul do: the activations are rounded to bfloat16 once
  * per call, the sums stay float32, x and y are float32. (Without AMX, ops.py keeps bfloat16 on
  * gemm.c's float32 registers: vdpbf16ps multiplies no faster than two float32 FMA ports.)
@@ -300,21 +300,27 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
             || (wtype != W_BF16 && wtype != W_I8) || (wtype == W_I8) != (scale != 0)
             || mode < MODE_AVX512_BF16 || mode > bf16_gemm_mode())
         return -1;
-    const int64_t Np = (N + 15) / 16 * 16;  /* whole AMX row tiles */
-    uint16_t *xb = aligned_alloc(64, (size_t)(Np * K * 2 + 64));
     const int widen = wtype == W_I8, few_i8 = widen && N <= FEW_I8_ROWS;
-    if (!xb) return -1;
+    const int tiles = mode == MODE_AMX && !few_i8;  /* AMX runs this call */
+    /* x rounded to bfloat16, zero rows up to whole AMX tiles: all but few_i8 read it */
+    const int64_t Np = (N + 15) / 16 * 16;
+    uint16_t *xb = few_i8 ? 0 : aligned_alloc(64, (size_t)(Np * K * 2 + 64));
+    if (!few_i8 && !xb) return -1;
     const int64_t panels = O / NR, chunks = (N + MC - 1) / MC, items = panels * chunks;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        to_bf16(x, xb, N * t / nt, N * (t + 1) / nt, t == nt - 1 ? Np : N * (t + 1) / nt, K);
-        uint16_t *wide = widen && !few_i8 && mode == MODE_AMX
-                         ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
-        if (widen && !few_i8 && mode == MODE_AMX && !wide) failed = 1;
+        if (xb)
+            to_bf16(x, xb, N * t / nt, N * (t + 1) / nt, t == nt - 1 ? Np : N * (t + 1) / nt,
+                    K);
+        uint16_t *wide = widen && tiles ? aligned_alloc(64, (size_t)(K * NR * 2)) : 0;
+        if (widen && tiles && !wide) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #if defined(HAVE_AMX)
-        if (mode == MODE_AMX) tile_config();
+        if (tiles) tile_config();
 #endif
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
@@ -324,7 +330,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
             const int64_t m0 = c * MC, m1 = m0 + MC < N ? m0 + MC : N;
             const float *b = bias ? bias + q * NR : 0, *s = scale ? scale + q * NR : 0;
 #if defined(HAVE_AMX)
-            if (mode == MODE_AMX && !few_i8) {
+            if (tiles) {
                 const uint16_t *pp = (const uint16_t *)p + q * K * NR;
                 if (widen) {
                     widen_i8((const int8_t *)p + q * K * NR, wide, K);
@@ -344,7 +350,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
                              s);
         }
 #if defined(HAVE_AMX)
-        if (mode == MODE_AMX) _tile_release();
+        if (tiles) _tile_release();
 #endif
         free(wide);
     }

@@ -61,7 +61,10 @@ int sample_logits(const float *x, const float *mx, const float *inv_t, const dou
 #pragma omp parallel num_threads(num_threads) if (B > 1)
     {
         float *w = malloc((size_t)V * sizeof(float));
-        if (!w) failed = 1;
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < B; b++) {
             if (!w) continue;
