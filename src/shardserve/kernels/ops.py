@@ -88,8 +88,10 @@ def linear_path(dtype: str, quantization: str | None = None) -> str:
         return "PyTorch GEMM"
     weights = quantization or dtype
     if weights in ("int8", "bfloat16") and pair_mode() == 2:
+        few = (f"; calls of {FEW_I8_ROWS} rows or fewer on float32 registers, activations "
+               "float32" if weights == "int8" else "")
         return ("AMX bfloat16 dot products, float32 sums (activations rounded to bfloat16; a "
-                "layer whose input width is not a multiple of 32 in float32 registers)")
+                f"layer whose input width is not a multiple of 32 in float32 registers{few})")
     isa = "AVX-512" if packed_width() == 64 else "AVX2"
     if weights == "float32":
         return f"{isa} float32 FMA"
