@@ -23,7 +23,7 @@ def engine(checkpoints):
 
 
 def test_streams_incrementally_and_concurrently(engine):
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
 
     async def collect(rid, prompt):
         return [o async for o in engine.generate(prompt, params, rid)]
@@ -33,7 +33,12 @@ def test_streams_incrementally_and_concurrently(engine):
 
     a, b = asyncio.run(main())
     for outs in (a, b):
-        assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 13))
+        # A consumer that falls behind gets several steps' tokens merged into one output, so
+        # the lengths grow but need not grow by one; each output extends the one before.
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        assert len(outs) > 1 and lengths == sorted(set(lengths)) and lengths[-1] == 48
+        final = outs[-1].outputs[0].token_ids
+        assert all(o.outputs[0].token_ids == final[:n] for o, n in zip(outs, lengths))
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         assert outs[-1].outputs[0].finish_reason == "length"
 
@@ -44,7 +49,7 @@ def test_a_consumer_that_leaves_frees_its_blocks(engine):
     async def main():
         gen = engine.generate(list(range(3, 300)), params, "leaver")
         async for out in gen:
-            if len(out.outputs[0].token_ids) == 3:
+            if len(out.outputs[0].token_ids) >= 3:
                 break
         await gen.aclose()
         for _ in range(200):  # the abort is applied by the engine core between steps
