@@ -38,7 +38,7 @@ def test_streams_incrementally_and_concurrently(engine):
         lengths = [len(o.outputs[0].token_ids) for o in outs]
         assert len(outs) > 1 and lengths == sorted(set(lengths)) and lengths[-1] == 48
         final = outs[-1].outputs[0].token_ids
-        assert all(o.outputs[0].token_ids == final[:n] for o, n in zip(outs, lengths))
+        assert all(o.outputs[0].token_ids == final[:n] for o, n in zip(outs, lengths, strict=True))
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         assert outs[-1].outputs[0].finish_reason == "length"
 
