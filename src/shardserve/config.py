@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shardserve.planner.memory import parse_bytes
+from shardserve.planner.partition import Stage, parse_split, split_layers
 from shardserve.planner.specs import (
     EncoderSpec,
     TransformerSpec,
@@ -116,14 +117,46 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = field(default=1, metadata={
-        "help": "devices one model is split across (tensor parallel)"})
+        "help": "devices each pipeline stage's layers are split across (tensor parallel)"})
+    pipeline_parallel_size: int = field(default=1, metadata={
+        "help": "pipeline stages: the decoder layers split into this many contiguous groups, "
+                "each on tensor_parallel_size devices of its own (tp x pp devices in all)"})
+    pipeline_split: str | None = field(default=None, metadata={
+        "help": "decoder layers of each pipeline stage, e.g. 5,3; default: an even split"})
+    executor: str = field(default="local", metadata={
+        "help": "local (worker processes on this machine) or ray (Ray actors, placed by "
+                "placement groups across the machines of a Ray cluster)"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "with --executor ray: the cluster to join (auto: the one `ray start` runs on "
+                "this machine); default: auto when serving, a local Ray offline"})
 
     def __post_init__(self) -> None:
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor {self.executor!r}: use local or ray")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} must be "
+                             ">= 1")
+        parse_split(self.pipeline_split)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def stages(self, spec: TransformerSpec | EncoderSpec) -> list[Stage]:
+        """The pipeline stages of ``spec`` (one for an encoder or at pp=1)."""
+        return split_layers(spec.num_layers, self.pipeline_parallel_size,
+                            parse_split(self.pipeline_split))
 
     def check_model(self, spec: TransformerSpec) -> None:
-        """Refuse a tp the model's heads cannot be split by, naming the sizes that work."""
+        """Refuse a tp the model's heads cannot be split by, naming the sizes that work, and
+        a pipeline split the layers do not allow."""
+        if isinstance(spec, EncoderSpec) and (self.pipeline_parallel_size > 1
+                                              or self.executor != "local"):
+            raise ValueError("pipeline_parallel_size > 1 and the ray executor serve generative "
+                             "models; an encoder runs on tensor_parallel_size local devices")
+        self.stages(spec)
         tp = self.tensor_parallel_size
         if not spec.tp_ok(tp):
             ok = [t for t in range(1, spec.num_heads + 1) if spec.tp_ok(t)]
@@ -194,7 +227,18 @@ class DeploymentConfig:
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
     quantization: str | None = field(default=None, metadata={
         "help": "as ModelConfig.quantization (int8)"})
-    tp: int = field(default=1, metadata={"help": "tensor-parallel size"})
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size (of each pipeline stage)"})
+    pp: int = field(default=1, metadata={
+        "help": "pipeline stages (llm): tp x pp devices per replica"})
+    pipeline_split: str | None = field(default=None, metadata={
+        "help": "decoder layers of each pipeline stage, e.g. [5, 3]; default: an even split"})
+    executor: str = field(default="local", metadata={
+        "help": "llm: local (worker processes here) or ray (Ray actors across a cluster)"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "executor ray: the Ray cluster to join; default auto (the one `ray start` "
+                "runs on this machine)"})
+    ray_cpus_per_device: int = field(default=1, metadata={
+        "help": "executor ray: CPUs each rank's actor reserves (and its threads)"})
     replicas: int = field(default=1, metadata={
         "help": "copies of the model, each on its own devices; requests go to the least busy"})
     max_model_len: int | None = field(default=None, metadata={"help": "as ModelConfig"})
@@ -219,6 +263,10 @@ class DeploymentConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.path, self.dtype, self.max_model_len, self.quantization)
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.tp, self.pp, self.pipeline_split, self.executor,
+                              self.ray_address or ("auto" if self.executor == "ray" else None))
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, None, self.enable_prefix_caching)
@@ -257,6 +305,15 @@ class DeploymentConfig:
             raise ValueError(f"{file}: {e}") from None
         for name in ("preferred_batch_sizes", "tenants"):
             object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
+        if isinstance(cfg.pipeline_split, list | tuple):
+            object.__setattr__(cfg, "pipeline_split", ",".join(map(str, cfg.pipeline_split)))
+        try:
+            cfg.parallel_config()
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        if (cfg.pp > 1 or cfg.executor != "local") and cfg.kind != "llm":
+            raise ValueError(f"{file}: pp and executor: ray serve generative models (kind: "
+                             "llm); an encoder runs on tp local devices")
         return cfg
 
 
@@ -272,6 +329,8 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
     checks = {"name": (lambda x: isinstance(x, str) and x and "/" not in x,
                        "a non-empty string without '/'"),
               "dtype": (lambda x: isinstance(x, str), "a string"),
+              "executor": (lambda x: x in ("local", "ray"), "local or ray"),
+              "ray_address": (lambda x: x is None or isinstance(x, str), "an address string"),
               "quantization": (lambda x: x is None or isinstance(x, str),
                                "a string (int8) or absent"),
               "max_model_len": (lambda x: x is None or (is_int(x) and x >= 1),
@@ -280,6 +339,9 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
               "step_timeout_s": (lambda x: is_num(x) and x > 0, "a number > 0"),
               "max_restarts": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
               "enable_prefix_caching": (lambda x: isinstance(x, bool), "true or false"),
+              "pipeline_split": (lambda x: x is None or isinstance(x, str) or (
+                  isinstance(x, list | tuple) and all(is_int(v) and v >= 1 for v in x)),
+                  "a list of layer counts, one per stage, e.g. [5, 3]"),
               "preferred_batch_sizes": (lambda x: isinstance(x, list | tuple)
                                         and all(is_int(v) and v >= 1 for v in x),
                                         "a list of integers >= 1"),
@@ -287,8 +349,8 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
                           and all(isinstance(v, str) and v for v in x),
                           "a list of tenant names, e.g. [acme]")}
     checks.update({name: (lambda x: is_int(x) and x >= 1, "an integer >= 1")
-                   for name in ("tp", "replicas", "max_num_seqs", "max_num_batched_tokens",
-                                "block_size", "max_batch_size")})
+                   for name in ("tp", "pp", "ray_cpus_per_device", "replicas", "max_num_seqs",
+                                "max_num_batched_tokens", "block_size", "max_batch_size")})
     for name, (ok, what) in checks.items():
         if not ok(getattr(cfg, name)):
             raise ValueError(f"{file}: {name} must be {what}, got "

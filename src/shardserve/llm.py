@@ -31,10 +31,10 @@ def _take(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 class LLM:
-    """A model sharded over ``tensor_parallel_size`` devices, generating with continuous
-    batching over a paged KV cache.
+    """A model sharded over ``tensor_parallel_size x pipeline_parallel_size`` devices,
+    generating with continuous batching over a paged KV cache.
 
-    ``devices`` defaults to one CPU device per rank (``cpu:{tensor_parallel_size}``). Any
+    ``devices`` defaults to one CPU device per rank (``cpu:{tp * pp}``). Any
     other keyword is a field of ``ModelConfig`` (``dtype``, ``max_model_len``), ``DeviceConfig``
     (``device_memory``), ``CacheConfig`` (``block_size``, ``num_blocks``,
     ``enable_prefix_caching``) or ``SchedulerConfig`` (``max_num_seqs``,
@@ -42,8 +42,12 @@ class LLM:
     """
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, devices: str | None = None,
+                 pipeline_parallel_size: int = 1, pipeline_split: str | None = None,
+                 executor: str = "local", ray_address: str | None = None,
                  **kwargs: Any) -> None:
-        kwargs["devices"] = devices or f"cpu:{tensor_parallel_size}"
+        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, pipeline_split,
+                                  executor, ray_address)
+        kwargs["devices"] = devices or f"cpu:{parallel.world_size}"
         model_cfg, device, cache, sched = (
             _take(cls, kwargs) for cls in (ModelConfig, DeviceConfig, CacheConfig,
                                            SchedulerConfig))
@@ -51,7 +55,6 @@ class LLM:
             raise TypeError(f"LLM got unknown arguments {sorted(kwargs)}")
         self.model_config = ModelConfig(model, **model_cfg)
         self.tokenizer = load_tokenizer(self.model_config)
-        parallel = ParallelConfig(tensor_parallel_size)
         if self.model_config.is_encoder:
             from shardserve.engine.encoder_engine import EncoderEngine
 

@@ -62,10 +62,15 @@ class FakeRank:
         return decode(self.conn_in.recv_bytes())
 
 
-def _executor(on_step, size=2, step_timeout_s=1.0):
+def _executor(on_step, size=2, step_timeout_s=1.0, tp=None):
     ex = object.__new__(Executor)
     ex.workers = [FakeRank(r, on_step) for r in range(size)]
     ex.step_timeout_s, ex.grace_s, ex._lock = step_timeout_s, 0.3, threading.Lock()
+    ex.tp = tp or size
+    ex.pp = size // ex.tp
+    ex.driver = (ex.pp - 1) * ex.tp
+    ex._start_counting()
+    ex._cleanups = []
     ex._finalizer = weakref.finalize(ex, lambda: None)
     return ex
 
@@ -133,3 +138,43 @@ def test_health_checks_find_dead_and_hung_ranks():
     hung.workers[0].send(StepInput())
     with pytest.raises(WorkerError, match="health check in time"):
         hung.check_health(0.2)
+
+
+def test_pipelined_steps_are_answered_in_order_by_the_last_stage():
+    """pp=2, tp=1: rank 1 (the last stage) answers; two steps in flight come back in the
+    order they went out, and no health check runs between them."""
+    answers = iter(range(100))
+
+    def on_step(r):
+        return StepOutput(["a"], np.array([next(answers)])) if r == 1 else None
+
+    ex = _executor(on_step, tp=1)
+    ex.submit_step(StepInput())
+    ex.submit_step(StepInput())
+    assert ex.steps_in_flight == 2
+    ex.check_health(0.3)  # skipped: a ping now would be answered after the steps
+    with pytest.raises(RuntimeError, match="in flight"):
+        ex.collective_rpc("stats")
+    assert [ex.next_output().token_ids[0] for _ in range(2)] == [0, 1]
+    ex.check_health(0.3)
+
+
+def test_a_failed_first_stage_is_the_error_reported_and_the_group_goes_on():
+    """Stage 0 raises and tells stage 1, which raises StageFailed: the step fails with
+    stage 0's own error, and the next step runs."""
+    state = {"fail": True}
+
+    def on_step(r):
+        if state["fail"]:
+            if r == 0:
+                return Error("RuntimeError: bad batch on stage 0")
+            time.sleep(0.05)
+            return Error("StageFailed: the previous pipeline stage failed this step")
+        return OK if r == 1 else None
+
+    ex = _executor(on_step, tp=1)
+    with pytest.raises(RemoteError, match="rank 0: RuntimeError: bad batch on stage 0"):
+        ex.execute_step(StepInput())
+    assert ex.alive
+    state["fail"] = False
+    assert ex.execute_step(StepInput()).token_ids.tolist() == [5]

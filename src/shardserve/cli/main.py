@@ -21,7 +21,8 @@ from shardserve.config import (
     ServerLimits,
 )
 
-_SHORT = {"tensor_parallel_size": "--tp", "tp": "--tensor-parallel-size"}  # vLLM's spellings
+_SHORT = {"tensor_parallel_size": "--tp", "tp": "--tensor-parallel-size",  # vLLM's spellings
+          "pipeline_parallel_size": "--pp", "pp": "--pipeline-parallel-size"}
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_fields(pl, ModelConfig, skip=("path", "max_model_len"))
     _add_fields(pl, ParallelConfig)
     _add_fields(pl, DeviceConfig)
+    pl.add_argument("--nodes", type=int, default=1,
+                    help="machines, each with --devices: pipeline stages may span them, a "
+                         "tensor-parallel group stays inside one")
 
     sv = sub.add_parser("serve", help="serve a model repository (or one model) over HTTP")
     src = sv.add_mutually_exclusive_group()
@@ -140,6 +144,9 @@ def _generate(args: argparse.Namespace) -> None:
     configs = (ModelConfig, DeviceConfig, CacheConfig, SchedulerConfig)
     fields = {f.name for cls in configs for f in dataclasses.fields(cls)} - {"path", "devices"}
     with LLM(args.path, args.tensor_parallel_size, args.devices,
+             pipeline_parallel_size=args.pipeline_parallel_size,
+             pipeline_split=args.pipeline_split, executor=args.executor,
+             ray_address=args.ray_address,
              **{name: getattr(args, name) for name in fields}) as llm:
         for out in llm.generate(args.prompt, params):
             for c in out.outputs:
@@ -148,7 +155,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from shardserve.planner.memory import format_bytes, weight_bytes_per_device
     from shardserve.runtime.devices import parse_devices
     from shardserve.runtime.precision import choose
 
@@ -157,21 +163,74 @@ def _plan(args: argparse.Namespace) -> None:
     model = _build(ModelConfig, args)
     parallel = _build(ParallelConfig, args)
     parallel.check_model(model.spec)
-    devices = parse_devices(args.devices, args.device_memory)
-    precision = choose(model, devices[0].kind)
-    tp = parallel.tensor_parallel_size
-    need = weight_bytes_per_device(model.spec, tp, precision.weights, precision.compute,
-                                   precision.quantization)
-    budget = devices[0].memory_budget
-    print(json.dumps({"model": model.path, "architecture": model.spec.architecture,
-                      "tp": tp, "dtype": precision.weights, "compute_dtype": precision.compute,
-                      "kv_cache_dtype": precision.kv,
-                      "quantization": precision.quantization,
-                      "kernels": precision.label, "kernels_note": precision.note,
-                      "weight_bytes_per_device": need,
-                      "weights_per_device": format_bytes(need), "budget_per_device": budget,
-                      "devices": [d.name for d in devices[:tp]], "fits": need <= budget},
-                     indent=2))
+    if args.nodes < 1:
+        raise ValueError(f"--nodes {args.nodes}: must be >= 1")
+    per_node = parse_devices(args.devices, args.device_memory)
+    precision = choose(model, per_node[0].kind)
+    out = {"model": model.path, "architecture": model.spec.architecture,
+           "dtype": precision.weights, "compute_dtype": precision.compute,
+           "kv_cache_dtype": precision.kv, "quantization": precision.quantization,
+           "kernels": precision.label, "kernels_note": precision.note,
+           **_stage_plan(model, parallel, per_node, args.nodes, precision)}
+    if not out["fits"]:
+        out["smallest_that_fits"] = _smallest_fit(model, per_node, args.nodes, precision)
+    print(json.dumps(out, indent=2))
+
+
+def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, nodes: int,
+                precision) -> dict:
+    """Bytes per device of each pipeline stage at ``parallel`` on ``nodes`` machines of
+    ``per_node`` devices: stage ``s`` takes devices ``s*tp .. (s+1)*tp - 1`` in node order,
+    and a tp group never straddles two machines."""
+    from shardserve.planner.memory import format_bytes, kv_bytes_per_token, weight_bytes_per_device
+
+    spec, tp, pp = model.spec, parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    dpn, budget = len(per_node), per_node[0].memory_budget
+    placed = tp <= dpn and dpn % tp == 0 and tp * pp <= nodes * dpn
+    stages = []
+    for st in parallel.stages(spec):
+        need = weight_bytes_per_device(spec, tp, precision.weights, precision.compute,
+                                       precision.quantization, st)
+        row = {"stage": st.index, "layers": [st.start, st.stop - 1],
+               "weight_bytes_per_device": need, "weights_per_device": format_bytes(need),
+               "fits": need <= budget}
+        if not model.is_encoder:
+            per_token = kv_bytes_per_token(spec, tp, precision.kv, st)
+            row["kv_bytes_per_token"] = per_token
+            row["kv_tokens_that_fit"] = max(0, budget - need) // per_token
+        if placed:
+            first = st.index * tp
+            row["node"] = first // dpn
+            row["devices"] = [f"node{(first + i) // dpn}/{per_node[(first + i) % dpn].name}"
+                              for i in range(tp)]
+        stages.append(row)
+    why = "" if placed else (
+        f"tp={tp} x pp={pp} does not place on {nodes} node(s) of {dpn} devices (a tp group "
+        "stays inside one node: tp must divide the devices per node)")
+    return {"tp": tp, "pp": pp, "nodes_used": -(-tp * pp // dpn) if placed else None,
+            "budget_per_device": budget, "stages": stages,
+            "weight_bytes_per_device": max(r["weight_bytes_per_device"] for r in stages),
+            "weights_per_device": stages[0]["weights_per_device"] if pp == 1 else
+            max(stages, key=lambda r: r["weight_bytes_per_device"])["weights_per_device"],
+            "devices": [d for r in stages for d in r.get("devices", [])],
+            "fits": placed and all(r["fits"] for r in stages), "placement_error": why}
+
+
+def _smallest_fit(model: ModelConfig, per_node: list, nodes: int, precision) -> dict | None:
+    """The plan with the fewest devices whose every stage fits (tensor parallel inside a
+    node first, then pipeline stages), or None when even every device of every node is not
+    enough."""
+    spec, dpn = model.spec, len(per_node)
+    tps = [t for t in range(1, dpn + 1) if dpn % t == 0 and spec.tp_ok(t)]
+    pps = [1] if model.is_encoder else range(1, spec.num_layers + 1)
+    options = sorted(((t, p) for t in tps for p in pps if t * p <= nodes * dpn),
+                     key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
+    for t, p in options:
+        plan = _stage_plan(model, ParallelConfig(t, p), per_node, nodes, precision)
+        if plan["fits"]:
+            return {k: plan[k] for k in ("tp", "pp", "nodes_used", "weight_bytes_per_device",
+                                         "weights_per_device")}
+    return None
 
 
 def _plan_repository(args: argparse.Namespace) -> None:
@@ -193,7 +252,7 @@ def _plan_repository(args: argparse.Namespace) -> None:
     plan = place({d.name: d.memory_budget for d in devices}, needs)
     print(json.dumps({
         "models": [{"name": n.name.rsplit("/", 1)[0], "replica": int(n.name.rsplit("/", 1)[1]),
-                    "tp": n.tp, "devices": plan.assigned[n.name],
+                    "tp": n.tp, "pp": n.pp, "devices": plan.assigned[n.name],
                     "kernels": labels[n.name.rsplit("/", 1)[0]],
                     "bytes_per_device": n.bytes_per_device,
                     "per_device": format_bytes(n.bytes_per_device)} for n in needs],

@@ -143,7 +143,9 @@ def build(init: CoreInit):
     model = ModelConfig(**init.model)
     devices = [Device(**{**d, "cores": tuple(d["cores"])}) for d in init.devices]
     precision = Precision(**init.precision) if init.precision else None
-    return LLMEngine(model, ParallelConfig(init.tp), devices, CacheConfig(**init.cache),
+    parallel = ParallelConfig(init.tp, init.pp, init.pipeline_split, init.executor,
+                              init.ray_address)
+    return LLMEngine(model, parallel, devices, CacheConfig(**init.cache),
                      SchedulerConfig(**init.scheduler), load_tokenizer(model), init.label,
                      init.step_timeout_s, precision)
 

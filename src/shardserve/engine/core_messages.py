@@ -32,6 +32,10 @@ class CoreInit:
     cpus: list[int] = field(default_factory=list)  # run the core here (empty: anywhere)
     log_level: int = 30  # the server's (logging.WARNING)
     precision: dict[str, Any] | None = None  # Precision's fields, as the host chose them
+    pp: int = 1  # pipeline stages (devices: tp x pp)
+    pipeline_split: str | None = None  # layers per stage ("5,3"); None: even
+    executor: str = "local"  # or "ray"
+    ray_address: str | None = None
 
 
 @dataclass

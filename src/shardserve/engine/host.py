@@ -6,6 +6,11 @@ worker left). Each replica's engine is supervised (``engine/supervisor.py``): a 
 is restarted on the same devices, so a deployment keeps its place in the plan through
 restarts. A model is ready while any replica is; ``pick`` sends requests to ready replicas
 only. An unload takes the model out of the table first (new requests: 404), then drains.
+
+A deployment on the Ray executor runs on the Ray cluster's nodes, not on this host's
+devices: it takes no place in the host's plan; Ray's placement groups place its ranks, each
+with the bytes per device the plan computed as its budget, and a restart waits for the
+cluster to have room again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from dataclasses import dataclass
 from shardserve.config import (
     DeploymentConfig,
     ModelConfig,
-    ParallelConfig,
 )
 from shardserve.engine.async_encoder import AsyncEncoder
 from shardserve.engine.async_engine import AsyncLLMEngine
@@ -101,26 +105,31 @@ class Deployment:
 def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precision) -> Need:
     """Bytes per device: weights (in their dtype), one step's activations, and a KV cache that
     holds ``max_num_seqs`` sequences of full length (activations in the compute dtype, the
-    cache in its own; encoders: weights and a batch's activations)."""
+    cache in its own; encoders: weights and a batch's activations). With pipeline stages,
+    the largest stage's need (every device of a replica gets the same budget)."""
     spec, dtype = model.spec, precision.compute
     check_architecture(spec.architecture)
-    ParallelConfig(cfg.tp).check_model(spec)
+    parallel = cfg.parallel_config()
+    parallel.check_model(spec)
     if model.is_encoder != (cfg.kind == "encoder"):
         what, kind = ("an encoder", "encoder") if model.is_encoder else ("generative", "llm")
         raise ValueError(f"{cfg.name}: model.yaml says kind {cfg.kind!r} but "
                          f"{spec.architecture} is {what}; set kind: {kind}")
-    weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
-                                      precision.quantization)
     if model.is_encoder:
+        weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
+                                          precision.quantization)
         per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size // cfg.tp) * 4
         act = cfg.max_batch_size * model.context_len * per_token
         return Need(cfg.name, cfg.tp, weights + act)
     act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
                            cfg.max_num_seqs)
     block = cfg.block_size
-    blocks = cfg.max_num_seqs * -(-model.context_len // block)
-    kv = blocks * block * kv_bytes_per_token(spec, cfg.tp, precision.kv)
-    return Need(cfg.name, cfg.tp, weights + act + kv)
+    tokens = cfg.max_num_seqs * -(-model.context_len // block) * block
+    need = max(weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
+                                       precision.quantization, st)
+               + act + tokens * kv_bytes_per_token(spec, cfg.tp, precision.kv, st)
+               for st in parallel.stages(spec))
+    return Need(cfg.name, cfg.tp, need, cfg.pp)
 
 
 def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],
@@ -128,7 +137,7 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
                    precision: Precision) -> AsyncLLMEngine | AsyncEncoder:
     """Start one replica's supervised engine on ``devices``; ``key`` labels its processes.
     An LLM's engine core runs on ``spare_cores`` (if any: the cores no device has)."""
-    parallel, policy = ParallelConfig(cfg.tp), RestartPolicy(max_restarts=cfg.max_restarts)
+    parallel, policy = cfg.parallel_config(), RestartPolicy(max_restarts=cfg.max_restarts)
     if model.is_encoder:
         def encoder() -> EncoderEngine:
             return EncoderEngine(model, parallel, devices,
@@ -139,9 +148,9 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
         return AsyncEncoder(encoder, cfg.max_batch_size, cfg.max_queue_delay_ms,
                             cfg.preferred_batch_sizes, cfg.name, policy)
 
-    return AsyncLLMEngine.spawn(model, devices[:cfg.tp], cfg.cache_config(),
+    return AsyncLLMEngine.spawn(model, devices[:parallel.world_size], cfg.cache_config(),
                                 cfg.scheduler_config(), cfg.name, key, tokenizer, policy,
-                                cfg.step_timeout_s, spare_cores, precision)
+                                cfg.step_timeout_s, spare_cores, precision, parallel)
 
 
 class ModelHost:
@@ -164,15 +173,23 @@ class ModelHost:
             need = deployment_need(cfg, model, precision)
             tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
             keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
-            place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
-                  self.plan)  # every replica fits, or none is placed
+            on_ray = cfg.executor == "ray"
+            if not on_ray:
+                place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
+                      self.plan)  # every replica fits, or none is placed
             replicas: list[Replica] = []
             try:
                 for key in keys:
-                    names = self.plan.assigned[key]
-                    devices = [dataclasses.replace(self.devices[n],
-                                                   memory_budget=need.bytes_per_device)
-                               for n in names]
+                    if on_ray:
+                        names = [f"ray:{key}:rank{r}" for r in range(need.num_devices)]
+                        devices = [Device("cpu", r, tuple(range(cfg.ray_cpus_per_device)),
+                                          need.bytes_per_device)
+                                   for r in range(need.num_devices)]
+                    else:
+                        names = self.plan.assigned[key]
+                        devices = [dataclasses.replace(self.devices[n],
+                                                       memory_budget=need.bytes_per_device)
+                                   for n in names]
                     replicas.append(Replica(_start_replica(cfg, model, devices, key, tokenizer,
                                                            self.spare_cores, precision), names))
             except BaseException as e:

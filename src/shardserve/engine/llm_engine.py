@@ -11,6 +11,11 @@ finish reasons), never whole outputs: the consumer builds those (``engine/reques
 in this process for ``LLM`` or in the API process for a served engine core. Text is decoded
 here only to match stop strings.
 
+With pipeline parallelism the engine keeps up to ``pp`` batches in flight (micro-batches,
+as vLLM's virtual engines): ``step()`` sends new batches of the sequences no in-flight batch
+holds while there is room, then takes the oldest batch's output, so every stage has work.
+At pp=1 that is one batch at a time, as before.
+
 A request's failure is that request's: a sequence the sampler could not serve, or whose
 postprocessing raised, ends its request with an error and the batch goes on; a step the
 workers raised on (with every rank still answering) fails the requests of that step only.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from shardserve.config import (
@@ -39,6 +45,7 @@ from shardserve.engine.sequence import Sequence
 from shardserve.engine.validation import check_generation
 from shardserve.planner.memory import (
     activation_bytes,
+    check_stages_fit,
     format_bytes,
     kv_blocks,
     kv_bytes_per_token,
@@ -90,8 +97,18 @@ class LLMEngine:
         self.eos_ids = model.eos_token_ids
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler, precision)
         log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
-        self.executor = Executor(model, devices, label, step_timeout_s, self.precision.compute,
-                                 kv_cache_dtype=self.precision.kv)
+        split = [st.num_layers for st in parallel.stages(model.spec)]
+        kwargs = {}
+        executor_cls = Executor
+        if parallel.executor == "ray":
+            from shardserve.runtime.ray_executor import RayExecutor
+
+            executor_cls, kwargs = RayExecutor, {"address": parallel.ray_address}
+        self.executor = executor_cls(model, devices, label, step_timeout_s,
+                                     self.precision.compute, kv_cache_dtype=self.precision.kv,
+                                     tp=parallel.tensor_parallel_size,
+                                     pipeline_split=tuple(split) if len(split) > 1 else None,
+                                     **kwargs)
         try:
             self.executor.collective_rpc("allocate_kv_cache", num_blocks=num_blocks,
                                          block_size=cache.block_size)
@@ -106,6 +123,9 @@ class LLMEngine:
         self._on_workers: set[str] = set()  # seq ids workers hold any state for (RNG too)
         self._finished_ids: list[str] = []  # to tell the workers with the next step
         self._arrivals = 0
+        self.depth = parallel.pipeline_parallel_size  # batches in flight
+        self._inflight: deque[tuple[SchedulerOutput, StepInput, float]] = deque()
+        self._busy: set[str] = set()  # seq ids of the batches in flight
         self.stats = EngineStats()
 
     def _plan(self, model: ModelConfig, parallel: ParallelConfig,
@@ -116,22 +136,30 @@ class LLMEngine:
         devices, weights, self.precision = devices_for(model, parallel, device, precision)
         spec, dtype, kv = model.spec, self.precision.compute, self.precision.kv
         tp, budget = parallel.tensor_parallel_size, devices[0].memory_budget
+        stages = parallel.stages(spec)
+        stage_weights = check_stages_fit(spec, tp, stages, self.precision.weights, budget,
+                                         dtype, self.precision.quantization)
         act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)
-        free = budget - weights - act
+        # every stage holds the same blocks of its own layers: the tightest stage decides
+        frees = [budget - w - act for w in stage_weights]
+        fits = [kv_blocks(spec, tp, kv, cache.block_size, f, st)
+                for st, f in zip(stages, frees, strict=True)]
+        tight = min(range(len(stages)), key=lambda i: fits[i])
+        stage, free, fit, weights = stages[tight], frees[tight], fits[tight], stage_weights[tight]
         per_seq_blocks = -(-self.max_len // cache.block_size)
-        fit = kv_blocks(spec, tp, kv, cache.block_size, free)
         if cache.num_blocks is not None and cache.num_blocks > fit:
             raise ValueError(f"num_blocks={cache.num_blocks} does not fit: {fit} blocks fit in "
                              f"the {format_bytes(max(free, 0))} left per device")
         num_blocks = cache.num_blocks or min(fit, sched.max_num_seqs * per_seq_blocks)
         if cache.num_blocks is None and num_blocks < per_seq_blocks:
-            need = per_seq_blocks * cache.block_size * kv_bytes_per_token(spec, tp, kv)
+            need = per_seq_blocks * cache.block_size * kv_bytes_per_token(spec, tp, kv, stage)
+            where = f" of pipeline {stage.name}" if len(stages) > 1 else ""
             raise ValueError(
                 f"the KV cache of one {self.max_len}-token sequence needs {format_bytes(need)} "
-                f"per device, but {format_bytes(max(free, 0))} is left after "
+                f"per device{where}, but {format_bytes(max(free, 0))} is left after "
                 f"{format_bytes(weights)} of weights and {format_bytes(act)} of activations; "
                 "lower --max-model-len or --max-num-batched-tokens, or raise --device-memory")
-        return num_blocks, devices[:tp]
+        return num_blocks, devices[:parallel.world_size]
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -185,26 +213,29 @@ class LLMEngine:
                 self._finished_ids.extend(ids)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._inflight)
 
     # -- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
-        """Schedule, execute, postprocess: one batch. Returns a delta for every request the
-        step changed."""
-        t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
+        """Send batches while fewer than ``depth`` are in flight and some sequence is free to
+        run, then take the oldest batch's output and postprocess it. Returns a delta for every
+        request that output changed."""
+        while len(self._inflight) < self.depth and self._submit():
+            pass
+        if not self._inflight:
             return []
-        inp = self._step_input(sched)
+        sched, inp, t0 = self._inflight.popleft()
         t1 = time.perf_counter()
         try:
-            out = self.executor.execute_step(inp)
+            out = self.executor.next_output()
         except RemoteError as e:  # the group is fine; this batch's requests are not
+            self._busy.difference_update(inp.req_ids)
             self._finished_ids.extend(inp.finished_ids)  # the workers may not have seen them
             outputs = self._fail_step(sched, str(e))
             self._release_if_idle()
             return outputs
         t2 = time.perf_counter()
+        self._busy.difference_update(inp.req_ids)
         outputs = self._postprocess(sched, out)
         self._release_if_idle()
         s = self.stats
@@ -212,8 +243,21 @@ class LLMEngine:
         s.step_seconds += t2 - t1
         s.worker_seconds += out.worker_seconds
         s.comm_seconds += out.comm_seconds
-        s.schedule_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        s.schedule_seconds += t0 + (time.perf_counter() - t2)
         return outputs
+
+    def _submit(self) -> bool:
+        """Schedule a batch of the sequences no batch in flight holds, and send it."""
+        t0 = time.perf_counter()
+        cap = -(-self.scheduler.config.max_num_seqs // self.depth)
+        sched = self.scheduler.schedule(self._busy, cap if self.depth > 1 else None)
+        if not sched.scheduled:
+            return False
+        inp = self._step_input(sched)
+        self._busy.update(inp.req_ids)
+        self.executor.submit_step(inp)
+        self._inflight.append((sched, inp, time.perf_counter() - t0))
+        return True
 
     def _step_input(self, sched: SchedulerOutput) -> StepInput:
         inp = StepInput(finished_ids=self._finished_ids,
@@ -247,6 +291,8 @@ class LLMEngine:
     def _postprocess(self, sched: SchedulerOutput, out: StepOutput) -> list[RequestDelta]:
         for item in sched.scheduled:
             seq = item.seq
+            if seq.finished:  # aborted while its batch was in flight
+                continue
             seq.num_computed += item.num_tokens
             if self.blocks.has_new_full_blocks(seq.seq_id, seq.num_computed):
                 self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)

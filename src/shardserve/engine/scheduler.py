@@ -8,6 +8,10 @@ and it goes back to the front of the queue, to be recomputed later from its toke
 caching usually gives most of them back). Then, if nothing was preempted, waiting sequences
 are admitted in order while the budget, ``max_num_seqs`` and the cache allow, each taking the
 longest cached prefix of its tokens first.
+
+With several batches in flight (pipeline parallelism), a step skips the sequences another
+in-flight batch holds (``busy``) and takes at most ``max_seqs`` of them, so the running
+sequences spread over the micro-batches; a preemption victim is never a busy sequence.
 """
 
 from __future__ import annotations
@@ -55,20 +59,26 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: set[str] | frozenset[str] = frozenset(),
+                 max_seqs: int | None = None) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        cap = max_seqs or self.config.max_num_seqs
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
         if not out.preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, cap)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, busy, cap: int) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
+            if seq.seq_id in busy:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
-                victim = self.running.pop()
+                victim = next(s for s in reversed(self.running) if s.seq_id not in busy)
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -79,9 +89,10 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
         bs = self.blocks.block_size
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                and len(out.scheduled) < cap:
             seq = self.waiting[0]
             tokens = seq.token_ids
             hits = self.blocks.match_prefix(tokens, seq.cache_salt)

@@ -2,7 +2,10 @@
 
 Differences are data in ``TransformerSpec``: Qwen2's QKV bias, Mistral's sliding window,
 Llama-3's RoPE scaling, tied embeddings, grouped-query attention. No rank arithmetic here:
-the parallel layers own their sharding.
+the parallel layers own their sharding. A pipeline stage (``planner/partition.py``) builds
+only its own layers (the others are empty placeholders, so parameter names stay the
+checkpoint's), the embedding on the first stage and the norm and head on the last; a stage
+before the last returns its hidden state and residual for the next.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from shardserve.layers.linear import (
 )
 from shardserve.layers.norm import RMSNorm
 from shardserve.layers.rotary import RotaryEmbedding
+from shardserve.planner.partition import Stage
 from shardserve.planner.specs import TransformerSpec
 from shardserve.runtime.group import Group
 
@@ -79,21 +83,36 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class MissingLayer(nn.Module):
+    """A decoder layer another pipeline stage holds: no parameters, never called."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, spec: TransformerSpec, max_len: int, group: Group) -> None:
+    def __init__(self, spec: TransformerSpec, max_len: int, group: Group,
+                 stage: Stage) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, group)
+        self.stage = stage
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, group) \
+            if stage.is_first else None
         rotary = RotaryEmbedding(spec.head_dim, max_len, spec.rope)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(spec, i, rotary, group) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+            LlamaDecoderLayer(spec, i, rotary, group) if stage.holds_layer(i) else MissingLayer()
+            for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if stage.is_last else None
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """ids, positions: (N,) -> hidden states (N, H)."""
-        x, residual = self.embed_tokens(ids), None
-        for layer in self.layers:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                carried: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, positions: (N,) -> hidden states (N, H) on the last stage; on the others
+        ``(2, N, H)``: the hidden state and residual the next stage starts from (``carried``
+        there)."""
+        if self.stage.is_first:
+            x, residual = self.embed_tokens(ids), None
+        else:
+            x, residual = carried[0], carried[1]
+        for layer in self.layers[self.stage.start:self.stage.stop]:
             x, residual = layer(positions, x, residual, meta)
+        if not self.stage.is_last:
+            return torch.stack((x, residual))
         return self.norm(x, residual)[0]
 
 
@@ -108,22 +127,42 @@ class LlamaForCausalLM(nn.Module):
     }
     ignored_weights = ("rotary_emb.inv_freq",)
 
-    def __init__(self, spec: TransformerSpec, max_len: int, group: Group) -> None:
+    def __init__(self, spec: TransformerSpec, max_len: int, group: Group,
+                 stage: Stage | None = None) -> None:
         super().__init__()
-        self.model = LlamaModel(spec, max_len, group)
-        tied = self.model.embed_tokens if spec.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, group, tied)
+        self.stage = stage = stage or Stage.whole(spec.num_layers)
+        self.model = LlamaModel(spec, max_len, group, stage)
         self.tied_weights: dict[str, str] = {}
-        if tied is not None:
-            self.tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+        self.weight_aliases: dict[str, str] = {}  # checkpoint name -> our parameter
+        self.lm_head = None
+        if stage.is_last:
+            tied = self.model.embed_tokens if spec.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, group, tied)
+            if tied is not None:
+                self.tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}
+            elif spec.tie_word_embeddings:  # the first stage holds the embedding: read a copy
+                self.weight_aliases = {"model.embed_tokens.weight": "lm_head.weight"}
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(ids, positions, meta)
+    def holds_weight(self, name: str) -> bool:
+        """Whether this stage reads checkpoint tensor ``name`` (the loader skips the rest)."""
+        st = self.stage
+        if name.startswith("model.layers."):
+            return st.holds_layer(int(name.split(".")[2]))
+        if name.startswith("model.embed_tokens."):
+            return st.is_first or bool(self.weight_aliases)
+        if name.startswith(("model.norm.", "lm_head.")):
+            return st.is_last
+        return True
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                carried: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(ids, positions, meta, carried)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(B, H) -> (B, V) on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        """This stage's attention layers (their KV cache lives here)."""
+        st = self.stage
+        return [layer.self_attn.attn for layer in self.model.layers[st.start:st.stop]]

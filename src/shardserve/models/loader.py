@@ -75,7 +75,8 @@ def checkpoint_files(folder: str) -> dict[str, str]:
 
 def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats:
     """Fill every parameter of ``model`` from the checkpoint in ``folder``; raise on a missing
-    or unexpected tensor.
+    or unexpected tensor. A model that holds only part of the checkpoint (a pipeline stage)
+    says which tensors it reads (``holds_weight``); the others are never opened.
 
     A module's ``process_weights_after_loading`` (packing, quantization) runs as soon as its
     own parameters are all read, so each layer's full-precision copy is freed as loading goes
@@ -85,21 +86,23 @@ def load_weights(model: nn.Module, folder: str, dtype: torch.dtype) -> LoadStats
     packed = getattr(model, "packed_modules_mapping", {})
     ignored = getattr(model, "ignored_weights", ())
     tied: dict[str, str] = getattr(model, "tied_weights", {})
+    aliases: dict[str, str] = getattr(model, "weight_aliases", {})
+    holds = getattr(model, "holds_weight", lambda name: True)
     loaded: set[str] = set()
     shards: set[tuple[str, object]] = set()  # (merged parameter, shard) pairs filled
     by_file: dict[str, list[str]] = {}
     remaining: dict[str, int] = {}  # parameter -> checkpoint tensors still to read into it
     for name, path in checkpoint_files(folder).items():
-        if any(s in name for s in ignored):
+        if any(s in name for s in ignored) or not holds(name):
             continue
         by_file.setdefault(path, []).append(name)
-        target = _map_name(name, packed)[0]
+        target = _map_name(name, packed, aliases)[0]
         remaining[target] = remaining.get(target, 0) + 1
     hooks = _Hooks(model, tied, remaining)
     for path, names in by_file.items():
         with safe_open(path, framework="pt") as f:
             for name in names:
-                target, shard_id = _map_name(name, packed)
+                target, shard_id = _map_name(name, packed, aliases)
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} ({Path(path).name}) matches no "
                                      f"parameter of {type(model).__name__}")
@@ -159,7 +162,10 @@ class _Hooks:
         self.pending.clear()
 
 
-def _map_name(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+def _map_name(name: str, packed: dict[str, tuple[str, object]],
+              aliases: dict[str, str] | None = None) -> tuple[str, object]:
+    if aliases and name in aliases:
+        return aliases[name], None
     for part, (merged, shard_id) in packed.items():
         if f".{part}." in name:
             return name.replace(f".{part}.", f".{merged}."), shard_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from shardserve.planner.partition import Stage
 from shardserve.planner.specs import (
     DTYPE_BYTES,
     QUANTIZATION_BYTES,
@@ -61,18 +62,29 @@ def _widths(spec: TransformerSpec, tp: int) -> tuple[int, int, int, int]:
             shard(spec.intermediate_size, tp), shard(spec.vocab_size, tp))
 
 
-def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> int:
-    """Parameter count one tensor-parallel rank holds."""
+def _stage(spec: TransformerSpec, stage: Stage | None) -> Stage:
+    return stage or Stage.whole(spec.num_layers)
+
+
+def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
+                             stage: Stage | None = None) -> int:
+    """Parameter count one tensor-parallel rank (of pipeline ``stage``, default the whole
+    model) holds: its decoder layers, the embedding on the first stage, the final norm and LM
+    head on the last (a tied head shares the embedding only when one stage holds both)."""
     if isinstance(spec, EncoderSpec):
         return _encoder_params_per_device(spec, tp)
+    st = _stage(spec, stage)
     h = spec.hidden_size
     q, kv, i, vocab_rows = _widths(spec, tp)
     attn = (q + 2 * kv) * h + h * q + (q + 2 * kv if spec.qkv_bias else 0)
     mlp = 3 * i * h
     norms = 2 * h
     vocab = vocab_rows * h
-    lm_head = 0 if spec.tie_word_embeddings else vocab
-    return spec.num_layers * (attn + mlp + norms) + vocab + lm_head + h
+    embed = vocab if st.is_first else 0
+    head = vocab + h if st.is_last else 0
+    if st.is_first and st.is_last and spec.tie_word_embeddings:
+        head -= vocab
+    return st.num_layers * (attn + mlp + norms) + embed + head
 
 
 def _encoder_params_per_device(spec: EncoderSpec, tp: int) -> int:
@@ -89,46 +101,71 @@ def _encoder_params_per_device(spec: EncoderSpec, tp: int) -> int:
     return spec.num_layers * (attn + mlp) + emb + head
 
 
-def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int) -> int:
+def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
+                             stage: Stage | None = None) -> int:
     """Of those, the ones in vectors (norms, biases): held in the compute dtype when it
     differs from the weights' (``runtime/precision.py``)."""
     if isinstance(spec, EncoderSpec):
         return 0  # encoders hold everything in one dtype
+    st = _stage(spec, stage)
     q, kv, _, _ = _widths(spec, tp)
     bias = q + 2 * kv if spec.qkv_bias else 0
-    return spec.num_layers * (2 * spec.hidden_size + bias) + spec.hidden_size
+    return st.num_layers * (2 * spec.hidden_size + bias) + \
+        (spec.hidden_size if st.is_last else 0)
 
 
-def quantized_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int]:
+def quantized_params_per_device(spec: TransformerSpec, tp: int, stage: Stage | None = None
+                                ) -> tuple[int, int]:
     """``(weights, output features)`` of the layers weight-only quantization converts on one
     rank: every linear layer and the LM head (the embedding too when tied to it)."""
+    st = _stage(spec, stage)
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, tp)
-    weights = spec.num_layers * ((q + 2 * kv) * h + h * q + 3 * i * h) + vocab * h
-    outputs = spec.num_layers * ((q + 2 * kv) + h + 2 * i + h) + vocab
+    head = 1 if st.is_last else 0
+    weights = st.num_layers * ((q + 2 * kv) * h + h * q + 3 * i * h) + head * vocab * h
+    outputs = st.num_layers * ((q + 2 * kv) + h + 2 * i + h) + head * vocab
     return weights, outputs
 
 
 def weight_bytes_per_device(spec: TransformerSpec | EncoderSpec, tp: int, dtype: str,
                             vector_dtype: str | None = None,
-                            quantization: str | None = None) -> int:
-    """Bytes of weights one rank holds: matrices in ``dtype``, vectors (norms, biases) in
-    ``vector_dtype`` (default the same); with ``quantization`` the linear layers and LM head
-    in its bytes per weight plus a float32 scale per output feature."""
-    vectors = vector_params_per_device(spec, tp)
-    total = ((weight_params_per_device(spec, tp) - vectors) * DTYPE_BYTES[dtype]
+                            quantization: str | None = None,
+                            stage: Stage | None = None) -> int:
+    """Bytes of weights one rank (of ``stage``) holds: matrices in ``dtype``, vectors (norms,
+    biases) in ``vector_dtype`` (default the same); with ``quantization`` the linear layers
+    and LM head in its bytes per weight plus a float32 scale per output feature."""
+    vectors = vector_params_per_device(spec, tp, stage)
+    total = ((weight_params_per_device(spec, tp, stage) - vectors) * DTYPE_BYTES[dtype]
              + vectors * DTYPE_BYTES[vector_dtype or dtype])
     if quantization is None or isinstance(spec, EncoderSpec):
         return total
-    weights, outputs = quantized_params_per_device(spec, tp)
+    weights, outputs = quantized_params_per_device(spec, tp, stage)
     return (total - weights * DTYPE_BYTES[dtype]
             + weights * QUANTIZATION_BYTES[quantization] + outputs * 4)
 
 
-def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str) -> int:
-    """KV-cache bytes one token costs on one rank, over all layers."""
+def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str,
+                       stage: Stage | None = None) -> int:
+    """KV-cache bytes one token costs on one rank, over the layers of ``stage`` (all)."""
     kv = local_kv_heads(spec.num_kv_heads, tp) * spec.head_dim
-    return 2 * spec.num_layers * kv * DTYPE_BYTES[dtype]
+    return 2 * _stage(spec, stage).num_layers * kv * DTYPE_BYTES[dtype]
+
+
+def check_stages_fit(spec: TransformerSpec, tp: int, stages: list[Stage], dtype: str,
+                     budget: int, vector_dtype: str | None = None,
+                     quantization: str | None = None) -> list[int]:
+    """Weight bytes per device of each stage; ``ValueError`` naming the first stage whose
+    weights exceed ``budget``, with its bytes and the budget."""
+    needs = [weight_bytes_per_device(spec, tp, dtype, vector_dtype, quantization, st)
+             for st in stages]
+    for st, need in zip(stages, needs, strict=True):
+        if need > budget:
+            raise ValueError(
+                f"pipeline {st.name} needs {format_bytes(need)} ({need} bytes) of "
+                f"{quantization or dtype} weights per device at tp={tp}; the device budget "
+                f"is {format_bytes(budget)} ({budget} bytes); move layers off it (an "
+                "explicit pipeline split), raise tp or pp, or raise --device-memory")
+    return needs
 
 
 def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: int,
@@ -167,7 +204,7 @@ def activation_bytes(spec: TransformerSpec, tp: int, dtype: str, max_tokens: int
     return max_tokens * per_token + 2 * max_seqs * spec.vocab_size * 4
 
 
-def kv_blocks(spec: TransformerSpec, tp: int, dtype: str, block_size: int, free_bytes: int
-              ) -> int:
-    """KV-cache blocks that fit in ``free_bytes`` on one rank."""
-    return max(0, free_bytes // (kv_bytes_per_token(spec, tp, dtype) * block_size))
+def kv_blocks(spec: TransformerSpec, tp: int, dtype: str, block_size: int, free_bytes: int,
+              stage: Stage | None = None) -> int:
+    """KV-cache blocks that fit in ``free_bytes`` on one rank (of ``stage``)."""
+    return max(0, free_bytes // (kv_bytes_per_token(spec, tp, dtype, stage) * block_size))

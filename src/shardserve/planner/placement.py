@@ -1,7 +1,7 @@
 """Placement: which devices each deployment runs on, within every device's budget.
 
 Pure: device budgets and deployment needs in, a plan out. First fit, largest deployments
-first; each deployment takes the ``tp`` devices with the most memory left, so deployments
+first; each deployment takes the ``tp x pp`` devices with the most memory left, so deployments
 spread before they stack, and several small ones share a device when memory allows.
 """
 
@@ -16,7 +16,12 @@ from shardserve.planner.memory import format_bytes
 class Need:
     name: str
     tp: int
-    bytes_per_device: int
+    bytes_per_device: int  # on each of its devices (the largest pipeline stage's need)
+    pp: int = 1
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.pp
 
 
 @dataclass
@@ -38,19 +43,19 @@ def place(budgets: dict[str, int], needs: list[Need], plan: Plan | None = None) 
     fit and what would make it fit. The plan is unchanged when it raises."""
     plan = plan or Plan(dict(budgets))
     trial = Plan(plan.budgets, dict(plan.assigned), dict(plan.needs))
-    for need in sorted(needs, key=lambda n: -n.tp * n.bytes_per_device):
+    for need in sorted(needs, key=lambda n: -n.num_devices * n.bytes_per_device):
         if need.name in trial.assigned:
             raise ValueError(f"deployment {need.name!r} is already placed")
-        if need.tp > len(trial.budgets):
-            raise ValueError(f"{need.name!r} needs {need.tp} devices; there are "
+        if need.num_devices > len(trial.budgets):
+            raise ValueError(f"{need.name!r} needs {need.num_devices} devices; there are "
                              f"{len(trial.budgets)}")
         by_free = sorted(trial.budgets, key=lambda d: -trial.free(d))
-        chosen = by_free[:need.tp]
+        chosen = by_free[:need.num_devices]
         short = [d for d in chosen if trial.free(d) < need.bytes_per_device]
         if short:
             raise ValueError(
                 f"{need.name!r} needs {format_bytes(need.bytes_per_device)} on each of "
-                f"{need.tp} devices; the {need.tp} freest have "
+                f"{need.num_devices} devices; the {need.num_devices} freest have "
                 f"{', '.join(f'{d}: {format_bytes(trial.free(d))}' for d in chosen)} free; "
                 "unload a model, lower its max_num_seqs / max_model_len, or add devices")
         trial.assigned[need.name] = chosen

@@ -57,23 +57,30 @@ def devices_for(model: ModelConfig, parallel: ParallelConfig,
     it on). Returns every device, the weight bytes per device and the precision it runs in
     (``precision`` if the caller chose it already: an engine core, whose host did)."""
     from shardserve.models.registry import check_architecture
-    from shardserve.planner.memory import check_fits
+    from shardserve.planner.memory import check_fits, check_stages_fit
     from shardserve.runtime.precision import choose
 
     spec = model.spec
     check_architecture(spec.architecture)
     parallel.check_model(spec)
-    tp = parallel.tensor_parallel_size
+    tp, world = parallel.tensor_parallel_size, parallel.world_size
     if isinstance(device, DeviceConfig):
         devices = parse_devices(device.devices, device.device_memory)
     else:
         devices = device
-    if tp > len(devices):
-        raise ValueError(f"tensor_parallel_size={tp} needs {tp} devices; "
+    if world > len(devices):
+        what = f"tensor_parallel_size={tp}" if world == tp else \
+            f"tensor_parallel_size={tp} x pipeline_parallel_size={parallel.pipeline_parallel_size}"
+        raise ValueError(f"{what} needs {world} devices; "
                          f"{', '.join(d.name for d in devices)} are {len(devices)}")
     precision = precision or choose(model, devices[0].kind)
-    weights = check_fits(spec, tp, precision.weights, devices[0].memory_budget, len(devices),
-                         precision.compute, precision.quantization)
+    budget = devices[0].memory_budget
+    if parallel.pipeline_parallel_size > 1:
+        weights = max(check_stages_fit(spec, tp, parallel.stages(spec), precision.weights,
+                                       budget, precision.compute, precision.quantization))
+    else:
+        weights = check_fits(spec, tp, precision.weights, budget, len(devices),
+                             precision.compute, precision.quantization)
     return devices, weights, precision
 
 

@@ -1,8 +1,12 @@
 """Local executor: spawns one worker process per device of a group and talks to them over
 OS pipes with typed messages.
 
-A step goes to every rank at once; rank 0 answers. Every wait has a deadline and watches
-every rank's pipe, so the executor tells apart the two ways a call can go wrong:
+A step goes to every rank at once; rank 0 of the last pipeline stage (the driver; rank 0 at
+pp=1) answers. Several steps may be in flight (``submit_step`` / ``next_output``): each rank
+takes its messages in order, so while the last stage computes one micro-batch the first
+computes the next, and the answers come back in the order the steps went out. Every wait has
+a deadline and watches every rank's pipe, so the executor tells apart the two ways a call can
+go wrong:
 
 - ``RemoteError``: the workers raised an exception (a bad batch, a transient failure) and every
   rank still answers a ping: only this call failed, the group goes on.
@@ -19,6 +23,7 @@ socket ever listens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -27,6 +32,8 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -86,64 +93,137 @@ class _Worker:
 class Executor:
     """The processes of one device group. ``collective_rpc`` is the one control verb.
 
-    ``step_timeout_s`` bounds every step and call (a rank that has not answered by then is
-    hung); ``load_timeout_s`` bounds start-up. Calls are serialised by a lock, so a health
-    check from another thread never interleaves with a step."""
+    ``devices`` are ``tp x pp`` (``tp`` default: all of them, one stage): world rank ``r`` is
+    tp rank ``r % tp`` of stage ``r // tp``. ``step_timeout_s`` bounds every step and call
+    (a rank that has not answered by then is hung); ``load_timeout_s`` bounds start-up.
+    Calls are serialised by a lock, so a health check from another thread never interleaves
+    with a step, and none runs while steps are in flight."""
 
     def __init__(self, config: ModelConfig, devices: list[Device], label: str = "",
                  step_timeout_s: float = 300.0, compute_dtype: str | None = None,
                  load_timeout_s: float = 1800.0, shm_slot_bytes: int = 8 << 20,
-                 kv_cache_dtype: str | None = None) -> None:
-        self.config, self.devices = config, devices
-        self.step_timeout_s = step_timeout_s
-        self.grace_s = 10.0  # how long the peers of a rank that raised get to answer
-        self._lock = threading.Lock()
+                 kv_cache_dtype: str | None = None, tp: int | None = None,
+                 pipeline_split: tuple[int, ...] | None = None) -> None:
+        self._configure(config, devices, step_timeout_s, compute_dtype, shm_slot_bytes,
+                        kv_cache_dtype, tp, pipeline_split)
         rendezvous = tempfile.mkdtemp(prefix="shardserve-rdv-")  # mode 0700
-        shm_path = None
-        if len(devices) > 1 and devices[0].kind == "cpu" and shm.supported():
-            shm_path = shm.create(len(devices), shm_slot_bytes)
+        shm_paths: list[str | None] = [None] * self.pp  # one exchange per stage's tp group
+        if self.tp > 1 and devices[0].kind == "cpu" and shm.supported():
+            shm_paths = [shm.create(self.tp, shm_slot_bytes) for _ in range(self.pp)]
+        self._cleanups.extend(functools.partial(_unlink, p) for p in shm_paths)
         label = label or os.path.basename(os.path.normpath(config.path))
-        self.workers = [_Worker(rank, d, label) for rank, d in enumerate(devices)]
-        self._finalizer = weakref.finalize(self, _stop, list(self.workers), shm_path)
+        try:
+            self.workers.extend(_Worker(rank, d, label) for rank, d in enumerate(devices))
+            self._start(lambda w: self._worker_init(
+                w, os.path.join(rendezvous, "store"), shm_paths[w.rank // self.tp]),
+                load_timeout_s)
+        finally:
+            shutil.rmtree(rendezvous, ignore_errors=True)  # the group has formed, or failed
+            for path in shm_paths:  # every rank has it mapped now; nothing else may open it
+                _unlink(path)
+
+    def _configure(self, config: ModelConfig, devices: list[Device], step_timeout_s: float,
+                   compute_dtype: str | None, shm_slot_bytes: int, kv_cache_dtype: str | None,
+                   tp: int | None, pipeline_split: tuple[int, ...] | None) -> None:
+        """What every executor knows before its workers start."""
+        self.config, self.devices = config, devices
+        self.tp = tp or len(devices)
+        if len(devices) % self.tp:
+            raise ValueError(f"{len(devices)} devices do not make stages of tp={self.tp}")
+        self.pp = len(devices) // self.tp
+        self.driver = (self.pp - 1) * self.tp  # the rank that answers steps
+        self.step_timeout_s = step_timeout_s
+        self.grace_s = 3.0  # how long the peers of a rank that raised get to answer
+        self.compute_dtype, self.kv_cache_dtype = compute_dtype, kv_cache_dtype
+        self.shm_slot_bytes, self.pipeline_split = shm_slot_bytes, pipeline_split
+        self._lock = threading.Lock()
+        self._start_counting()
+        self.workers: list = []
+        self._cleanups: list[Callable[[], None]] = []  # run once the workers are stopped
+        self._finalizer = weakref.finalize(self, _stop, self.workers, self._cleanups)
+
+    def _worker_init(self, w, store_path: str, shm_path: str | None,
+                     cores: list[int] | None = None) -> WorkerInit:
+        cfg, split = self.config, self.pipeline_split
+        return WorkerInit(
+            rank=w.rank, world_size=len(self.devices), store_path=store_path,
+            device_kind=w.device.kind, device_index=w.device.index,
+            cores=list(w.device.cores) if cores is None else cores,
+            memory_budget=w.device.memory_budget, model_path=os.path.abspath(cfg.path),
+            dtype=cfg.torch_dtype_name, compute_dtype=self.compute_dtype or cfg.torch_dtype_name,
+            max_model_len=cfg.context_len, quantization=cfg.quantization, shm_path=shm_path,
+            shm_slot_bytes=self.shm_slot_bytes, kv_cache_dtype=self.kv_cache_dtype, tp=self.tp,
+            pipeline_split=list(split) if split else None,
+            num_threads=max(1, len(w.device.cores)))
+
+    def _start(self, init_for: Callable[[Any], WorkerInit], timeout_s: float) -> None:
+        """Send each worker its ``WorkerInit``; wait until every rank has loaded."""
         try:
             for w in self.workers:
-                w.send(WorkerInit(
-                    rank=w.rank, world_size=len(devices),
-                    store_path=os.path.join(rendezvous, "store"), device_kind=w.device.kind,
-                    device_index=w.device.index, cores=list(w.device.cores),
-                    memory_budget=w.device.memory_budget,
-                    model_path=os.path.abspath(config.path), dtype=config.torch_dtype_name,
-                    compute_dtype=compute_dtype or config.torch_dtype_name,
-                    max_model_len=config.context_len, quantization=config.quantization,
-                    shm_path=shm_path,
-                    shm_slot_bytes=shm_slot_bytes, kv_cache_dtype=kv_cache_dtype))
-            self.load_stats = self._gather_all(load_timeout_s, what="loading")
+                w.send(init_for(w))
+            self.load_stats = self._gather_all(timeout_s, what="loading")
         except BaseException:
             self._kill()  # others may be stuck joining the group
             raise
-        finally:
-            shutil.rmtree(rendezvous, ignore_errors=True)  # the group has formed, or failed
-            _unlink(shm_path)  # every rank has it mapped now; nothing else may open it
+
+    def _start_counting(self) -> None:
+        self._inflight: deque[int] = deque()  # numbers of the steps sent and not answered
+        self._sent = 0  # steps sent so far (every rank numbers them alike)
+        self._step_errors: dict[int, tuple[_Worker, Error]] = {}  # from non-driver ranks
+        self._ping_owed = False  # a step failed while others were in flight
 
     # -- calls -----------------------------------------------------------------------------
     def collective_rpc(self, method: str, **kwargs: Any) -> list[Any]:
         """Run an allowed worker method on every rank; one result per rank."""
-        with self._lock, self._stop_on_failure():
-            for w in self.workers:
-                w.send(Call(method, kwargs))
-            return self._gather_all(self.step_timeout_s, what=method)
+        with self._lock:
+            self._check_idle(method)
+            with self._stop_on_failure():
+                return self._call(method, kwargs)
+
+    def _call(self, method: str, kwargs: dict[str, Any]) -> list[Any]:
+        for w in self.workers:
+            w.send(Call(method, kwargs))
+        return self._gather_all(self.step_timeout_s, what=method)
 
     def execute_step(self, step: StepInput) -> StepOutput:
-        with self._lock, self._stop_on_failure():
+        """Run one step and return its answer (nothing else may be in flight)."""
+        with self._lock:
+            self._check_idle("a step")
+        self.submit_step(step)
+        return self.next_output()
+
+    def submit_step(self, step: StepInput) -> None:
+        """Send a step to every rank without waiting for its answer."""
+        with self._lock, self._stop_on_failure(quiet=not self._inflight):
             for w in self.workers:
                 w.send(step)
-            return self._wait_rank0()
+            self._inflight.append(self._sent)
+            self._sent += 1
+
+    def next_output(self) -> StepOutput:
+        """The answer to the oldest step in flight; ``RemoteError`` if it failed there."""
+        with self._lock, self._stop_on_failure(quiet=False):
+            if not self._inflight:
+                raise RuntimeError("no step is in flight")
+            try:
+                return self._wait_step(self._inflight.popleft())
+            finally:
+                if self._ping_owed and not self._inflight:
+                    self._ping_owed = False
+                    self._ping(self.grace_s)
+
+    @property
+    def steps_in_flight(self) -> int:
+        return len(self._inflight)
 
     def check_health(self, timeout_s: float) -> None:
         """Raise ``WorkerError`` if a rank has died or does not answer a ping within
-        ``timeout_s``; safe from any thread (skipped while a call runs)."""
+        ``timeout_s``; safe from any thread (skipped while a call or step runs)."""
         if not self._lock.acquire(blocking=False):
             return  # a step is running: its own deadline (and its pipes' EOF) watch it
+        if self._inflight:
+            self._lock.release()
+            return
         try:
             with self._stop_on_failure():
                 self._ping(timeout_s)
@@ -183,14 +263,21 @@ class Executor:
             self.shutdown()
 
     # -- waiting ---------------------------------------------------------------------------
+    def _check_idle(self, what: str) -> None:
+        if self._inflight:
+            raise RuntimeError(f"{what} cannot run while {len(self._inflight)} steps are in "
+                               "flight; take their outputs first")
+
     @contextlib.contextmanager
-    def _stop_on_failure(self):
-        """A rank that died or hung leaves its peers mid-collective: stop them all at once."""
+    def _stop_on_failure(self, quiet: bool = True):
+        """A rank that died or hung leaves its peers mid-collective: stop them all at once.
+        ``quiet``: no rank may have spoken since the last call (nothing is in flight)."""
         if not self.alive:
             raise WorkerError("this deployment's workers were stopped after a failure")
         try:
             self._check_alive()
-            self._check_quiet()
+            if quiet:
+                self._check_quiet()
             yield
         except WorkerError:
             self._kill()
@@ -229,33 +316,72 @@ class Executor:
             raise self._remote_error(errors[0], what)
         return [out[r].value for r in range(len(self.workers))]
 
-    def _wait_rank0(self) -> StepOutput:
-        """Rank 0's answer to a step. Other ranks never answer a step, so one that speaks has
-        failed; then the group is usable only if every rank answers a ping."""
+    def _wait_step(self, step: int) -> StepOutput:
+        """The driver's answer to ``step``. Other ranks never answer a step: one that speaks
+        has failed (its ``Error`` names the step). A failure on a rank that is not the driver
+        gives the driver ``grace_s`` to answer too (else it is stuck in a collective with the
+        failed rank); a late failure, for a step already answered, fails the group."""
         conns = {w.conn_in: w for w in self.workers}
-        ready = wait(list(conns), self.step_timeout_s)
-        if not ready:
-            raise WorkerError(f"{self.workers[0].name} did not finish a step within "
-                              f"{self.step_timeout_s:.0f}s: the group is hung")
-        answer, error = None, None
-        if self.workers[0].conn_in in ready:  # then also any peer that failed alongside it
-            ready += [c for c in wait(list(conns)[1:], 0) if c not in ready]
-        for conn in sorted(ready, key=lambda c: conns[c].rank):
-            msg = conns[conn].recv()
-            if conns[conn].rank == 0 and isinstance(msg, StepOutput):
-                answer = msg
-            elif error is None:
-                error = (conns[conn], msg if isinstance(msg, Error) else Error("out of turn"))
+        driver = self.workers[self.driver]
+        deadline = time.monotonic() + self.step_timeout_s
+        answer: StepOutput | None = None
+        driver_error: tuple[_Worker, Error] | None = None
+        while answer is None and driver_error is None:
+            ready = wait(list(conns), max(0.0, deadline - time.monotonic()))
+            if not ready:
+                if step in self._step_errors:
+                    remote = self._remote_error(self._step_errors.pop(step), "a step")
+                    raise WorkerError(f"{remote}; then {driver.name} got stuck in a "
+                                      "collective")
+                raise WorkerError(f"{driver.name} did not finish a step within "
+                                  f"{self.step_timeout_s:.0f}s: the group is hung")
+            if driver.conn_in in ready:  # then also any peer that failed alongside it
+                ready += [c for c in wait(list(conns), 0) if c not in ready]
+            for conn in sorted(ready, key=lambda c: conns[c].rank):
+                w = conns[conn]
+                msg = w.recv()
+                if w is driver and answer is None and driver_error is None:
+                    if isinstance(msg, StepOutput):
+                        answer = msg
+                    else:
+                        driver_error = (w, msg if isinstance(msg, Error) else
+                                        Error("out of turn", step=step))
+                    continue
+                err = msg if isinstance(msg, Error) else Error("out of turn", step=step)
+                at = err.step if err.step >= 0 else step
+                if at < step:
+                    raise WorkerError(f"{w.name} failed after its step was answered "
+                                      f"({err.message})")
+                self._step_errors.setdefault(at, (w, err))
+                if at == step:
+                    deadline = min(deadline, time.monotonic() + self.grace_s)
+        if driver_error is not None and step not in self._step_errors and \
+                driver_error[1].message.startswith("StageFailed"):
+            self._await_cause(step, conns)
+        error = self._step_errors.pop(step, None) or driver_error
         if error is None:
             return answer
         remote = self._remote_error(error, "a step")
-        if answer is None and error[0].rank != 0:  # rank 0 may yet answer, or be stuck
-            w = self.workers[0]
-            if not wait([w.conn_in], self.grace_s):
-                raise WorkerError(f"{remote}; then {w.name} got stuck in a collective")
-            w.recv()
-        self._ping(self.grace_s)
+        if self._inflight:  # the rest must be answered before a ping can be
+            self._ping_owed = True
+        else:
+            self._ping(self.grace_s)
         raise remote
+
+    def _await_cause(self, step: int, conns: dict) -> None:
+        """The driver says an earlier stage failed ``step``: wait briefly for that stage's
+        own error (the one worth reporting)."""
+        deadline = time.monotonic() + self.grace_s
+        others = [c for c in conns if conns[c].rank != self.driver]
+        while step not in self._step_errors:
+            ready = wait(others, max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return
+            for conn in ready:
+                msg = conns[conn].recv()
+                err = msg if isinstance(msg, Error) else Error("out of turn", step=step)
+                self._step_errors.setdefault(err.step if err.step >= 0 else step,
+                                             (conns[conn], err))
 
     def _check_quiet(self) -> None:
         """Before a call: no rank may have spoken since the last one. A late ``Error`` means a
@@ -279,7 +405,7 @@ class Executor:
 
     def _kill(self) -> None:
         if self._finalizer.detach() is not None:
-            _stop(self.workers, None, graceful=False)
+            _stop(self.workers, self._cleanups, graceful=False)
 
 
 def _unlink(path: str | None) -> None:
@@ -288,8 +414,7 @@ def _unlink(path: str | None) -> None:
             os.unlink(path)
 
 
-def _stop(workers: list[_Worker], shm_path: str | None, graceful: bool = True) -> None:
-    _unlink(shm_path)
+def _stop(workers: list, cleanups: list[Callable[[], None]], graceful: bool = True) -> None:
     for w in workers:
         try:
             if graceful:
@@ -306,3 +431,7 @@ def _stop(workers: list[_Worker], shm_path: str | None, graceful: bool = True) -
             w.proc.wait()
         for c in (w.conn_in, w.conn_out):
             c.close()
+    for cleanup in cleanups:
+        with contextlib.suppress(Exception):
+            cleanup()
+

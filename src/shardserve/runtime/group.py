@@ -29,7 +29,8 @@ class Group(Protocol):
 
 class TorchGroup:
     """One ``torch.distributed`` group. Sum all-reduce happens in place and returns ``x``.
-    With ``shm`` (CPU ranks on one host), tensors that fit a slot skip gloo."""
+    With ``shm`` (CPU ranks on one host), tensors that fit a slot skip gloo. ``rank`` is the
+    rank inside the group (a pipeline stage's tp group is a subgroup of the world)."""
 
     def __init__(self, pg: object, rank: int, size: int, shm: ShmExchange | None = None) -> None:
         self.pg, self.rank, self.size, self.shm = pg, rank, size, shm
@@ -77,7 +78,7 @@ class TorchGroup:
             import torch.distributed as dist
 
             parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-            dist.gather(x.contiguous(), parts, dst=0, group=self.pg)
+            dist.gather(x.contiguous(), parts, group=self.pg, group_dst=0)
         out = torch.cat(parts, dim=dim) if self.rank == 0 else None
         self.comm_seconds += time.perf_counter() - t0
         return out
@@ -87,6 +88,59 @@ class TorchGroup:
             import torch.distributed as dist
 
             dist.barrier(group=self.pg)
+
+
+class StageFailed(RuntimeError):
+    """The previous pipeline stage failed this step (its own rank reported why)."""
+
+
+class PipeLink:
+    """Hidden states between pipeline stages: this rank and the rank of the same tp index in
+    the previous and next stage (world ranks ``prev`` / ``next``; None at the ends).
+
+    A step's tensor has a shape both sides know from the step itself, so only its bytes
+    travel, plus one trailing element that says whether the sender failed: a stage that
+    raises still sends, and the next one raises ``StageFailed`` instead of waiting forever.
+    Sends are asynchronous (the next micro-batch starts while this one travels); a buffer is
+    kept until its send completes."""
+
+    def __init__(self, prev: int | None, next: int | None) -> None:
+        self.prev, self.next = prev, next
+        self.wait_seconds = 0.0  # in recv: transfer plus the time the previous stage took
+        self._sending: list[tuple[object, torch.Tensor]] = []
+
+    def send(self, x: torch.Tensor | None, numel: int, dtype: torch.dtype) -> None:
+        """``x`` (``numel`` elements of ``dtype``), or None to say this stage failed."""
+        import torch.distributed as dist
+
+        self._sending = [(w, b) for w, b in self._sending if not w.is_completed()]
+        buf = torch.empty(numel + 1, dtype=dtype)
+        if x is None:
+            buf.fill_(1)
+        else:
+            buf[:-1].copy_(x.reshape(-1))
+            buf[-1] = 0
+        self._sending.append((dist.isend(buf, self.next), buf))
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = torch.empty(numel + 1, dtype=dtype)
+        dist.recv(buf, self.prev)
+        self.wait_seconds += time.perf_counter() - t0
+        if buf[-1].item() != 0:
+            raise StageFailed("the previous pipeline stage failed this step")
+        return buf[:-1].view(shape)
+
+    def flush(self) -> None:
+        """Wait for every send in flight."""
+        for w, _ in self._sending:
+            w.wait()
+        self._sending.clear()
 
 
 class FakeGroup:

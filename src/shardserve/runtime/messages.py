@@ -76,6 +76,9 @@ class WorkerInit:
     shm_path: str | None = None  # shared-memory collectives file (CPU groups on one host)
     shm_slot_bytes: int = 0
     kv_cache_dtype: str | None = None  # of the KV cache (None: compute_dtype)
+    tp: int = 0  # ranks per pipeline stage (0: world_size, one stage)
+    pipeline_split: list[int] | None = None  # decoder layers per stage (None: even)
+    num_threads: int = 0  # threads when ``cores`` is empty (a Ray actor's CPU count)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Reply:
 class Error:
     message: str  # one line, safe to show a client: "ValueError: ..."
     detail: str = ""  # the traceback, for the server's log only
+    step: int = -1  # the step it answers (counted from 0 by every rank), -1 for a call
 
 
 @dataclass

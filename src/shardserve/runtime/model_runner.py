@@ -3,6 +3,11 @@
 Every rank runs the same step on its shard; logits are gathered on rank 0 only, and the rank-0
 runner samples. The runner keeps each sequence's tokens and block table across steps, so a
 step only carries new sequences in full and running ones as deltas.
+
+With pipeline parallelism (a ``stage`` and its ``PipeLink``) every rank of every stage still
+receives every step and keeps the same bookkeeping; a stage after the first takes its input
+from the previous stage instead of the embedding, a stage before the last hands its output
+on, and rank 0 of the last stage samples and answers.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from shardserve.layers.sampler import RowState, Sampler
 from shardserve.models.loader import LoadStats, load_weights
 from shardserve.models.registry import model_class
 from shardserve.planner.memory import format_bytes, kv_bytes_per_token
+from shardserve.planner.partition import Stage
 from shardserve.planner.specs import QUANTIZATION_BYTES
-from shardserve.runtime.group import Group
+from shardserve.runtime.group import Group, PipeLink
 from shardserve.runtime.messages import StepInput, StepOutput
 
 
@@ -50,23 +56,27 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, group: Group, device: torch.device,
                  budget: int, compute_dtype: str | None = None,
-                 kv_cache_dtype: str | None = None) -> None:
+                 kv_cache_dtype: str | None = None, stage: Stage | None = None,
+                 link: PipeLink | None = None) -> None:
         self.config, self.group, self.device, self.budget = config, group, device, budget
+        self.stage, self.link = stage or Stage.whole(config.spec.num_layers), link
+        self.answers = self.stage.is_last and group.rank == 0  # samples and answers steps
         self.dtype = getattr(torch, config.torch_dtype_name)  # the weights'
         self.compute_name = compute_dtype or config.torch_dtype_name
         self.compute = getattr(torch, self.compute_name)
         self.kv_name = kv_cache_dtype or self.compute_name
         self.kv_dtype = getattr(torch, self.kv_name)
         cls = model_class(config.spec.architecture)
+        args = (config.spec, config.context_len, group) + ((stage,) if stage else ())
         with _default_dtype(self.dtype), torch.device("meta"):
-            meta = _quantize(cls(config.spec, config.context_len, group), config.quantization)
+            meta = _quantize(cls(*args), config.quantization)
             need = _nbytes(meta, self.compute, config.quantization)
         if need > budget:
-            raise MemoryError(f"rank {group.rank}: weights need {format_bytes(need)}, the device "
-                              f"budget is {format_bytes(budget)}")
+            where = f"pipeline {stage.name}, " if stage else ""
+            raise MemoryError(f"{where}rank {group.rank}: weights need {format_bytes(need)}, "
+                              f"the device budget is {format_bytes(budget)}")
         with _default_dtype(self.dtype), device:
-            self.model = _quantize(cls(config.spec, config.context_len, group),
-                                   config.quantization)
+            self.model = _quantize(cls(*args), config.quantization)
         self.load_stats: LoadStats = load_weights(self.model, config.path, self.dtype)
         if self.compute != self.dtype:
             _mixed_precision(self.model, self.compute)
@@ -80,7 +90,8 @@ class ModelRunner:
     # -- control verbs ---------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
         """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer."""
-        per_token = kv_bytes_per_token(self.config.spec, self.group.size, self.kv_name)
+        per_token = kv_bytes_per_token(self.config.spec, self.group.size, self.kv_name,
+                                       self.stage)
         need = per_token * num_blocks * block_size
         if self.weight_bytes + need > self.budget:
             raise MemoryError(
@@ -110,7 +121,9 @@ class ModelRunner:
                 "cache_bytes": self.cache_bytes, "budget": self.budget,
                 "bytes_read": self.load_stats.bytes_read,
                 "largest_read": self.load_stats.largest_read,
-                "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs)}
+                "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs),
+                "stage": self.stage.index,
+                "pipe_wait_seconds": self.link.wait_seconds if self.link else 0.0}
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
@@ -127,7 +140,10 @@ class ModelRunner:
             pos = torch.arange(n, device=self.device)
             chunk = PrefillChunk(torch.zeros(1, dtype=torch.long, device=self.device), 0, n, n)
             meta = AttentionMetadata(pos, 0, None, None, [chunk])
-            logits = self.model.compute_logits(self.model(ids, pos, meta))  # rank 0 only
+            hidden = self._forward(ids, pos, meta)
+            if not self.stage.is_last:
+                return None
+            logits = self.model.compute_logits(hidden)  # rank 0 only
             return None if logits is None else logits.float().cpu().numpy()
         finally:
             for a, (k, v) in zip(layers, saved, strict=True):
@@ -164,20 +180,41 @@ class ModelRunner:
         order = self._order(inp)
         if not order:  # only releases
             return self._sample(order, [], None, self.group.comm_seconds, t0) \
-                if self.group.rank == 0 else None
+                if self.answers else None
         ids, positions, meta, last_rows = self._prepare(order)
         comm0 = self.group.comm_seconds
-        hidden = self.model(ids, positions, meta)
         for req_id, n in order:
             self.seqs[req_id].num_computed += n
+        hidden = self._forward(ids, positions, meta)
+        if not self.stage.is_last:
+            return None
         done = [i for i, (r, _) in enumerate(order)
                 if self.seqs[r].num_computed == len(self.seqs[r].tokens)]
         logits = None
         if done:
             logits = self.model.compute_logits(hidden[last_rows[done]])  # (B, V) on rank 0
-        if self.group.rank != 0:
+        if not self.answers:
             return None
         return self._sample(order, done, logits, comm0, t0)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """This stage's part of the forward pass: from the embedding or the previous stage,
+        to the final hidden states or the next stage. A stage that fails still tells the
+        next one, so no rank waits for a tensor that will never come."""
+        if self.link is None:
+            return self.model(ids, positions, meta)
+        shape = (2, ids.shape[0], self.config.spec.hidden_size)
+        try:
+            carried = None if self.stage.is_first else self.link.recv(shape, self.compute)
+            out = self.model(ids, positions, meta, carried)
+        except Exception:
+            if not self.stage.is_last:
+                self.link.send(None, 2 * shape[1] * shape[2], self.compute)
+            raise
+        if not self.stage.is_last:
+            self.link.send(out, out.numel(), self.compute)
+        return out
 
     def _apply_deltas(self, inp: StepInput) -> None:
         for req_id in inp.finished_ids:

@@ -60,8 +60,9 @@ def _trim_heap() -> None:
 def _setup_device(init: WorkerInit):
     import torch
 
-    os.sched_setaffinity(0, init.cores)
-    torch.set_num_threads(len(init.cores))
+    if init.cores:  # a Ray actor gets CPUs as a count; Ray places it, nothing pins it
+        os.sched_setaffinity(0, init.cores)
+    torch.set_num_threads(len(init.cores) or init.num_threads or 1)
     _keep_freed_memory()
     if init.device_kind == "cuda":
         torch.cuda.set_device(init.device_index)
@@ -69,40 +70,96 @@ def _setup_device(init: WorkerInit):
     return torch.device("cpu")
 
 
-def _join_group(init: WorkerInit):
+def _join_group(init: WorkerInit, store=None):
+    """This rank's tensor-parallel group and its link to the neighbouring pipeline stages.
+
+    World rank ``r`` is tp rank ``r % tp`` of stage ``r // tp``; each stage's tp ranks form a
+    subgroup (every rank creates every subgroup, in the same order, as torch.distributed
+    requires), and hidden states go from a rank to the same tp rank of the next stage."""
     import torch.distributed as dist
 
-    from shardserve.runtime.group import TorchGroup
+    from shardserve.runtime.group import PipeLink, TorchGroup
     from shardserve.runtime.shm import ShmExchange
 
-    if init.world_size > 1:
-        store = dist.FileStore(init.store_path, init.world_size)
-        backend = "nccl" if init.device_kind == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=init.rank,
-                                world_size=init.world_size, timeout=timedelta(minutes=5))
-        shm = None
-        if init.shm_path:
-            shm = ShmExchange(init.shm_path, init.rank, init.world_size, init.shm_slot_bytes)
-        return TorchGroup(dist.group.WORLD, init.rank, init.world_size, shm)
-    return TorchGroup(None, 0, 1)
+    tp = init.tp or init.world_size
+    if init.world_size == 1:
+        return TorchGroup(None, 0, 1), None
+    store = store or dist.FileStore(init.store_path, init.world_size)
+    backend = "nccl" if init.device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=init.rank,
+                            world_size=init.world_size, timeout=timedelta(minutes=5))
+    stage, tp_rank, pp = init.rank // tp, init.rank % tp, init.world_size // tp
+    pg = dist.group.WORLD
+    if pp > 1:
+        pgs = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None
+               for s in range(pp)]
+        pg = pgs[stage]
+    shm = None
+    if init.shm_path and tp > 1:
+        shm = ShmExchange(init.shm_path, tp_rank, tp, init.shm_slot_bytes)
+    group = TorchGroup(pg, tp_rank, tp, shm) if tp > 1 else TorchGroup(None, 0, 1)
+    link = None
+    if pp > 1:
+        link = PipeLink(init.rank - tp if stage > 0 else None,
+                        init.rank + tp if stage < pp - 1 else None)
+    return group, link
+
+
+class Worker:
+    """One rank. ``start`` joins the group and loads the shard; ``handle`` answers one message
+    (None: a step on a rank that does not answer steps). Both transports drive it: the local
+    executor's pipes (``serve``) and the Ray executor's actors (``runtime/ray_executor.py``).
+    An exception becomes an ``Error`` (steps count alike on every rank, so an error names
+    its step) and the worker keeps serving."""
+
+    def __init__(self) -> None:
+        self.runner = None
+        self.steps = 0
+
+    def start(self, init: WorkerInit, store=None) -> Reply | Error:
+        """``store``: a ``torch.distributed`` store to meet the group in (default: the
+        ``FileStore`` at ``init.store_path``)."""
+        try:
+            from shardserve.config import ModelConfig
+            from shardserve.planner.partition import split_layers
+            from shardserve.runtime.model_runner import ModelRunner
+
+            device = _setup_device(init)
+            group, link = _join_group(init, store)
+            config = ModelConfig(init.model_path, init.dtype, init.max_model_len,
+                                 init.quantization)
+            stage = None
+            if link is not None:
+                tp = init.tp or init.world_size
+                split = tuple(init.pipeline_split) if init.pipeline_split else None
+                stage = split_layers(config.spec.num_layers, init.world_size // tp,
+                                     split)[init.rank // tp]
+            self.runner = ModelRunner(config, group, device, init.memory_budget,
+                                      init.compute_dtype, init.kv_cache_dtype, stage, link)
+            _trim_heap()
+        except Exception as e:  # the caller reports why we could not start
+            return _error(e)
+        return Reply(self.runner.stats())
+
+    def handle(self, msg: object) -> object | None:
+        step = -1
+        try:
+            if isinstance(msg, StepInput):
+                step, self.steps = self.steps, self.steps + 1
+                return self.runner.step(msg)
+            if isinstance(msg, Call) and msg.method in _CALLS:
+                return Reply(getattr(self.runner, msg.method)(**msg.kwargs))
+            return Error(f"unknown message {type(msg).__name__}")
+        except Exception as e:
+            return _error(e, step)
 
 
 def serve(conn_in: Connection, conn_out: Connection) -> None:
-    init: WorkerInit = _decode(conn_in.recv_bytes())
-    try:
-        from shardserve.config import ModelConfig
-        from shardserve.runtime.model_runner import ModelRunner
-
-        device = _setup_device(init)
-        group = _join_group(init)
-        config = ModelConfig(init.model_path, init.dtype, init.max_model_len, init.quantization)
-        runner = ModelRunner(config, group, device, init.memory_budget, init.compute_dtype,
-                             init.kv_cache_dtype)
-        _trim_heap()
-    except Exception as e:  # report why we could not start, then exit
-        conn_out.send_bytes(_encode(_error(e)))
+    worker = Worker()
+    started = worker.start(_decode(conn_in.recv_bytes()))
+    conn_out.send_bytes(_encode(started))
+    if isinstance(started, Error):
         return
-    conn_out.send_bytes(_encode(Reply(runner.stats())))
     while True:
         try:
             msg = _decode(conn_in.recv_bytes())
@@ -110,22 +167,14 @@ def serve(conn_in: Connection, conn_out: Connection) -> None:
             return
         if isinstance(msg, Shutdown):
             return
-        try:
-            if isinstance(msg, StepInput):
-                out = runner.step(msg)
-                if out is not None:
-                    conn_out.send_bytes(_encode(out))
-            elif isinstance(msg, Call) and msg.method in _CALLS:
-                conn_out.send_bytes(_encode(Reply(getattr(runner, msg.method)(**msg.kwargs))))
-            else:
-                conn_out.send_bytes(_encode(Error(f"unknown message {type(msg).__name__}")))
-        except Exception as e:
-            conn_out.send_bytes(_encode(_error(e)))
+        reply = worker.handle(msg)
+        if reply is not None:
+            conn_out.send_bytes(_encode(reply))
 
 
-def _error(e: Exception) -> Error:
+def _error(e: Exception, step: int = -1) -> Error:
     first = (str(e).strip().splitlines() or [""])[0][:500]
-    return Error(f"{type(e).__name__}: {first}", "".join(traceback.format_exception(e)))
+    return Error(f"{type(e).__name__}: {first}", "".join(traceback.format_exception(e)), step)
 
 
 def main() -> None:
