@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The pinned CPU wheel first: with it installed, the package's torch range needs nothing more.
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 	# Build the native CPU kernels now; without a compiler this says so (PyTorch paths run).
 	$(BIN)/python -m shardserve.kernels || true
 	touch $@

@@ -256,3 +256,44 @@ def test_an_exception_in_the_abort_path_does_not_stop_the_loop():
 def test_a_first_start_that_fails_raises():
     with pytest.raises(ValueError, match="truncated"):
         _engine(Factory(fail_after=0))
+
+
+class StuckCore:
+    """A core that never finishes loading (a Ray cluster with no room for its placement
+    groups) until it is killed."""
+
+    pid = 0
+
+    def __init__(self):
+        self.killed = threading.Event()
+
+    def send(self, msg):
+        pass
+
+    def recv(self):
+        self.killed.wait()
+        raise EOFError
+
+    def exit_code(self, wait_s=0.0):
+        return -9 if self.killed.is_set() else None
+
+    def kill(self):
+        self.killed.set()
+
+    def reap(self, timeout_s=10.0):
+        pass
+
+
+def test_unloading_while_a_restart_waits_for_room_does_not_hang():
+    factory, cores = Factory(), []
+
+    def launch():
+        cores.append(ThreadCore(factory) if not cores else StuckCore())
+        return cores[-1]
+
+    engine = AsyncLLMEngine(launch, "m", FAST, answer_timeout_s=1.0)
+    factory.built[0].die = True  # the group fails; the restart's core never loads
+    _wait_for(lambda: len(cores) == 2)
+    t0 = time.monotonic()
+    engine.shutdown(0)
+    assert time.monotonic() - t0 < 2 and cores[1].killed.is_set()

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from shardserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from shardserve.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardserve.engine.core_client import CoreClient, Process
 from shardserve.engine.core_messages import Abort, AddRequest, CoreInit, CoreOutputs, RequestDelta
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest, RequestFailed
@@ -82,10 +82,20 @@ class AsyncLLMEngine:
         self._ack_ids = itertools.count()
         self._lock = threading.Lock()  # streams, acks and "closed", across threads
         self._closed = False
+        self._starting: Process | None = None  # a core still loading (after a failure)
 
         def start() -> CoreClient:
-            return CoreClient(launch(), self._on_outputs, self._on_lost,
-                              answer_timeout_s).start()
+            process = launch()
+            with self._lock:
+                self._starting, closed = process, self._closed
+            if closed:  # shut down meanwhile: this start fails at once
+                process.kill()
+            try:
+                return CoreClient(process, self._on_outputs, self._on_lost,
+                                  answer_timeout_s).start()
+            finally:
+                with self._lock:
+                    self._starting = None
 
         self._sup: Supervisor[CoreClient] = Supervisor(name, start,
                                                        policy or RestartPolicy())
@@ -95,18 +105,23 @@ class AsyncLLMEngine:
     def spawn(cls, model: ModelConfig, devices: list[Device], cache: CacheConfig,
               scheduler: SchedulerConfig, name: str, label: str, tokenizer=None,
               policy: RestartPolicy | None = None, step_timeout_s: float = 300.0,
-              cpus: list[int] | None = None, precision: Precision | None = None
-              ) -> AsyncLLMEngine:
-        """``model`` at tp = len(``devices``), its engine core a process of its own (on
+              cpus: list[int] | None = None, precision: Precision | None = None,
+              parallel: ParallelConfig | None = None) -> AsyncLLMEngine:
+        """``model`` on ``devices`` (``parallel``: tp x pp; default tp = len(``devices``)),
+        its engine core a process of its own (on
         ``cpus`` if given); ``label`` names the core and its workers for ``ps``.
         ``precision``, if the caller chose it, spares the core loading the kernels (and
         torch) to choose it again."""
         policy = policy or RestartPolicy()
-        init = CoreInit(_fields(model), len(devices), [_fields(d) for d in devices],
+        parallel = parallel or ParallelConfig(len(devices))
+        init = CoreInit(_fields(model), parallel.tensor_parallel_size,
+                        [_fields(d) for d in devices],
                         _fields(cache), _fields(scheduler), label, step_timeout_s,
                         policy.health_check_s, policy.ping_timeout_s, list(cpus or []),
                         logging.getLogger().getEffectiveLevel(),
-                        _fields(precision) if precision is not None else None)
+                        _fields(precision) if precision is not None else None,
+                        parallel.pipeline_parallel_size, parallel.pipeline_split,
+                        parallel.executor, parallel.ray_address)
 
         def launch() -> Child:
             core = Child("shardserve.engine.core", f"{label}:core",
@@ -187,6 +202,9 @@ class AsyncLLMEngine:
         loop."""
         with self._lock:
             self._closed = True
+            starting = self._starting
+        if starting is not None:  # a restart may wait long (a Ray cluster without room)
+            starting.kill()
         deadline = time.monotonic() + drain_timeout_s
         while self._streams and time.monotonic() < deadline:
             time.sleep(0.01)
