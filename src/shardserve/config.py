@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from shardserve.planner.memory import parse_bytes
+from shardserve.planner.memory import head_in_layers, parse_bytes
 from shardserve.planner.partition import Stage, parse_split, split_layers
 from shardserve.planner.specs import (
     EncoderSpec,
@@ -122,7 +122,8 @@ class ParallelConfig:
         "help": "pipeline stages: the decoder layers split into this many contiguous groups, "
                 "each on tensor_parallel_size devices of its own (tp x pp devices in all)"})
     pipeline_split: str | None = field(default=None, metadata={
-        "help": "decoder layers of each pipeline stage, e.g. 5,3; default: an even split"})
+        "help": "decoder layers of each pipeline stage, e.g. 5,3; default: even work (a "
+                "layer weighs its parameters, the last stage's LM head counts too)"})
     executor: str = field(default="local", metadata={
         "help": "local (worker processes on this machine) or ray (Ray actors, placed by "
                 "placement groups across the machines of a Ray cluster)"})
@@ -147,7 +148,7 @@ class ParallelConfig:
     def stages(self, spec: TransformerSpec | EncoderSpec) -> list[Stage]:
         """The pipeline stages of ``spec`` (one for an encoder or at pp=1)."""
         return split_layers(spec.num_layers, self.pipeline_parallel_size,
-                            parse_split(self.pipeline_split))
+                            parse_split(self.pipeline_split), head_in_layers(spec))
 
     def check_model(self, spec: TransformerSpec) -> None:
         """Refuse a tp the model's heads cannot be split by, naming the sizes that work, and
@@ -231,7 +232,8 @@ class DeploymentConfig:
     pp: int = field(default=1, metadata={
         "help": "pipeline stages (llm): tp x pp devices per replica"})
     pipeline_split: str | None = field(default=None, metadata={
-        "help": "decoder layers of each pipeline stage, e.g. [5, 3]; default: an even split"})
+        "help": "decoder layers of each pipeline stage, e.g. [5, 3]; default: even work "
+                "(the LM head counts)"})
     executor: str = field(default="local", metadata={
         "help": "llm: local (worker processes here) or ray (Ray actors across a cluster)"})
     ray_address: str | None = field(default=None, metadata={

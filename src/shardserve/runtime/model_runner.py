@@ -86,6 +86,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # survive preemption
         self.block_size = 0
         self.cache_bytes = 0
+        self.step_seconds = 0.0  # in step(), waits for the previous stage included
 
     # -- control verbs ---------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
@@ -122,7 +123,7 @@ class ModelRunner:
                 "bytes_read": self.load_stats.bytes_read,
                 "largest_read": self.load_stats.largest_read,
                 "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs),
-                "stage": self.stage.index,
+                "stage": self.stage.index, "step_seconds": self.step_seconds,
                 "pipe_wait_seconds": self.link.wait_seconds if self.link else 0.0}
 
     @torch.inference_mode()
@@ -174,8 +175,14 @@ class ModelRunner:
     # -- the step --------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, inp: StepInput) -> StepOutput | None:
-        """Run one batch; rank 0 returns the sampled tokens, other ranks ``None``."""
+        """Run one batch; the answering rank returns the sampled tokens, others ``None``."""
         t0 = time.perf_counter()
+        try:
+            return self._step(inp, t0)
+        finally:
+            self.step_seconds += time.perf_counter() - t0
+
+    def _step(self, inp: StepInput, t0: float) -> StepOutput | None:
         self._apply_deltas(inp)
         order = self._order(inp)
         if not order:  # only releases

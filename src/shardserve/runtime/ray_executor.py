@@ -28,6 +28,7 @@ import os
 import queue
 import socket
 import struct
+import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -50,7 +51,11 @@ def import_ray():
 def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` ("auto": the one started on this machine with
     ``ray start``), or, with None, start a local one in this process; no-op if connected.
-    The dashboard stays off and Ray's log lines stay in its own files."""
+    The dashboard stays off and Ray's log lines stay in its own files. A local instance
+    listens on loopback only (Ray's local mode, set before Ray is first imported) and uses
+    token authentication (Ray's default for local clusters since 2.59)."""
+    if address is None and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = import_ray()
     if ray.is_initialized():
         return

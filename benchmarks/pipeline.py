@@ -1,0 +1,108 @@
+"""Pipeline parallelism on the same cores: generation throughput at pp=2 against pp=1, the
+bubble (time a stage sits idle), and the Ray executor's step time against the local one's at
+tp=2, all in one run on a llama-110m-shaped model (random weights, float32).
+
+    python benchmarks/pipeline.py [--batches 16 32 64] [--tokens 128] [--no-ray]
+
+pp=1 is one device holding every core (``cpu:1``); pp=2 is two devices of one core each
+(``cpu:2``), stage 0 holding layers 0-5 and the embedding, stage 1 layers 6-11 and the head,
+with two micro-batches in flight. Throughput = generated tokens / wall time of ``generate``
+for ``batch`` prompts of 16 tokens and ``tokens`` new tokens each (prefill included, small).
+A stage's bubble = 1 - (its time computing) / (the run's wall time), where computing is the
+time inside its steps less the time it waited for the previous stage's hidden states.
+
+Ray vs local: decode ms per step at tp=2 (``cpu:2``), batch 1 and 16, the local executor's
+worker processes against Ray actors in a local Ray instance started by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from shardserve import LLM, SamplingParams, test_models
+
+PROMPT_LEN = 16
+
+
+def _prompts(batch: int) -> list[list[int]]:
+    return [[3 + (7919 * (i * PROMPT_LEN + j)) % 31000 for j in range(PROMPT_LEN)]
+            for i in range(batch)]
+
+
+def throughput(path: Path, pp: int, batch: int, tokens: int, split: str | None = None) -> dict:
+    devices = "cpu:1" if pp == 1 else f"cpu:{pp}"
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    with LLM(str(path), pipeline_parallel_size=pp, devices=devices, max_num_seqs=batch,
+             pipeline_split=split if pp > 1 else None,
+             max_model_len=PROMPT_LEN + tokens + 16) as llm:
+        llm.generate(prompt_token_ids=_prompts(2), sampling_params=SamplingParams(
+            max_tokens=4, ignore_eos=True))  # warm-up
+        before = llm.engine.executor.collective_rpc("stats")
+        t0 = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=_prompts(batch), sampling_params=params)
+        wall = time.perf_counter() - t0
+        after = llm.engine.executor.collective_rpc("stats")
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    bubbles = []
+    for b, a in zip(before, after, strict=True):
+        busy = (a["step_seconds"] - b["step_seconds"]) - \
+            (a["pipe_wait_seconds"] - b["pipe_wait_seconds"])
+        bubbles.append(round(1 - busy / wall, 3))
+    return {"pp": pp, "devices": devices, "batch": batch, "tok_s": n / wall,
+            "wall_s": wall, "bubble_per_stage": bubbles}
+
+
+def step_ms(path: Path, executor: str, batch: int, tokens: int) -> float:
+    params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+    with LLM(str(path), tensor_parallel_size=2, devices="cpu:2", executor=executor,
+             max_num_seqs=batch) as llm:
+        engine = llm.engine
+        for i, p in enumerate(_prompts(batch)):
+            engine.add_request(f"w{i}", p, SamplingParams(max_tokens=4, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        for i, p in enumerate(_prompts(batch)):
+            engine.add_request(f"r{i}", p, params)
+        engine.step()  # the prefill
+        t0, steps = time.perf_counter(), 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out", default="benchmarks/.cache")
+    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--split", help="pp=2's layers per stage, e.g. 8,4 (default: the planner's)")
+    args = ap.parse_args()
+    path = Path(args.out) / "pipeline-llama-110m"
+    if not (path / "config.json").is_file():
+        test_models.write(path, "llama", "llama-110m", seed=0, tokenizer=False)
+    rows = []
+    for batch in args.batches:
+        one, two = (throughput(path, pp, batch, args.tokens, args.split) for pp in (1, 2))
+        rows.append({"batch": batch, "pp1_tok_s": round(one["tok_s"], 1),
+                     "pp2_tok_s": round(two["tok_s"], 1),
+                     "pp2_over_pp1": round(two["tok_s"] / one["tok_s"], 3),
+                     "pp2_bubble_per_stage": two["bubble_per_stage"]})
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.no_ray:
+        from shardserve.runtime.ray_executor import connect
+
+        connect(None)  # a local Ray instance: loopback only, token auth on
+        for batch in (1, 16):
+            local, ray = step_ms(path, "local", batch, 64), step_ms(path, "ray", batch, 64)
+            print(json.dumps({"tp": 2, "batch": batch, "local_ms_per_step": round(local, 2),
+                              "ray_ms_per_step": round(ray, 2),
+                              "ray_over_local": round(ray / local, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
