@@ -73,6 +73,21 @@ def test_tp2_pp2_across_two_nodes_gives_the_tokens_of_tp1(cluster, model):
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
 
 
+def test_a_stage_that_does_not_fit_is_refused_before_any_actor_starts(cluster, model,
+                                                                     monkeypatch):
+    from shardserve.config import ModelConfig
+    from shardserve.runtime import ray_executor
+
+    def no_actors(*a, **k):
+        raise AssertionError("Ray actors were started for a split that cannot fit")
+
+    monkeypatch.setattr(ray_executor, "RayExecutor", no_actors)
+    with pytest.raises(ValueError, match=r"pipeline stage 0 \(layers 0-2\) needs"):
+        LLM(str(model), pipeline_parallel_size=2, pipeline_split="3,1", executor="ray",
+            ray_address=cluster.address, device_memory=str(
+                ModelConfig(str(model)).spec.hidden_size * 4 * 1000 * 3))
+
+
 def _listening_addresses():
     """The addresses the processes below this one (the Ray cluster's) listen on."""
     import psutil

@@ -80,3 +80,32 @@ def test_plan_says_which_kernels_run_a_checkpoint(tmp_path):
         env={**os.environ, "SHARDSERVE_KERNELS": "0"})
     slow = json.loads(no_kernels.stdout)
     assert slow["kernels"] == "pytorch-bfloat16" and "slower" in slow["kernels_note"]
+
+
+def test_plan_stages_across_nodes_and_the_smallest_plan_that_fits(tmp_path):
+    """A model too big for any device of one 2-device node: the plan at tp=1 says so and
+    names the smallest tp x pp that fits on two such nodes; that plan puts each stage's tp
+    group inside one node, with the bytes of each stage."""
+    from shardserve.config import ModelConfig, ParallelConfig
+    from shardserve.planner.memory import weight_bytes_per_device
+
+    model = tmp_path / "m"
+    _cli("make-test-model", "--arch", "llama", "--size", "small", "--out", str(model))
+    spec = ModelConfig(str(model)).spec
+    budget = int(weight_bytes_per_device(spec, 1, "float32") / 3)
+    args = ("plan", "--model", str(model), "--devices", "cpu:2", "--device-memory",
+            str(budget), "--nodes", "2")
+    plan = json.loads(_cli(*args).stdout)
+    assert not plan["fits"] and plan["stages"][0]["weight_bytes_per_device"] > budget
+    best = plan["smallest_that_fits"]
+    assert best is not None and best["tp"] * best["pp"] > 2 and best["nodes_used"] == 2
+    chosen = json.loads(_cli(*args, "--tp", str(best["tp"]), "--pp", str(best["pp"])).stdout)
+    assert chosen["fits"] and len(chosen["stages"]) == best["pp"]
+    stages = ParallelConfig(best["tp"], best["pp"]).stages(spec)
+    for st, row in zip(stages, chosen["stages"], strict=True):
+        assert row["layers"] == [st.start, st.stop - 1]
+        assert row["weight_bytes_per_device"] == weight_bytes_per_device(
+            spec, best["tp"], "float32", stage=st) <= budget
+        assert len({d.split("/")[0] for d in row["devices"]}) == 1  # one node per tp group
+    nodes = {d.split("/")[0] for d in chosen["devices"]}
+    assert nodes == {"node0", "node1"}
