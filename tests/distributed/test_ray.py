@@ -17,6 +17,7 @@ import time
 import pytest
 
 from shardserve import LLM, SamplingParams, test_models
+from tests.e2e.test_faults import _events
 from tests.e2e.test_server import _free_port, _start, _stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -109,17 +110,6 @@ def _stream(port, model, max_tokens):
     r = conn.getresponse()
     assert r.status == 200
     return conn, r
-
-
-def _events(r):
-    out = []
-    while True:
-        line = r.readline()
-        assert line, "the stream was cut without [DONE]"
-        if line.startswith(b"data: "):
-            out.append((line[6:].strip(), time.monotonic()))
-            if out[-1][0] == b"[DONE]":
-                return out
 
 
 def _text(events):
