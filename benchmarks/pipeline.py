@@ -76,7 +76,8 @@ def step_ms(path: Path, executor: str, batch: int, tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--batches", type=int, nargs="*", default=[16, 32, 64],
+                    help="pp=2 vs pp=1 at these batches (none: only the Ray comparison)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/.cache")
     ap.add_argument("--no-ray", action="store_true")

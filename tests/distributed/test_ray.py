@@ -17,6 +17,7 @@ import time
 import pytest
 
 from shardserve import LLM, SamplingParams, test_models
+from shardserve.runtime.executor import WorkerError
 from tests.e2e.test_faults import _events
 from tests.e2e.test_server import _free_port, _start, _stop
 
@@ -72,6 +73,19 @@ def test_tp2_pp2_across_two_nodes_gives_the_tokens_of_tp1(cluster, model):
         # nothing of the cluster (GCS, raylets, actors, gloo) listens beyond loopback
         listening = _listening_addresses()
         assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+        # ranks on this process's node take steps over named pipes, the others Ray's calls
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        assert [w.direct for w in ex.workers] == [w.node_id == here for w in ex.workers]
+        assert any(w.direct for w in ex.workers) and not all(w.direct for w in ex.workers)
+        # an actor that dies on a direct pipe fails the group at once, as a local worker does
+        victim = next(w for w in ex.workers if w.direct)
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=f"rank {victim.rank}"):
+            llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+        assert time.monotonic() - t0 < 5
 
 
 def test_a_stage_that_does_not_fit_is_refused_before_any_actor_starts(cluster, model,
