@@ -161,6 +161,10 @@ def test_served_across_nodes_a_dead_node_fails_its_streams_and_the_model_comes_b
         conn, r = _stream(port, "far", 12)
         assert _text(_events(r)) == near_text
         conn.close()
+        index = {row["name"]: row for row in json.loads(_call(port, "/v2/repository/index")[1])}
+        assert (index["far"]["tp"], index["far"]["pp"], index["far"]["executor"]) == \
+            (2, 2, "ray")
+        assert len(index["far"]["replicas"][0]["devices"]) == 4
 
         failures, done, stop = [], [0], threading.Event()
 

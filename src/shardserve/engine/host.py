@@ -243,6 +243,8 @@ class ModelHost:
             rows.append({"name": name, "state": dep.state.value,
                          "reason": reasons[0] if reasons and not dep.ready else "",
                          "replicas": replicas, "bytes_per_device": dep.bytes_per_device,
+                         "tp": dep.config.tp, "pp": dep.config.pp,
+                         "executor": dep.config.executor,
                          "precision": dep.precision.label})
         return rows
 
