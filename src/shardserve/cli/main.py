@@ -182,27 +182,33 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
     """Bytes per device of each pipeline stage at ``parallel`` on ``nodes`` machines of
     ``per_node`` devices: stage ``s`` takes devices ``s*tp .. (s+1)*tp - 1`` in node order,
     and a tp group never straddles two machines."""
-    from shardserve.planner.memory import format_bytes, kv_bytes_per_token, weight_bytes_per_device
+    from shardserve.planner.memory import format_bytes, stage_bytes, weight_bytes_per_device
 
     spec, tp, pp = model.spec, parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     dpn, budget = len(per_node), per_node[0].memory_budget
     placed = tp <= dpn and dpn % tp == 0 and tp * pp <= nodes * dpn
     stages = []
-    for st in parallel.stages(spec):
+    needs = None
+    if not model.is_encoder:  # the engine's own policy, at the default scheduler settings
+        sched = SchedulerConfig()
+        needs = stage_bytes(spec, tp, parallel.stages(spec), precision.weights,
+                            precision.compute, precision.kv, precision.quantization,
+                            sched.max_num_batched_tokens, sched.max_num_seqs)
+    for i, st in enumerate(parallel.stages(spec)):
         need = weight_bytes_per_device(spec, tp, precision.weights, precision.compute,
                                        precision.quantization, st)
         row = {"stage": st.index, "layers": [st.start, st.stop - 1],
                "weight_bytes_per_device": need, "weights_per_device": format_bytes(need),
                "fits": need <= budget}
-        if not model.is_encoder:
-            per_token = kv_bytes_per_token(spec, tp, precision.kv, st)
-            row["kv_bytes_per_token"] = per_token
-            row["kv_tokens_that_fit"] = max(0, budget - need) // per_token
+        if needs is not None:
+            row["activation_bytes_per_device"] = needs[i].activations
+            row["kv_bytes_per_token"] = needs[i].kv_per_token
+            row["kv_tokens_that_fit"] = needs[i].kv_tokens(budget)
         if placed:
             first = st.index * tp
             row["node"] = first // dpn
-            row["devices"] = [f"node{(first + i) // dpn}/{per_node[(first + i) % dpn].name}"
-                              for i in range(tp)]
+            row["devices"] = [f"node{(first + j) // dpn}/{per_node[(first + j) % dpn].name}"
+                              for j in range(tp)]
         stages.append(row)
     why = "" if placed else (
         f"tp={tp} x pp={pp} does not place on {nodes} node(s) of {dpn} devices (a tp group "

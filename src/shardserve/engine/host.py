@@ -33,11 +33,7 @@ from shardserve.engine.pipeline import Pipeline, PipelineConfig
 from shardserve.engine.supervisor import RestartPolicy, State
 from shardserve.engine.tokenizer import load_chat_template, load_tokenizer
 from shardserve.models.registry import check_architecture
-from shardserve.planner.memory import (
-    activation_bytes,
-    kv_bytes_per_token,
-    weight_bytes_per_device,
-)
+from shardserve.planner.memory import stage_bytes, weight_bytes_per_device
 from shardserve.planner.placement import Need, Plan, place, release
 from shardserve.runtime.devices import Device
 from shardserve.runtime.precision import Precision, choose
@@ -121,15 +117,12 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
         per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size // cfg.tp) * 4
         act = cfg.max_batch_size * model.context_len * per_token
         return Need(cfg.name, cfg.tp, weights + act)
-    act = activation_bytes(spec, cfg.tp, dtype, cfg.max_num_batched_tokens,
-                           cfg.max_num_seqs)
     block = cfg.block_size
     tokens = cfg.max_num_seqs * -(-model.context_len // block) * block
-    need = max(weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
-                                       precision.quantization, st)
-               + act + tokens * kv_bytes_per_token(spec, cfg.tp, precision.kv, st)
-               for st in parallel.stages(spec))
-    return Need(cfg.name, cfg.tp, need, cfg.pp)
+    needs = stage_bytes(spec, cfg.tp, parallel.stages(spec), precision.weights, dtype,
+                        precision.kv, precision.quantization, cfg.max_num_batched_tokens,
+                        cfg.max_num_seqs)
+    return Need(cfg.name, cfg.tp, max(n.total(tokens) for n in needs), cfg.pp)
 
 
 def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],

@@ -43,13 +43,7 @@ from shardserve.engine.errors import InvalidRequest
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.sequence import Sequence
 from shardserve.engine.validation import check_generation
-from shardserve.planner.memory import (
-    activation_bytes,
-    check_stages_fit,
-    format_bytes,
-    kv_blocks,
-    kv_bytes_per_token,
-)
+from shardserve.planner.memory import check_stages_fit, format_bytes, stage_bytes
 from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor, RemoteError
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
@@ -133,31 +127,31 @@ class LLMEngine:
               precision: Precision | None):
         """Check everything fits before any worker starts; returns (num_blocks, devices).
         Weights count in their dtype, activations in the compute dtype, the KV cache in its."""
-        devices, weights, self.precision = devices_for(model, parallel, device, precision)
-        spec, dtype, kv = model.spec, self.precision.compute, self.precision.kv
-        tp, budget = parallel.tensor_parallel_size, devices[0].memory_budget
-        stages = parallel.stages(spec)
-        stage_weights = check_stages_fit(spec, tp, stages, self.precision.weights, budget,
-                                         dtype, self.precision.quantization)
-        act = activation_bytes(spec, tp, dtype, sched.max_num_batched_tokens, sched.max_num_seqs)
-        # every stage holds the same blocks of its own layers: the tightest stage decides
-        frees = [budget - w - act for w in stage_weights]
-        fits = [kv_blocks(spec, tp, kv, cache.block_size, f, st)
-                for st, f in zip(stages, frees, strict=True)]
-        tight = min(range(len(stages)), key=lambda i: fits[i])
-        stage, free, fit, weights = stages[tight], frees[tight], fits[tight], stage_weights[tight]
+        devices, _, self.precision = devices_for(model, parallel, device, precision)
+        p, budget = self.precision, devices[0].memory_budget
+        stages = parallel.stages(model.spec)
+        check_stages_fit(model.spec, parallel.tensor_parallel_size, stages, p.weights, budget,
+                         p.compute, p.quantization)
+        needs = stage_bytes(model.spec, parallel.tensor_parallel_size, stages, p.weights,
+                            p.compute, p.kv, p.quantization, sched.max_num_batched_tokens,
+                            sched.max_num_seqs)
+        # every stage holds the same blocks, of its own layers: the tightest stage decides
+        tight = min(needs, key=lambda n: n.kv_blocks(budget, cache.block_size))
+        fit = tight.kv_blocks(budget, cache.block_size)
+        free = budget - tight.weights - tight.activations
         per_seq_blocks = -(-self.max_len // cache.block_size)
         if cache.num_blocks is not None and cache.num_blocks > fit:
             raise ValueError(f"num_blocks={cache.num_blocks} does not fit: {fit} blocks fit in "
                              f"the {format_bytes(max(free, 0))} left per device")
         num_blocks = cache.num_blocks or min(fit, sched.max_num_seqs * per_seq_blocks)
         if cache.num_blocks is None and num_blocks < per_seq_blocks:
-            need = per_seq_blocks * cache.block_size * kv_bytes_per_token(spec, tp, kv, stage)
-            where = f" of pipeline {stage.name}" if len(stages) > 1 else ""
+            need = per_seq_blocks * cache.block_size * tight.kv_per_token
+            where = f" of pipeline {tight.stage.name}" if len(stages) > 1 else ""
             raise ValueError(
                 f"the KV cache of one {self.max_len}-token sequence needs {format_bytes(need)} "
                 f"per device{where}, but {format_bytes(max(free, 0))} is left after "
-                f"{format_bytes(weights)} of weights and {format_bytes(act)} of activations; "
+                f"{format_bytes(tight.weights)} of weights and "
+                f"{format_bytes(tight.activations)} of activations; "
                 "lower --max-model-len or --max-num-batched-tokens, or raise --device-memory")
         return num_blocks, devices[:parallel.world_size]
 

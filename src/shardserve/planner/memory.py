@@ -8,6 +8,7 @@ tp exceeds their number, norms replicated.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from shardserve.planner.partition import Stage
 from shardserve.planner.specs import (
@@ -214,7 +215,35 @@ def activation_bytes(spec: TransformerSpec, tp: int, dtype: str, max_tokens: int
     return max_tokens * per_token + 2 * max_seqs * spec.vocab_size * 4
 
 
-def kv_blocks(spec: TransformerSpec, tp: int, dtype: str, block_size: int, free_bytes: int,
-              stage: Stage | None = None) -> int:
-    """KV-cache blocks that fit in ``free_bytes`` on one rank (of ``stage``)."""
-    return max(0, free_bytes // (kv_bytes_per_token(spec, tp, dtype, stage) * block_size))
+@dataclass(frozen=True)
+class StageBytes:
+    """What each device of one pipeline stage holds: weights, the activation reserve of one
+    step, and the KV cache at ``kv_per_token`` bytes a token (the stage's layers only)."""
+
+    stage: Stage
+    weights: int
+    activations: int
+    kv_per_token: int
+
+    def kv_tokens(self, budget: int) -> int:
+        """Tokens of KV cache that fit in ``budget`` beside the weights and activations."""
+        return max(0, budget - self.weights - self.activations) // self.kv_per_token
+
+    def kv_blocks(self, budget: int, block_size: int) -> int:
+        return self.kv_tokens(budget) // block_size
+
+    def total(self, kv_tokens: int) -> int:
+        return self.weights + self.activations + kv_tokens * self.kv_per_token
+
+
+def stage_bytes(spec: TransformerSpec, tp: int, stages: list[Stage], weight_dtype: str,
+                compute_dtype: str, kv_dtype: str, quantization: str | None,
+                max_tokens: int, max_seqs: int) -> list[StageBytes]:
+    """Every stage's bytes per device, the one memory policy of a decoder deployment: the
+    engine sizes its KV cache from it, the host places with it, ``shardserve plan`` shows
+    it. Weights count in their dtype (vectors in the compute dtype), activations in the
+    compute dtype, the cache in its own."""
+    act = activation_bytes(spec, tp, compute_dtype, max_tokens, max_seqs)
+    return [StageBytes(st, weight_bytes_per_device(spec, tp, weight_dtype, compute_dtype,
+                                                   quantization, st),
+                       act, kv_bytes_per_token(spec, tp, kv_dtype, st)) for st in stages]
