@@ -84,17 +84,19 @@ def test_plan_says_which_kernels_run_a_checkpoint(tmp_path):
 
 def test_plan_stages_across_nodes_and_the_smallest_plan_that_fits(tmp_path):
     """A model too big for any device of one 2-device node: the plan at tp=1 says so and
-    names the smallest tp x pp that fits on two such nodes; that plan puts each stage's tp
-    group inside one node, with the bytes of each stage."""
+    names the smallest tp x pp that fits on two such nodes (weights, activations and one
+    full-context sequence of KV cache, as the engine requires); that plan puts each stage's
+    tp group inside one node, with the bytes of each stage."""
     from shardserve.config import ModelConfig, ParallelConfig
     from shardserve.planner.memory import weight_bytes_per_device
 
     model = tmp_path / "m"
     _cli("make-test-model", "--arch", "llama", "--size", "small", "--out", str(model))
     spec = ModelConfig(str(model)).spec
-    budget = int(weight_bytes_per_device(spec, 1, "float32") / 3)
+    budget = int(weight_bytes_per_device(spec, 1, "float32") * 0.4)
+    # a small step (16 tokens, one sequence): the weights, not the activation reserve, decide
     args = ("plan", "--model", str(model), "--devices", "cpu:2", "--device-memory",
-            str(budget), "--nodes", "2")
+            str(budget), "--nodes", "2", "--max-num-batched-tokens", "16", "--max-num-seqs", "1")
     plan = json.loads(_cli(*args).stdout)
     assert not plan["fits"] and plan["stages"][0]["weight_bytes_per_device"] > budget
     best = plan["smallest_that_fits"]
@@ -109,3 +111,25 @@ def test_plan_stages_across_nodes_and_the_smallest_plan_that_fits(tmp_path):
         assert len({d.split("/")[0] for d in row["devices"]}) == 1  # one node per tp group
     nodes = {d.split("/")[0] for d in chosen["devices"]}
     assert nodes == {"node0", "node1"}
+
+
+def test_the_175b_model_on_12_chip_machines():
+    """The seed's case: OPT-175B (the GPT-3 shape) in bfloat16 fits one inf2.48xlarge at
+    tp=12 with its KV capacity stated; it does not fit an inf2.24xlarge (6 chips), where two
+    of them at tp=6 x pp=2 are the smallest plan that does."""
+    plan = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.48xlarge",
+                           "--tp", "12").stdout)
+    assert plan["fits"] and plan["dtype"] == "bfloat16" and plan["nodes_used"] == 1
+    stage = plan["stages"][0]
+    assert stage["weight_bytes_per_device"] < 32 << 30 and stage["kv_tokens_that_fit"] >= 2048
+    assert len(plan["devices"]) == 12 and plan["hardware_source"].startswith("https://")
+    small = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
+                            "--tp", "6").stdout)
+    assert not small["fits"] and small["smallest_that_fits"] is None  # not on one node
+    two = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
+                          "--tp", "6", "--nodes", "2").stdout)
+    assert not two["fits"]  # tp=6 alone: 54 GiB a chip
+    assert two["smallest_that_fits"]["tp"] == 6 and two["smallest_that_fits"]["pp"] == 2
+    split = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
+                            "--tp", "6", "--pp", "2", "--nodes", "2").stdout)
+    assert split["fits"] and {r["node"] for r in split["stages"]} == {0, 1}

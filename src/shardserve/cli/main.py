@@ -74,11 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="bytes per device for a model at a tp, or the placement "
                                      "of a whole repository, from config.json alone")
     what = pl.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", dest="path")
+    what.add_argument("--model", dest="path", help="a model folder, or a preset: "
+                                                   "opt-175b, llama-2-70b, llama-3-8b, "
+                                                   "mixtral-8x7b")
     what.add_argument("--repository")
     _add_fields(pl, ModelConfig, skip=("path", "max_model_len"))
     _add_fields(pl, ParallelConfig)
     _add_fields(pl, DeviceConfig)
+    _add_fields(pl, SchedulerConfig)
+    pl.add_argument("--hardware", help="plan for a hardware profile's nodes instead of "
+                                       "--devices (e.g. inf2.48xlarge, h100-8x; see "
+                                       "shardserve/data/hardware/)")
     pl.add_argument("--nodes", type=int, default=1,
                     help="machines, each with --devices: pipeline stages may span them, a "
                          "tensor-parallel group stays inside one")
@@ -155,30 +161,56 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from shardserve.runtime.devices import parse_devices
-    from shardserve.runtime.precision import choose
+    import os
+    import types
+
+    from shardserve.planner.presets import PRESETS, preset
+    from shardserve.runtime.devices import Device, parse_devices
+    from shardserve.runtime.precision import Precision, choose
 
     if args.repository:
         return _plan_repository(args)
-    model = _build(ModelConfig, args)
-    parallel = _build(ParallelConfig, args)
-    parallel.check_model(model.spec)
     if args.nodes < 1:
         raise ValueError(f"--nodes {args.nodes}: must be >= 1")
-    per_node = parse_devices(args.devices, args.device_memory)
-    precision = choose(model, per_node[0].kind)
-    out = {"model": model.path, "architecture": model.spec.architecture,
+    parallel, sched = _build(ParallelConfig, args), _build(SchedulerConfig, args)
+    hardware = None
+    if args.hardware:
+        from shardserve.planner.hardware import profile
+
+        hardware = profile(args.hardware)
+        per_node = [Device(hardware.kind, i, (), hardware.memory_per_device)
+                    for i in range(hardware.devices_per_node)]
+    else:
+        per_node = parse_devices(args.devices, args.device_memory)
+    if not os.path.isdir(args.path) and args.path in PRESETS:
+        spec = preset(args.path)
+        model = types.SimpleNamespace(path=args.path, spec=spec, is_encoder=False)
+    else:
+        model = _build(ModelConfig, args)
+        spec = model.spec
+    parallel.check_model(spec)
+    if hardware is not None or isinstance(model, types.SimpleNamespace):
+        dtype = spec.dtype if args.dtype == "auto" else args.dtype
+        where = f"{hardware.name} ({hardware.device})" if hardware else "these devices"
+        precision = Precision(dtype, dtype, "planned", f"weights, activations and KV cache "
+                              f"in {dtype}, as planned for {where}", args.quantization)
+    else:
+        precision = choose(model, per_node[0].kind)
+    out = {"model": model.path, "architecture": spec.architecture,
+           "hardware": hardware.name if hardware else None,
+           "hardware_source": hardware.source if hardware else None,
            "dtype": precision.weights, "compute_dtype": precision.compute,
            "kv_cache_dtype": precision.kv, "quantization": precision.quantization,
            "kernels": precision.label, "kernels_note": precision.note,
-           **_stage_plan(model, parallel, per_node, args.nodes, precision)}
+           **_stage_plan(model, parallel, per_node, args.nodes, precision, sched)}
     if not out["fits"]:
-        out["smallest_that_fits"] = _smallest_fit(model, per_node, args.nodes, precision)
+        out["smallest_that_fits"] = _smallest_fit(model, per_node, args.nodes, precision,
+                                                  sched)
     print(json.dumps(out, indent=2))
 
 
 def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, nodes: int,
-                precision) -> dict:
+                precision, sched: SchedulerConfig | None = None) -> dict:
     """Bytes per device of each pipeline stage at ``parallel`` on ``nodes`` machines of
     ``per_node`` devices: stage ``s`` takes devices ``s*tp .. (s+1)*tp - 1`` in node order,
     and a tp group never straddles two machines."""
@@ -189,8 +221,8 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
     placed = tp <= dpn and dpn % tp == 0 and tp * pp <= nodes * dpn
     stages = []
     needs = None
-    if not model.is_encoder:  # the engine's own policy, at the default scheduler settings
-        sched = SchedulerConfig()
+    if not model.is_encoder:  # the engine's own policy
+        sched = sched or SchedulerConfig()
         needs = stage_bytes(spec, tp, parallel.stages(spec), precision.weights,
                             precision.compute, precision.kv, precision.quantization,
                             sched.max_num_batched_tokens, sched.max_num_seqs)
@@ -200,10 +232,11 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
         row = {"stage": st.index, "layers": [st.start, st.stop - 1],
                "weight_bytes_per_device": need, "weights_per_device": format_bytes(need),
                "fits": need <= budget}
-        if needs is not None:
+        if needs is not None:  # and room for one sequence of the full context, as the engine
             row["activation_bytes_per_device"] = needs[i].activations
             row["kv_bytes_per_token"] = needs[i].kv_per_token
             row["kv_tokens_that_fit"] = needs[i].kv_tokens(budget)
+            row["fits"] = row["fits"] and row["kv_tokens_that_fit"] >= spec.max_position
         if placed:
             first = st.index * tp
             row["node"] = first // dpn
@@ -214,6 +247,7 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
         f"tp={tp} x pp={pp} does not place on {nodes} node(s) of {dpn} devices (a tp group "
         "stays inside one node: tp must divide the devices per node)")
     return {"tp": tp, "pp": pp, "nodes_used": -(-tp * pp // dpn) if placed else None,
+            "context_tokens": spec.max_position,
             "budget_per_device": budget, "stages": stages,
             "weight_bytes_per_device": max(r["weight_bytes_per_device"] for r in stages),
             "weights_per_device": stages[0]["weights_per_device"] if pp == 1 else
@@ -222,7 +256,8 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
             "fits": placed and all(r["fits"] for r in stages), "placement_error": why}
 
 
-def _smallest_fit(model: ModelConfig, per_node: list, nodes: int, precision) -> dict | None:
+def _smallest_fit(model: ModelConfig, per_node: list, nodes: int, precision,
+                  sched: SchedulerConfig | None = None) -> dict | None:
     """The plan with the fewest devices whose every stage fits (tensor parallel inside a
     node first, then pipeline stages), or None when even every device of every node is not
     enough."""
@@ -232,7 +267,7 @@ def _smallest_fit(model: ModelConfig, per_node: list, nodes: int, precision) -> 
     options = sorted(((t, p) for t in tps for p in pps if t * p <= nodes * dpn),
                      key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
     for t, p in options:
-        plan = _stage_plan(model, ParallelConfig(t, p), per_node, nodes, precision)
+        plan = _stage_plan(model, ParallelConfig(t, p), per_node, nodes, precision, sched)
         if plan["fits"]:
             return {k: plan[k] for k in ("tp", "pp", "nodes_used", "weight_bytes_per_device",
                                          "weights_per_device")}

@@ -67,6 +67,11 @@ def _stage(spec: TransformerSpec, stage: Stage | None) -> Stage:
     return stage or Stage.whole(spec.num_layers)
 
 
+def _mlp_mats(spec: TransformerSpec) -> int:
+    """Matrices of a layer's MLP: gate, up and down; up and down without a gate."""
+    return 3 if spec.gated_mlp else 2
+
+
 def head_in_layers(spec: TransformerSpec | EncoderSpec) -> float:
     """The LM head's parameters in decoder layers' worth (what a pipeline split weighs the
     last stage's head as)."""
@@ -74,7 +79,7 @@ def head_in_layers(spec: TransformerSpec | EncoderSpec) -> float:
         return 0.0
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, 1)
-    return vocab * h / ((q + 2 * kv) * h + h * q + 3 * i * h)
+    return vocab * h / ((q + 2 * kv) * h + h * q + _mlp_mats(spec) * i * h)
 
 
 def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
@@ -88,7 +93,7 @@ def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     h = spec.hidden_size
     q, kv, i, vocab_rows = _widths(spec, tp)
     attn = (q + 2 * kv) * h + h * q + (q + 2 * kv if spec.qkv_bias else 0)
-    mlp = 3 * i * h
+    mlp = _mlp_mats(spec) * i * h
     norms = 2 * h
     vocab = vocab_rows * h
     embed = vocab if st.is_first else 0
@@ -133,8 +138,9 @@ def quantized_params_per_device(spec: TransformerSpec, tp: int, stage: Stage | N
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, tp)
     head = 1 if st.is_last else 0
-    weights = st.num_layers * ((q + 2 * kv) * h + h * q + 3 * i * h) + head * vocab * h
-    outputs = st.num_layers * ((q + 2 * kv) + h + 2 * i + h) + head * vocab
+    m = _mlp_mats(spec)
+    weights = st.num_layers * ((q + 2 * kv) * h + h * q + m * i * h) + head * vocab * h
+    outputs = st.num_layers * ((q + 2 * kv) + h + (m - 1) * i + h) + head * vocab
     return weights, outputs
 
 
@@ -211,7 +217,7 @@ def activation_bytes(spec: TransformerSpec, tp: int, dtype: str, max_tokens: int
     h = spec.hidden_size
     q, kv, i, _ = _widths(spec, tp)
     qkv = q + 2 * kv
-    per_token = (4 * h + qkv + 3 * i) * b + 2 * h * 4
+    per_token = (4 * h + qkv + _mlp_mats(spec) * i) * b + 2 * h * 4
     return max_tokens * per_token + 2 * max_seqs * spec.vocab_size * 4
 
 

@@ -86,6 +86,7 @@ class TransformerSpec:
     sliding_windows: tuple[int | None, ...]  # one per layer; None = full attention
     dtype: str  # the checkpoint's dtype
     eos_token_ids: tuple[int, ...]
+    gated_mlp: bool = True  # Llama's gate/up/down; False: up/down only (planning presets)
 
     @staticmethod
     def from_hf(hf: dict[str, Any]) -> TransformerSpec:
