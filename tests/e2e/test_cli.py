@@ -41,7 +41,7 @@ def test_same_seed_same_bytes(tmp_path):
 def test_plan_and_clear_errors(tmp_path):
     model = tmp_path / "m"
     _cli("make-test-model", "--arch", "llama", "--out", str(model))
-    plan = json.loads(_cli("plan", "--model", str(model), "--tp", "2", "--devices",
+    plan = json.loads(_cli("plan", "--json", "--model", str(model), "--tp", "2", "--devices",
                            "cpu:2").stdout)
     assert plan["tp"] == 2 and plan["fits"] and plan["weight_bytes_per_device"] > 0
     bad = _cli("generate", "--model", str(model), "--device-memory", "lots", "--prompt", "x",
@@ -55,7 +55,7 @@ def test_plan_a_repository(tmp_path):
     for name, tp in (("a", 2), ("b", 1)):
         _cli("make-test-model", "--arch", "llama", "--out", str(tmp_path / name))
         (tmp_path / name / "model.yaml").write_text(f"tp: {tp}\nmax_num_seqs: 2\n")
-    out = json.loads(_cli("plan", "--repository", str(tmp_path), "--devices", "cpu:2",
+    out = json.loads(_cli("plan", "--json", "--repository", str(tmp_path), "--devices", "cpu:2",
                           "--device-memory", "64MiB").stdout)
     placed = {m["name"]: m["devices"] for m in out["models"]}
     assert len(placed["a"]) == 2 and len(placed["b"]) == 1
@@ -68,14 +68,14 @@ def test_plan_a_repository(tmp_path):
 def test_plan_says_which_kernels_run_a_checkpoint(tmp_path):
     model = tmp_path / "bf16"
     _cli("make-test-model", "--arch", "llama", "--dtype", "bfloat16", "--out", str(model))
-    plan = json.loads(_cli("plan", "--model", str(model), "--devices", "cpu:1").stdout)
+    plan = json.loads(_cli("plan", "--json", "--model", str(model), "--devices", "cpu:1").stdout)
     assert plan["dtype"] == "bfloat16" and plan["compute_dtype"] == "float32"
     assert plan["kernels"] == "native-bfloat16/float32" and plan["kv_cache_dtype"] == "bfloat16"
     # the note names the linear kernel this CPU runs (AMX / AVX512-BF16 dot products, or
     # bfloat16 widened in float32 registers)
     assert ops.linear_path("bfloat16") in plan["kernels_note"]
     no_kernels = subprocess.run(
-        [sys.executable, "-m", "shardserve.cli.main", "plan", "--model", str(model),
+        [sys.executable, "-m", "shardserve.cli.main", "plan", "--json", "--model", str(model),
          "--devices", "cpu:1"], capture_output=True, text=True, timeout=240,
         env={**os.environ, "SHARDSERVE_KERNELS": "0"})
     slow = json.loads(no_kernels.stdout)
@@ -95,7 +95,7 @@ def test_plan_stages_across_nodes_and_the_smallest_plan_that_fits(tmp_path):
     spec = ModelConfig(str(model)).spec
     budget = int(weight_bytes_per_device(spec, 1, "float32") * 0.4)
     # a small step (16 tokens, one sequence): the weights, not the activation reserve, decide
-    args = ("plan", "--model", str(model), "--devices", "cpu:2", "--device-memory",
+    args = ("plan", "--json", "--model", str(model), "--devices", "cpu:2", "--device-memory",
             str(budget), "--nodes", "2", "--max-num-batched-tokens", "16", "--max-num-seqs", "1")
     plan = json.loads(_cli(*args).stdout)
     assert not plan["fits"] and plan["stages"][0]["weight_bytes_per_device"] > budget
@@ -117,19 +117,24 @@ def test_the_175b_model_on_12_chip_machines():
     """The seed's case: OPT-175B (the GPT-3 shape) in bfloat16 fits one inf2.48xlarge at
     tp=12 with its KV capacity stated; it does not fit an inf2.24xlarge (6 chips), where two
     of them at tp=6 x pp=2 are the smallest plan that does."""
-    plan = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.48xlarge",
+    plan = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware", "inf2.48xlarge",
                            "--tp", "12").stdout)
     assert plan["fits"] and plan["dtype"] == "bfloat16" and plan["nodes_used"] == 1
     stage = plan["stages"][0]
     assert stage["weight_bytes_per_device"] < 32 << 30 and stage["kv_tokens_that_fit"] >= 2048
     assert len(plan["devices"]) == 12 and plan["hardware_source"].startswith("https://")
-    small = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
+    small = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
                             "--tp", "6").stdout)
     assert not small["fits"] and small["smallest_that_fits"] is None  # not on one node
-    two = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
+    two = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
                           "--tp", "6", "--nodes", "2").stdout)
     assert not two["fits"]  # tp=6 alone: 54 GiB a chip
     assert two["smallest_that_fits"]["tp"] == 6 and two["smallest_that_fits"]["pp"] == 2
-    split = json.loads(_cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
-                            "--tp", "6", "--pp", "2", "--nodes", "2").stdout)
+    split = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware",
+                            "inf2.24xlarge", "--tp", "6", "--pp", "2", "--nodes", "2").stdout)
     assert split["fits"] and {r["node"] for r in split["stages"]} == {0, 1}
+    # the same for a person: a table of the stages and the verdict
+    table = _cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge", "--tp", "6",
+                 "--nodes", "2").stdout
+    assert table.splitlines()[2].split()[:2] == ["stage", "layers"]
+    assert "does not fit" in table and "smallest plan that fits: tp=6 x pp=2 on 2 node" in table

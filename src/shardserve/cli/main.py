@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_fields(pl, ParallelConfig)
     _add_fields(pl, DeviceConfig)
     _add_fields(pl, SchedulerConfig)
+    pl.add_argument("--json", action="store_true", help="print JSON (for tools) instead of "
+                                                         "a table")
     pl.add_argument("--hardware", help="plan for a hardware profile's nodes instead of "
                                        "--devices (e.g. inf2.48xlarge, h100-8x; see "
                                        "shardserve/data/hardware/)")
@@ -206,7 +208,56 @@ def _plan(args: argparse.Namespace) -> None:
     if not out["fits"]:
         out["smallest_that_fits"] = _smallest_fit(model, per_node, args.nodes, precision,
                                                   sched)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2) if args.json else _plan_table(out))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(  # noqa: E731
+        c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])]
+                     + [line(r) for r in cells[1:]])
+
+
+def _span(devices: list[str]) -> str:
+    """``node0/neuron:0 .. neuron:5`` for a run of devices."""
+    if len(devices) <= 2:
+        return " ".join(devices) or "-"
+    return f"{devices[0]} .. {devices[-1].split('/')[-1]}"
+
+
+def _plan_table(out: dict) -> str:
+    """``shardserve plan`` for a person: what, where, and each stage's bytes per device."""
+    from shardserve.planner.memory import format_bytes
+
+    where = out["hardware"] or f"{len(out['devices']) or '?'} device(s)"
+    lines = [f"{out['model']} ({out['architecture']}), {out['kernels']}, tp={out['tp']} x "
+             f"pp={out['pp']} on {where}; budget {format_bytes(out['budget_per_device'])} a "
+             f"device",
+             ""]
+    rows = [[r["stage"], f"{r['layers'][0]}-{r['layers'][1]}", r.get("node", "-"),
+             _span(r.get("devices", [])), r["weights_per_device"],
+             format_bytes(r["activation_bytes_per_device"])
+             if "activation_bytes_per_device" in r else "-",
+             f"{r['kv_tokens_that_fit']:,}" if "kv_tokens_that_fit" in r else "-",
+             "yes" if r["fits"] else "no"] for r in out["stages"]]
+    lines.append(_table(["stage", "layers", "node", "devices", "weights", "activations",
+                         "KV tokens", "fits"], rows))
+    lines.append("")
+    if out["fits"]:
+        lines.append("fits")
+    else:
+        why = out["placement_error"] or (
+            "a stage's weights, activations and one full-context sequence of KV cache "
+            f"({out['context_tokens']:,} tokens) exceed the budget")
+        lines.append(f"does not fit: {why}")
+        best = out.get("smallest_that_fits")
+        lines.append(f"smallest plan that fits: tp={best['tp']} x pp={best['pp']} on "
+                     f"{best['nodes_used']} node(s), {best['weights_per_device']} of weights "
+                     "a device" if best else "nothing fits these nodes: more nodes or more "
+                     "memory a device")
+    return "\n".join(lines)
 
 
 def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, nodes: int,
@@ -291,6 +342,17 @@ def _plan_repository(args: argparse.Namespace) -> None:
         needs += [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
         labels[c.name] = precision.label
     plan = place({d.name: d.memory_budget for d in devices}, needs)
+    if not args.json:
+        from shardserve.planner.memory import format_bytes as fb
+
+        print(_table(["model", "replica", "tp", "pp", "devices", "per device", "kernels"],
+                     [[n.name.rsplit("/", 1)[0], n.name.rsplit("/", 1)[1], n.tp, n.pp,
+                       " ".join(plan.assigned[n.name]), fb(n.bytes_per_device),
+                       labels[n.name.rsplit("/", 1)[0]]] for n in needs]))
+        print()
+        print(_table(["device", "budget", "used"],
+                     [[d, fb(b), fb(plan.used(d))] for d, b in plan.budgets.items()]))
+        return
     print(json.dumps({
         "models": [{"name": n.name.rsplit("/", 1)[0], "replica": int(n.name.rsplit("/", 1)[1]),
                     "tp": n.tp, "pp": n.pp, "devices": plan.assigned[n.name],

@@ -20,7 +20,8 @@ _LLAMA = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
 
 PRESETS: dict[str, dict] = {
     # facebook/opt-175b (metaseq), GPT-3 175B's published shape
-    "opt-175b": {**_LLAMA, "hidden_size": 12288, "num_hidden_layers": 96,
+    "opt-175b": {**_LLAMA, "architectures": ["OPTForCausalLM"],
+                 "hidden_size": 12288, "num_hidden_layers": 96,
                  "num_attention_heads": 96, "num_key_value_heads": 96,
                  "intermediate_size": 49152, "vocab_size": 50272,
                  "max_position_embeddings": 2048, "tie_word_embeddings": True},
@@ -35,7 +36,8 @@ PRESETS: dict[str, dict] = {
                    "intermediate_size": 14336, "vocab_size": 128256,
                    "max_position_embeddings": 8192, "rope_theta": 500000.0},
     # mistralai/Mixtral-8x7B-v0.1 config.json (8 experts of 14336, dense-equivalent memory)
-    "mixtral-8x7b": {**_LLAMA, "hidden_size": 4096, "num_hidden_layers": 32,
+    "mixtral-8x7b": {**_LLAMA, "architectures": ["MixtralForCausalLM"],
+                     "hidden_size": 4096, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8,
                      "intermediate_size": 8 * 14336, "vocab_size": 32000,
                      "max_position_embeddings": 32768, "rope_theta": 1e6},
