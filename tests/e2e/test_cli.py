@@ -138,3 +138,27 @@ def test_the_175b_model_on_12_chip_machines():
                  "--nodes", "2").stdout
     assert table.splitlines()[2].split()[:2] == ["stage", "layers"]
     assert "does not fit" in table and "smallest plan that fits: tp=6 x pp=2 on 2 node" in table
+
+
+def test_calibrate_writes_the_local_profile_plan_reads(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "shardserve.cli.main", *a], capture_output=True, text=True,
+        timeout=240, env=env, check=True)
+    missing = subprocess.run([sys.executable, "-m", "shardserve.cli.main", "plan", "--model",
+                              "llama-3-8b", "--hardware", "local"], capture_output=True,
+                             text=True, timeout=240, env=env)
+    assert missing.returncode == 2 and "run `shardserve calibrate`" in missing.stderr
+    out = run("calibrate", "--quick").stdout
+    assert "linear-layer TFLOP/s by rows" in out and "memory read:" in out
+    import yaml
+
+    local = yaml.safe_load((tmp_path / "shardserve/hardware/local.yaml").read_text())
+    profile = local["profiles"]["local"]
+    curve = profile["tflops_by_rows"]["float32"]
+    assert sorted(curve) == [1, 16, 64, 256, 512] and all(v > 0 for v in curve.values())
+    assert profile["tflops"]["float32"] == max(curve.values())
+    assert profile["memory_bandwidth_gib_s"] > 0 and "measured by" in profile["source"]
+    plan = json.loads(run("plan", "--json", "--model", "llama-3-8b", "--hardware",
+                          "local").stdout)
+    assert plan["hardware"] == "local" and plan["stages"][0]["weight_bytes_per_device"] > 0

@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="machines, each with --devices: pipeline stages may span them, a "
                          "tensor-parallel group stays inside one")
 
+    cal = sub.add_parser("calibrate", help="measure this machine (linear-layer TFLOP/s by "
+                                           "dtype and rows, memory bandwidth) into the "
+                                           "hardware profile `local`")
+    cal.add_argument("--out", help="where to write it (default: "
+                                   "~/.cache/shardserve/hardware/local.yaml)")
+    cal.add_argument("--quick", action="store_true", help="small shapes, short runs (tests)")
+
     sv = sub.add_parser("serve", help="serve a model repository (or one model) over HTTP")
     src = sv.add_mutually_exclusive_group()
     src.add_argument("--repository", help="folder of model folders, each with a model.yaml; "
@@ -502,11 +509,28 @@ def _make_test_model(args: argparse.Namespace) -> None:
     print(f"wrote {args.arch}/{args.size} (random weights, seed {args.seed}) to {out}")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from shardserve.bench.calibrate import calibrate
+    from shardserve.planner.hardware import local_profile_path
+
+    out = Path(args.out) if args.out else local_profile_path()
+    p = calibrate(out, args.quick)
+    rows = [[d, *(f"{v:.3f}" for v in curve.values())] for d, curve in
+            p["tflops_by_rows"].items()]
+    rows_seen = next(iter(p["tflops_by_rows"].values()))
+    print(f"{p['device']}: linear-layer TFLOP/s by rows")
+    print(_table(["dtype", *(str(r) for r in rows_seen)], rows))
+    print(f"memory read: {p['memory_bandwidth_gib_s']} GiB/s")
+    print(f"wrote {out} (profile `local`: shardserve plan --hardware local)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"generate": _generate, "plan": _plan, "serve": _serve, "bench": _bench,
-         "hash-key": _hash_key,
+         "hash-key": _hash_key, "calibrate": _calibrate,
          "make-test-model": _make_test_model}[args.command](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
