@@ -18,13 +18,11 @@ def gemm_flops(n: int = 2048, reps: int = 10) -> float:
 
 
 def memory_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """Bytes/s read by a reduction over a buffer far larger than any cache."""
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        x.sum()
-    return nbytes * reps / (time.perf_counter() - t0)
+    """Bytes/s read by a reduction over a buffer far larger than any cache (the measure
+    ``shardserve calibrate`` uses)."""
+    from shardserve.bench.calibrate import memory_gib_s
+
+    return memory_gib_s(nbytes, reps) * 2**30
 
 
 if __name__ == "__main__":
