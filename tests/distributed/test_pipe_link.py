@@ -19,7 +19,7 @@ dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, 
 x = torch.arange(2 * 5 * 8, dtype=torch.float32).view(2, 5, 8) / 7
 if rank == 0:
     link = PipeLink(None, 1)
-    link.send(x, x.numel(), x.dtype)
+    link.send(tuple(x), x.numel(), x.dtype)  # the two parts a stage hands on
     link.send(None, x.numel(), x.dtype)  # this stage failed the next step
     print("receiver had started:", os.path.exists(marker))
     link.flush()

@@ -277,16 +277,15 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
     spec, tp, pp = model.spec, parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     dpn, budget = len(per_node), per_node[0].memory_budget
     placed = tp <= dpn and dpn % tp == 0 and tp * pp <= nodes * dpn
-    stages = []
-    needs = None
+    rows, needs = [], None
     if not model.is_encoder:  # the engine's own policy
         sched = sched or SchedulerConfig()
         needs = stage_bytes(spec, tp, parallel.stages(spec), precision.weights,
                             precision.compute, precision.kv, precision.quantization,
                             sched.max_num_batched_tokens, sched.max_num_seqs)
     for i, st in enumerate(parallel.stages(spec)):
-        need = weight_bytes_per_device(spec, tp, precision.weights, precision.compute,
-                                       precision.quantization, st)
+        need = needs[i].weights if needs else weight_bytes_per_device(
+            spec, tp, precision.weights, precision.compute, precision.quantization, st)
         row = {"stage": st.index, "layers": [st.start, st.stop - 1],
                "weight_bytes_per_device": need, "weights_per_device": format_bytes(need),
                "fits": need <= budget}
@@ -300,18 +299,18 @@ def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, no
             row["node"] = first // dpn
             row["devices"] = [f"node{(first + j) // dpn}/{per_node[(first + j) % dpn].name}"
                               for j in range(tp)]
-        stages.append(row)
+        rows.append(row)
+    heaviest = max(rows, key=lambda r: r["weight_bytes_per_device"])
     why = "" if placed else (
         f"tp={tp} x pp={pp} does not place on {nodes} node(s) of {dpn} devices (a tp group "
         "stays inside one node: tp must divide the devices per node)")
     return {"tp": tp, "pp": pp, "nodes_used": -(-tp * pp // dpn) if placed else None,
             "context_tokens": spec.max_position,
-            "budget_per_device": budget, "stages": stages,
-            "weight_bytes_per_device": max(r["weight_bytes_per_device"] for r in stages),
-            "weights_per_device": stages[0]["weights_per_device"] if pp == 1 else
-            max(stages, key=lambda r: r["weight_bytes_per_device"])["weights_per_device"],
-            "devices": [d for r in stages for d in r.get("devices", [])],
-            "fits": placed and all(r["fits"] for r in stages), "placement_error": why}
+            "budget_per_device": budget, "stages": rows,
+            "weight_bytes_per_device": heaviest["weight_bytes_per_device"],
+            "weights_per_device": heaviest["weights_per_device"],
+            "devices": [d for r in rows for d in r.get("devices", [])],
+            "fits": placed and all(r["fits"] for r in rows), "placement_error": why}
 
 
 def _smallest_fit(model: ModelConfig, per_node: list, nodes: int, precision,

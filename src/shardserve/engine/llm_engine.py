@@ -43,7 +43,7 @@ from shardserve.engine.errors import InvalidRequest
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.sequence import Sequence
 from shardserve.engine.validation import check_generation
-from shardserve.planner.memory import check_stages_fit, format_bytes, stage_bytes
+from shardserve.planner.memory import format_bytes, stage_bytes
 from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor, RemoteError
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
@@ -91,7 +91,7 @@ class LLMEngine:
         self.eos_ids = model.eos_token_ids
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler, precision)
         log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
-        split = [st.num_layers for st in parallel.stages(model.spec)]
+        split = [st.num_layers for st in self.stages]
         kwargs = {}
         executor_cls = Executor
         if parallel.executor == "ray":
@@ -128,10 +128,8 @@ class LLMEngine:
         """Check everything fits before any worker starts; returns (num_blocks, devices).
         Weights count in their dtype, activations in the compute dtype, the KV cache in its."""
         devices, _, self.precision = devices_for(model, parallel, device, precision)
-        p, budget = self.precision, devices[0].memory_budget
-        stages = parallel.stages(model.spec)
-        check_stages_fit(model.spec, parallel.tensor_parallel_size, stages, p.weights, budget,
-                         p.compute, p.quantization)
+        p, budget = self.precision, devices[0].memory_budget  # weights: checked there
+        self.stages = stages = parallel.stages(model.spec)
         needs = stage_bytes(model.spec, parallel.tensor_parallel_size, stages, p.weights,
                             p.compute, p.kv, p.quantization, sched.max_num_batched_tokens,
                             sched.max_num_seqs)
@@ -219,17 +217,16 @@ class LLMEngine:
         if not self._inflight:
             return []
         sched, inp, t0 = self._inflight.popleft()
+        self._busy.difference_update(inp.req_ids)
         t1 = time.perf_counter()
         try:
             out = self.executor.next_output()
         except RemoteError as e:  # the group is fine; this batch's requests are not
-            self._busy.difference_update(inp.req_ids)
             self._finished_ids.extend(inp.finished_ids)  # the workers may not have seen them
             outputs = self._fail_step(sched, str(e))
             self._release_if_idle()
             return outputs
         t2 = time.perf_counter()
-        self._busy.difference_update(inp.req_ids)
         outputs = self._postprocess(sched, out)
         self._release_if_idle()
         s = self.stats
@@ -243,8 +240,8 @@ class LLMEngine:
     def _submit(self) -> bool:
         """Schedule a batch of the sequences no batch in flight holds, and send it."""
         t0 = time.perf_counter()
-        cap = -(-self.scheduler.config.max_num_seqs // self.depth)
-        sched = self.scheduler.schedule(self._busy, cap if self.depth > 1 else None)
+        cap = -(-self.scheduler.config.max_num_seqs // self.depth)  # per micro-batch
+        sched = self.scheduler.schedule(self._busy, cap)
         if not sched.scheduled:
             return False
         inp = self._step_input(sched)

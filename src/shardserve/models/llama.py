@@ -101,10 +101,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if stage.is_last else None
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                carried: torch.Tensor | None = None) -> torch.Tensor:
+                carried: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids, positions: (N,) -> hidden states (N, H) on the last stage; on the others
-        ``(2, N, H)``: the hidden state and residual the next stage starts from (``carried``
-        there)."""
+        the hidden state and residual the next stage starts from (``carried`` there,
+        stacked: ``(2, N, H)``)."""
         if self.stage.is_first:
             x, residual = self.embed_tokens(ids), None
         else:
@@ -112,7 +113,7 @@ class LlamaModel(nn.Module):
         for layer in self.layers[self.stage.start:self.stage.stop]:
             x, residual = layer(positions, x, residual, meta)
         if not self.stage.is_last:
-            return torch.stack((x, residual))
+            return x, residual
         return self.norm(x, residual)[0]
 
 
@@ -155,7 +156,8 @@ class LlamaForCausalLM(nn.Module):
         return True
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                carried: torch.Tensor | None = None) -> torch.Tensor:
+                carried: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self.model(ids, positions, meta, carried)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

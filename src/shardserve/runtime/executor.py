@@ -37,7 +37,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
-from shardserve.config import ModelConfig
+from shardserve.config import ModelConfig, ParallelConfig
 from shardserve.runtime import shm
 from shardserve.runtime.devices import Device
 from shardserve.runtime.messages import (
@@ -131,6 +131,9 @@ class Executor:
         if len(devices) % self.tp:
             raise ValueError(f"{len(devices)} devices do not make stages of tp={self.tp}")
         self.pp = len(devices) // self.tp
+        if self.pp > 1 and not pipeline_split:  # the workers get the split, never guess it
+            pipeline_split = tuple(st.num_layers for st in
+                                   ParallelConfig(self.tp, self.pp).stages(config.spec))
         self.driver = (self.pp - 1) * self.tp  # the rank that answers steps
         self.step_timeout_s = step_timeout_s
         self.grace_s = 3.0  # how long the peers of a rank that raised get to answer
@@ -347,8 +350,7 @@ class Executor:
                         driver_error = (w, msg if isinstance(msg, Error) else
                                         Error("out of turn", step=step))
                     continue
-                err = msg if isinstance(msg, Error) else Error("out of turn", step=step)
-                at = err.step if err.step >= 0 else step
+                at, err = _peer_error(msg, step)
                 if at < step:
                     raise WorkerError(f"{w.name} failed after its step was answered "
                                       f"({err.message})")
@@ -378,10 +380,8 @@ class Executor:
             if not ready:
                 return
             for conn in ready:
-                msg = conns[conn].recv()
-                err = msg if isinstance(msg, Error) else Error("out of turn", step=step)
-                self._step_errors.setdefault(err.step if err.step >= 0 else step,
-                                             (conns[conn], err))
+                at, err = _peer_error(conns[conn].recv(), step)
+                self._step_errors.setdefault(at, (conns[conn], err))
 
     def _check_quiet(self) -> None:
         """Before a call: no rank may have spoken since the last one. A late ``Error`` means a
@@ -406,6 +406,13 @@ class Executor:
     def _kill(self) -> None:
         if self._finalizer.detach() is not None:
             _stop(self.workers, self._cleanups, graceful=False)
+
+
+def _peer_error(msg: Any, step: int) -> tuple[int, Error]:
+    """What a rank that does not answer steps said while ``step`` was awaited: the step its
+    error names (``step`` if it names none) and the error (anything else is out of turn)."""
+    err = msg if isinstance(msg, Error) else Error("out of turn", step=step)
+    return (err.step if err.step >= 0 else step), err
 
 
 def _unlink(path: str | None) -> None:

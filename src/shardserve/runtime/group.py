@@ -109,16 +109,22 @@ class PipeLink:
         self.wait_seconds = 0.0  # in recv: transfer plus the time the previous stage took
         self._sending: list[tuple[object, torch.Tensor]] = []
 
-    def send(self, x: torch.Tensor | None, numel: int, dtype: torch.dtype) -> None:
-        """``x`` (``numel`` elements of ``dtype``), or None to say this stage failed."""
+    def send(self, parts: tuple[torch.Tensor, ...] | None, numel: int,
+             dtype: torch.dtype) -> None:
+        """``parts`` laid end to end (``numel`` elements of ``dtype`` in all; the receiver
+        sees them stacked), or None to say this stage failed. Each part is copied once, into
+        the buffer that travels."""
         import torch.distributed as dist
 
         self._sending = [(w, b) for w, b in self._sending if not w.is_completed()]
         buf = torch.empty(numel + 1, dtype=dtype)
-        if x is None:
+        if parts is None:
             buf.fill_(1)
         else:
-            buf[:-1].copy_(x.reshape(-1))
+            at = 0
+            for p in parts:
+                buf[at:at + p.numel()].view(p.shape).copy_(p)
+                at += p.numel()
             buf[-1] = 0
         self._sending.append((dist.isend(buf, self.next), buf))
 

@@ -212,15 +212,16 @@ class ModelRunner:
         if self.link is None:
             return self.model(ids, positions, meta)
         shape = (2, ids.shape[0], self.config.spec.hidden_size)
+        numel = shape[0] * shape[1] * shape[2]
         try:
             carried = None if self.stage.is_first else self.link.recv(shape, self.compute)
             out = self.model(ids, positions, meta, carried)
         except Exception:
             if not self.stage.is_last:
-                self.link.send(None, 2 * shape[1] * shape[2], self.compute)
+                self.link.send(None, numel, self.compute)
             raise
         if not self.stage.is_last:
-            self.link.send(out, out.numel(), self.compute)
+            self.link.send(out, numel, self.compute)  # (hidden, residual)
         return out
 
     def _apply_deltas(self, inp: StepInput) -> None:

@@ -45,6 +45,7 @@ from shardserve.runtime import shm
 from shardserve.runtime.devices import Device
 from shardserve.runtime.executor import Executor, WorkerError, _unlink
 from shardserve.runtime.messages import Shutdown, WorkerInit, decode, encode
+from shardserve.runtime.worker import _error
 
 
 def import_ray():
@@ -230,9 +231,12 @@ class _RayRank:
         for c in old:  # the pump writes nothing more there: serve_pipes answers None
             c.close()
 
+    def _died(self) -> WorkerError:
+        return WorkerError(f"{self.name} died ({self.proc.why or 'its pipe closed'})")
+
     def send(self, msg: Any) -> None:
         if self.proc.returncode is not None:
-            raise WorkerError(f"{self.name} died ({self.proc.why})")
+            raise self._died()
         if isinstance(msg, Shutdown):
             if self.direct:
                 with contextlib.suppress(OSError):
@@ -244,8 +248,7 @@ class _RayRank:
             try:
                 self.conn_out.send_bytes(encode(msg))
             except OSError:  # the actor is gone
-                raise WorkerError(f"{self.name} died ({self.proc.why or 'its pipe closed'})") \
-                    from None
+                raise self._died() from None
             return
         if isinstance(msg, WorkerInit):
             self._refs.put(self.actor.start.remote(encode(msg), self.store))
@@ -256,8 +259,7 @@ class _RayRank:
         try:
             return decode(self.conn_in.recv_bytes())
         except (EOFError, OSError):
-            raise WorkerError(f"{self.name} died ({self.proc.why or 'its pipe closed'})") \
-                from None
+            raise self._died() from None
 
     def _pump(self) -> None:
         ray = import_ray()
@@ -269,9 +271,7 @@ class _RayRank:
                 out = ray.get(ref)
             except Exception as e:  # the actor died: its node, a kill, a crash
                 if self.proc.returncode is None:
-                    self.proc.returncode = -1
-                    self.proc.why = f"{type(e).__name__}: " + \
-                        (str(e).strip().splitlines() or [""])[0][:200]
+                    self.proc.returncode, self.proc.why = -1, _error(e).message
                 break
             if out is not None and not self.direct:
                 try:
@@ -318,16 +318,7 @@ class _RankActor:
         conn_in = Connection(os.open(path_in, os.O_RDONLY), writable=False)
         conn_out = Connection(os.open(path_out, os.O_WRONLY), readable=False)
         try:
-            while True:
-                try:
-                    msg = decode(conn_in.recv_bytes())
-                except (EOFError, OSError):
-                    return
-                if isinstance(msg, Shutdown):
-                    return
-                reply = self.worker.handle(msg)
-                if reply is not None:
-                    conn_out.send_bytes(encode(reply))
+            self.worker.serve(conn_in, conn_out)
         finally:
             conn_in.close()
             conn_out.close()

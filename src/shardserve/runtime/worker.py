@@ -129,11 +129,10 @@ class Worker:
             config = ModelConfig(init.model_path, init.dtype, init.max_model_len,
                                  init.quantization)
             stage = None
-            if link is not None:
+            if link is not None:  # the executor sends the split it planned
                 tp = init.tp or init.world_size
-                split = tuple(init.pipeline_split) if init.pipeline_split else None
                 stage = split_layers(config.spec.num_layers, init.world_size // tp,
-                                     split)[init.rank // tp]
+                                     tuple(init.pipeline_split))[init.rank // tp]
             self.runner = ModelRunner(config, group, device, init.memory_budget,
                                       init.compute_dtype, init.kv_cache_dtype, stage, link)
             _trim_heap()
@@ -153,23 +152,27 @@ class Worker:
         except Exception as e:
             return _error(e, step)
 
+    def serve(self, conn_in: Connection, conn_out: Connection) -> None:
+        """Answer messages from ``conn_in`` on ``conn_out`` until ``Shutdown`` or EOF (the
+        other side is gone)."""
+        while True:
+            try:
+                msg = _decode(conn_in.recv_bytes())
+            except (EOFError, OSError):
+                return
+            if isinstance(msg, Shutdown):
+                return
+            reply = self.handle(msg)
+            if reply is not None:
+                conn_out.send_bytes(_encode(reply))
+
 
 def serve(conn_in: Connection, conn_out: Connection) -> None:
     worker = Worker()
     started = worker.start(_decode(conn_in.recv_bytes()))
     conn_out.send_bytes(_encode(started))
-    if isinstance(started, Error):
-        return
-    while True:
-        try:
-            msg = _decode(conn_in.recv_bytes())
-        except EOFError:  # the executor is gone
-            return
-        if isinstance(msg, Shutdown):
-            return
-        reply = worker.handle(msg)
-        if reply is not None:
-            conn_out.send_bytes(_encode(reply))
+    if not isinstance(started, Error):
+        worker.serve(conn_in, conn_out)
 
 
 def _error(e: Exception, step: int = -1) -> Error:
