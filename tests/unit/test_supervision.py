@@ -88,9 +88,8 @@ class ThreadCore:
         def run():
             try:
                 serve(core, build, health_check_s, 1.0)
-            finally:
-                core.conn_out.close()
-                core.conn_in.close()
+            finally:  # its reading end stays open: the core's inbox thread may still be
+                core.conn_out.close()  # reading it (it sees EOF when the API side closes)
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
