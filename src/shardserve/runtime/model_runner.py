@@ -75,12 +75,21 @@ class ModelRunner:
             where = f"pipeline {stage.name}, " if stage else ""
             raise MemoryError(f"{where}rank {group.rank}: weights need {format_bytes(need)}, "
                               f"the device budget is {format_bytes(budget)}")
+        before = _allocated(device)
         with _default_dtype(self.dtype), device:
             self.model = _quantize(cls(*args), config.quantization)
         self.load_stats: LoadStats = load_weights(self.model, config.path, self.dtype)
         if self.compute != self.dtype:
             _mixed_precision(self.model, self.compute)
         self.weight_bytes = _nbytes(self.model)
+        # what loading really took (process memory, not the arithmetic above): a layer the
+        # planner does not know, or a loader that keeps a copy, shows here
+        after = _allocated(device)
+        self.loaded_bytes = after - before if None not in (before, after) else None
+        if self.loaded_bytes is not None and self.loaded_bytes > budget:
+            raise MemoryError(f"rank {group.rank}: loading the weights took "
+                              f"{format_bytes(self.loaded_bytes)} of memory (measured), the "
+                              f"device budget is {format_bytes(budget)}")
         self.sampler = Sampler()
         self.seqs: dict[str, _Seq] = {}
         self.generators: dict[str, torch.Generator] = {}  # survive preemption
@@ -117,9 +126,22 @@ class ModelRunner:
         """Answer at once: the executor's health check (a hung rank never answers)."""
         return self.group.rank
 
+    def time_all_reduce(self, numel: int, reps: int = 20) -> float:
+        """Median seconds of one sum all-reduce of ``numel`` float32 values through this
+        rank's group, as the layers call it (``shardserve calibrate``)."""
+        x = torch.ones(int(numel), device=self.device)
+        self.group.all_reduce(x)  # warm-up, and every rank has arrived
+        times = []
+        for _ in range(max(1, int(reps))):
+            t0 = time.perf_counter()
+            self.group.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
     def stats(self) -> dict:
         return {"rank": self.group.rank, "weight_bytes": self.weight_bytes,
                 "cache_bytes": self.cache_bytes, "budget": self.budget,
+                "loaded_bytes": self.loaded_bytes,
                 "bytes_read": self.load_stats.bytes_read,
                 "largest_read": self.load_stats.largest_read,
                 "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs),
@@ -300,6 +322,22 @@ def _quantize(model: torch.nn.Module, quantization: str | None) -> torch.nn.Modu
             if hasattr(module, "quantization"):
                 module.quantization = quantization
     return model
+
+
+def _allocated(device: torch.device) -> int | None:
+    """Memory this process holds on ``device`` now: CUDA's allocated bytes, or on a CPU the
+    resident anonymous pages (``RssAnon``: tensors, not the mapped checkpoint files); None
+    where the platform does not say."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _nbytes(model: torch.nn.Module, vectors: torch.dtype | None = None,
