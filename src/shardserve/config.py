@@ -5,6 +5,7 @@ Each field's ``help`` metadata is its one-line documentation and the CLI's help 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from dataclasses import fields as fields_of
@@ -228,7 +229,9 @@ class DeploymentConfig:
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
     quantization: str | None = field(default=None, metadata={
         "help": "as ModelConfig.quantization (int8)"})
-    tp: int = field(default=1, metadata={"help": "tensor-parallel size (of each pipeline stage)"})
+    tp: int | str = field(default=1, metadata={
+        "help": "tensor-parallel size (of each pipeline stage); auto: the smallest that fits "
+                "the free devices when the model loads"})
     pp: int = field(default=1, metadata={
         "help": "pipeline stages (llm): tp x pp devices per replica"})
     pipeline_split: str | None = field(default=None, metadata={
@@ -309,8 +312,8 @@ class DeploymentConfig:
             object.__setattr__(cfg, name, tuple(getattr(cfg, name)))
         if isinstance(cfg.pipeline_split, list | tuple):
             object.__setattr__(cfg, "pipeline_split", ",".join(map(str, cfg.pipeline_split)))
-        try:
-            cfg.parallel_config()
+        try:  # tp: auto is resolved where the model loads; the rest is checked now
+            dataclasses.replace(cfg, tp=1 if cfg.tp == "auto" else cfg.tp).parallel_config()
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from None
         if (cfg.pp > 1 or cfg.executor != "local") and cfg.kind != "llm":
@@ -350,8 +353,9 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
               "tenants": (lambda x: isinstance(x, list | tuple)
                           and all(isinstance(v, str) and v for v in x),
                           "a list of tenant names, e.g. [acme]")}
+    checks["tp"] = (lambda x: x == "auto" or (is_int(x) and x >= 1), "an integer >= 1 or auto")
     checks.update({name: (lambda x: is_int(x) and x >= 1, "an integer >= 1")
-                   for name in ("tp", "pp", "ray_cpus_per_device", "replicas", "max_num_seqs",
+                   for name in ("pp", "ray_cpus_per_device", "replicas", "max_num_seqs",
                                 "max_num_batched_tokens", "block_size", "max_batch_size")})
     for name, (ok, what) in checks.items():
         if not ok(getattr(cfg, name)):

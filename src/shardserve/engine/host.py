@@ -125,6 +125,33 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
     return Need(cfg.name, cfg.tp, max(n.total(tokens) for n in needs), cfg.pp)
 
 
+def resolve_tp(cfg: DeploymentConfig, model: ModelConfig, precision: Precision,
+               plan: Plan) -> tuple[DeploymentConfig, Need]:
+    """``cfg`` with ``tp: auto`` made the smallest tensor-parallel size whose replicas all
+    fit the free memory of ``plan``'s devices (the planner's bytes per device, as any other
+    deployment's), and its need; any other ``cfg`` as it is."""
+    if cfg.tp != "auto":
+        if not isinstance(cfg.tp, int) or cfg.tp < 1:
+            raise ValueError(f"{cfg.name}: tp must be an integer >= 1 or auto, got {cfg.tp!r}")
+        return cfg, deployment_need(cfg, model, precision)
+    devices = len(plan.budgets)
+    options = [t for t in range(1, devices // cfg.pp + 1) if model.spec.tp_ok(t)]
+    why = f"{devices} devices"
+    for t in options:
+        trial = dataclasses.replace(cfg, tp=t)
+        need = deployment_need(trial, model, precision)
+        scratch = Plan(plan.budgets, dict(plan.assigned), dict(plan.needs))
+        try:
+            place(plan.budgets, [dataclasses.replace(need, name=f"{cfg.name}/{i}")
+                                 for i in range(cfg.replicas)], scratch)
+        except ValueError as e:
+            why = str(e)
+            continue
+        return trial, need
+    raise ValueError(f"{cfg.name}: tp: auto: no tensor-parallel size of "
+                     f"{options or '(none splits its heads)'} fits; at the largest: {why}")
+
+
 def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Device],
                    key: str, tokenizer, spare_cores: list[int],
                    precision: Precision) -> AsyncLLMEngine | AsyncEncoder:
@@ -163,7 +190,7 @@ class ModelHost:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
             model = cfg.model_config()
             precision = choose(model, next(iter(self.devices.values())).kind)
-            need = deployment_need(cfg, model, precision)
+            cfg, need = resolve_tp(cfg, model, precision, self.plan)
             tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
             keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
             on_ray = cfg.executor == "ray"
