@@ -117,12 +117,13 @@ def _bert_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 0,
           dtype: str = "float32", max_shard_bytes: int | None = None,
-          tokenizer: bool = True) -> Path:
+          tokenizer: bool = True, overrides: dict | None = None) -> Path:
     """Write a checkpoint folder; split into several files with an index past
-    ``max_shard_bytes``. Same arguments, same bytes."""
+    ``max_shard_bytes``; ``overrides`` replace config.json fields of the size (other widths,
+    depths, vocabularies). Same arguments, same bytes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = hf_config(arch, size, dtype)
+    cfg = {**hf_config(arch, size, dtype), **(overrides or {})}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2}, indent=2))

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from shardserve.kernels import ops
+from shardserve.planner import cost
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,9 @@ def test_plan_and_clear_errors(tmp_path):
     _cli("make-test-model", "--arch", "llama", "--out", str(model))
     plan = json.loads(_cli("plan", "--json", "--model", str(model), "--tp", "2", "--devices",
                            "cpu:2").stdout)
-    assert plan["tp"] == 2 and plan["fits"] and plan["weight_bytes_per_device"] > 0
+    (only,) = plan["plans"]
+    assert only["tp"] == 2 and only["fits"] and only["bytes_per_device"]["weights"] > 0
+    assert plan["chosen"] == 0
     bad = _cli("generate", "--model", str(model), "--device-memory", "lots", "--prompt", "x",
                check=False)
     assert bad.returncode == 2 and "cannot read 'lots' as a size" in bad.stderr
@@ -82,11 +85,11 @@ def test_plan_says_which_kernels_run_a_checkpoint(tmp_path):
     assert slow["kernels"] == "pytorch-bfloat16" and "slower" in slow["kernels_note"]
 
 
-def test_plan_stages_across_nodes_and_the_smallest_plan_that_fits(tmp_path):
-    """A model too big for any device of one 2-device node: the plan at tp=1 says so and
-    names the smallest tp x pp that fits on two such nodes (weights, activations and one
-    full-context sequence of KV cache, as the engine requires); that plan puts each stage's
-    tp group inside one node, with the bytes of each stage."""
+def test_plan_stages_across_nodes(tmp_path):
+    """A model too big for any device of one 2-device node: no plan of one node fits, and
+    the plans of two nodes that do put each stage's tp group inside one node, with the bytes
+    of each stage (weights, activations and one full-context sequence of KV cache, as the
+    engine requires)."""
     from shardserve.config import ModelConfig, ParallelConfig
     from shardserve.planner.memory import weight_bytes_per_device
 
@@ -96,48 +99,55 @@ def test_plan_stages_across_nodes_and_the_smallest_plan_that_fits(tmp_path):
     budget = int(weight_bytes_per_device(spec, 1, "float32") * 0.4)
     # a small step (16 tokens, one sequence): the weights, not the activation reserve, decide
     args = ("plan", "--json", "--model", str(model), "--devices", "cpu:2", "--device-memory",
-            str(budget), "--nodes", "2", "--max-num-batched-tokens", "16", "--max-num-seqs", "1")
-    plan = json.loads(_cli(*args).stdout)
-    assert not plan["fits"] and plan["stages"][0]["weight_bytes_per_device"] > budget
-    best = plan["smallest_that_fits"]
-    assert best is not None and best["tp"] * best["pp"] > 2 and best["nodes_used"] == 2
-    chosen = json.loads(_cli(*args, "--tp", str(best["tp"]), "--pp", str(best["pp"])).stdout)
-    assert chosen["fits"] and len(chosen["stages"]) == best["pp"]
-    stages = ParallelConfig(best["tp"], best["pp"]).stages(spec)
+            str(budget), "--max-num-batched-tokens", "16", "--max-num-seqs", "1")
+    one = json.loads(_cli(*args).stdout)
+    assert one["chosen"] is None and not any(p["fits"] for p in one["plans"])
+    assert one["plans"][0]["stages"][0]["weight_bytes_per_device"] > budget
+    two = json.loads(_cli(*args, "--nodes", "2").stdout)
+    chosen = two["plans"][two["chosen"]]
+    assert chosen["fits"] and chosen["tp"] * chosen["pp"] > 2 and chosen["nodes"] == 2
+    assert len(chosen["stages"]) == chosen["pp"]
+    stages = ParallelConfig(chosen["tp"], chosen["pp"]).stages(spec)
     for st, row in zip(stages, chosen["stages"], strict=True):
         assert row["layers"] == [st.start, st.stop - 1]
         assert row["weight_bytes_per_device"] == weight_bytes_per_device(
-            spec, best["tp"], "float32", stage=st) <= budget
+            spec, chosen["tp"], "float32", stage=st) <= budget
         assert len({d.split("/")[0] for d in row["devices"]}) == 1  # one node per tp group
-    nodes = {d.split("/")[0] for d in chosen["devices"]}
-    assert nodes == {"node0", "node1"}
+    assert {d.split("/")[0] for r in chosen["stages"] for d in r["devices"]} == \
+        {"node0", "node1"}
+    pinned = json.loads(_cli(*args, "--nodes", "2", "--tp", str(chosen["tp"]), "--pp",
+                             str(chosen["pp"])).stdout)
+    assert [(p["tp"], p["pp"]) for p in pinned["plans"]] == [(chosen["tp"], chosen["pp"])]
 
 
 def test_the_175b_model_on_12_chip_machines():
     """The seed's case: OPT-175B (the GPT-3 shape) in bfloat16 fits one inf2.48xlarge at
     tp=12 with its KV capacity stated; it does not fit an inf2.24xlarge (6 chips), where two
-    of them at tp=6 x pp=2 are the smallest plan that does."""
+    of them at tp=6 x pp=2 do."""
     plan = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware", "inf2.48xlarge",
                            "--tp", "12").stdout)
-    assert plan["fits"] and plan["dtype"] == "bfloat16" and plan["nodes_used"] == 1
-    stage = plan["stages"][0]
-    assert stage["weight_bytes_per_device"] < 32 << 30 and stage["kv_tokens_that_fit"] >= 2048
-    assert len(plan["devices"]) == 12 and plan["hardware_source"].startswith("https://")
-    small = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
-                            "--tp", "6").stdout)
-    assert not small["fits"] and small["smallest_that_fits"] is None  # not on one node
+    assert plan["dtype"] == "bfloat16" and plan["hardware_source"].startswith("https://")
+    one = plan["plans"][plan["chosen"]]
+    assert one["fits"] and one["nodes"] == 1 and one["kv_tokens"] >= 2048
+    assert one["bytes_per_device"]["weights"] < 32 << 30
+    assert set(one["predicted"]) == {"prefill_ms", "decode_ms", "ttft_ms", "tpot_ms",
+                                     "tokens_per_s"}
+    assert len(one["stages"][0]["devices"]) == 12
+    small = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware",
+                            "inf2.24xlarge").stdout)
+    assert small["chosen"] is None  # not on one node, whatever the split
+    assert small["smallest_hardware"]["total_memory"] >= 350e9
     two = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
-                          "--tp", "6", "--nodes", "2").stdout)
-    assert not two["fits"]  # tp=6 alone: 54 GiB a chip
-    assert two["smallest_that_fits"]["tp"] == 6 and two["smallest_that_fits"]["pp"] == 2
-    split = json.loads(_cli("plan", "--json", "--model", "opt-175b", "--hardware",
-                            "inf2.24xlarge", "--tp", "6", "--pp", "2", "--nodes", "2").stdout)
-    assert split["fits"] and {r["node"] for r in split["stages"]} == {0, 1}
-    # the same for a person: a table of the stages and the verdict
-    table = _cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge", "--tp", "6",
+                          "--nodes", "2").stdout)
+    chosen = two["plans"][two["chosen"]]
+    assert (chosen["tp"], chosen["pp"]) == (6, 2)
+    assert {r["node"] for r in chosen["stages"]} == {0, 1}
+    # the same for a person: the candidates, the pick, its stages
+    table = _cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge",
                  "--nodes", "2").stdout
-    assert table.splitlines()[2].split()[:2] == ["stage", "layers"]
-    assert "does not fit" in table and "smallest plan that fits: tp=6 x pp=2 on 2 node" in table
+    assert "TPOT ms" in table and "chosen: tp=6 x pp=2 on 2 node(s)" in table
+    refused = _cli("plan", "--model", "opt-175b", "--hardware", "inf2.24xlarge").stdout
+    assert "does not fit" in refused and "smallest hardware that fits:" in refused
 
 
 def test_calibrate_writes_the_local_profile_plan_reads(tmp_path):
@@ -150,15 +160,28 @@ def test_calibrate_writes_the_local_profile_plan_reads(tmp_path):
                              text=True, timeout=240, env=env)
     assert missing.returncode == 2 and "run `shardserve calibrate`" in missing.stderr
     out = run("calibrate", "--quick").stdout
-    assert "linear-layer TFLOP/s by rows" in out and "memory read:" in out
+    assert "picoseconds a weight by rows" in out and "memory read:" in out
     import yaml
 
     local = yaml.safe_load((tmp_path / "shardserve/hardware/local.yaml").read_text())
     profile = local["profiles"]["local"]
-    curve = profile["tflops_by_rows"]["float32"]
-    assert sorted(curve) == [1, 16, 64, 256, 512] and all(v > 0 for v in curve.values())
-    assert profile["tflops"]["float32"] == max(curve.values())
+    one = profile["cpu_splits"][1]
+    curve = one["linear_ps_per_weight"]["float32"]
+    assert sorted(curve) == [1, 16, 64, 512] and all(v > 0 for v in curve.values())
+    assert curve[512] > curve[1]  # more rows, more time a weight
+    assert profile["tflops"]["float32"] == round(max(2 * r / ps for r, ps in curve.items()), 4)
+    assert set(one["overhead"]["float32"]) == set(cost.OVERHEAD_TERMS)
+    assert one["probe_steps"]["float32"]  # the steps the fit came from
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert profile["cpu_splits"][2]["all_reduce"]["latency_us"] > 0
     assert profile["memory_bandwidth_gib_s"] > 0 and "measured by" in profile["source"]
     plan = json.loads(run("plan", "--json", "--model", "llama-3-8b", "--hardware",
                           "local").stdout)
-    assert plan["hardware"] == "local" and plan["stages"][0]["weight_bytes_per_device"] > 0
+    assert plan["hardware"] == "local" and plan["predictions_from"].startswith("measured")
+    assert any(p["predicted"] for p in plan["plans"])
+    # and for the devices of this machine without --hardware
+    model = tmp_path / "m"
+    run("make-test-model", "--arch", "llama", "--out", str(model))
+    mine = json.loads(run("plan", "--json", "--model", str(model), "--devices",
+                          "cpu:1").stdout)
+    assert mine["plans"][0]["predicted"]["decode_ms"] > 0

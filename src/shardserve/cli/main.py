@@ -25,6 +25,10 @@ _SHORT = {"tensor_parallel_size": "--tp", "tp": "--tensor-parallel-size",  # vLL
           "pipeline_parallel_size": "--pp", "pp": "--pipeline-parallel-size"}
 
 
+def _int_or_word(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -33,8 +37,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + ([_SHORT[f.name]] if f.name in _SHORT else [])
         kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # "int | None" -> int
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if isinstance(kind, types.UnionType):  # "int | None" -> int; "int | str" -> 2 or auto
+            options = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind = _int_or_word if set(options) == {int, str} else options[0]
         required = f.default is dataclasses.MISSING
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -78,10 +83,25 @@ def _parser() -> argparse.ArgumentParser:
                                                    "opt-175b, llama-2-70b, llama-3-8b, "
                                                    "mixtral-8x7b")
     what.add_argument("--repository")
-    _add_fields(pl, ModelConfig, skip=("path", "max_model_len"))
-    _add_fields(pl, ParallelConfig)
+    _add_fields(pl, ModelConfig, skip=("path",))
+    pl.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int,
+                    help="pin the tensor-parallel size (default: list every one that splits)")
+    pl.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int,
+                    help="pin the pipeline depth (default: list every one that fills the "
+                         "devices)")
+    pl.add_argument("--pipeline-split", help="with --pp: layers of each stage, e.g. 5,3")
     _add_fields(pl, DeviceConfig)
     _add_fields(pl, SchedulerConfig)
+    op = pl.add_argument_group("the operating point predicted, and the SLOs a plan must meet")
+    op.add_argument("--concurrency", type=int, default=1, help="requests in flight, over all "
+                                                               "replicas")
+    op.add_argument("--batch", type=int, help="sequences a replica decodes per step "
+                                               "(default: the concurrency shared by the "
+                                               "replicas, up to max_num_seqs and the KV cache)")
+    op.add_argument("--prompt-len", type=int, default=512)
+    op.add_argument("--output-len", type=int, default=128)
+    op.add_argument("--slo-ttft-ms", type=float, help="time to first token at most this")
+    op.add_argument("--slo-tpot-ms", type=float, help="time per output token at most this")
     pl.add_argument("--json", action="store_true", help="print JSON (for tools) instead of "
                                                          "a table")
     pl.add_argument("--hardware", help="plan for a hardware profile's nodes instead of "
@@ -91,9 +111,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="machines, each with --devices: pipeline stages may span them, a "
                          "tensor-parallel group stays inside one")
 
-    cal = sub.add_parser("calibrate", help="measure this machine (linear-layer TFLOP/s by "
-                                           "dtype and rows, memory bandwidth) into the "
-                                           "hardware profile `local`")
+    cal = sub.add_parser("calibrate", help="measure this machine (linear layers by weight "
+                                           "format and rows, all-reduce, engine time per "
+                                           "step, memory bandwidth) into the hardware "
+                                           "profile `local` (minutes)")
     cal.add_argument("--out", help="where to write it (default: "
                                    "~/.cache/shardserve/hardware/local.yaml)")
     cal.add_argument("--quick", action="store_true", help="small shapes, short runs (tests)")
@@ -173,48 +194,66 @@ def _plan(args: argparse.Namespace) -> None:
     import os
     import types
 
+    from shardserve.planner import search
+    from shardserve.planner.hardware import local_rates, profile
+    from shardserve.planner.partition import parse_split
     from shardserve.planner.presets import PRESETS, preset
-    from shardserve.runtime.devices import Device, parse_devices
+    from shardserve.runtime.devices import parse_devices
     from shardserve.runtime.precision import Precision, choose
 
     if args.repository:
         return _plan_repository(args)
     if args.nodes < 1:
         raise ValueError(f"--nodes {args.nodes}: must be >= 1")
-    parallel, sched = _build(ParallelConfig, args), _build(SchedulerConfig, args)
-    hardware = None
+    sched = _build(SchedulerConfig, args)
+    target = search.Target(args.concurrency, args.batch, args.prompt_len, args.output_len,
+                           args.slo_ttft_ms, args.slo_tpot_ms)
     if args.hardware:
-        from shardserve.planner.hardware import profile
-
         hardware = profile(args.hardware)
-        per_node = [Device(hardware.kind, i, (), hardware.memory_per_device)
-                    for i in range(hardware.devices_per_node)]
+        nodes = search.Nodes(tuple(f"{hardware.kind}:{i}"
+                                   for i in range(hardware.devices_per_node)),
+                             hardware.memory_per_device, args.nodes, hardware.rates)
+        source = ("measured on this machine by `shardserve calibrate`" if hardware.cpu_splits
+                  else "the vendor's peak FLOP/s and bandwidths (a roofline: a lower bound, "
+                       "no per-step overhead measured)")
     else:
-        per_node = parse_devices(args.devices, args.device_memory)
+        hardware, devices = None, parse_devices(args.devices, args.device_memory)
+        measured = devices[0].kind == "cpu" and local_rates(1) is not None
+        nodes = search.Nodes(tuple(d.name for d in devices), devices[0].memory_budget,
+                             args.nodes, local_rates if measured else (lambda n: None))
+        source = ("measured on this machine by `shardserve calibrate`" if measured else
+                  "none: run `shardserve calibrate` (or pass --hardware) for predictions")
     if not os.path.isdir(args.path) and args.path in PRESETS:
         spec = preset(args.path)
         model = types.SimpleNamespace(path=args.path, spec=spec, is_encoder=False)
     else:
         model = _build(ModelConfig, args)
         spec = model.spec
-    parallel.check_model(spec)
+    ParallelConfig(args.tp or 1, args.pp or 1, args.pipeline_split).check_model(spec)
     if hardware is not None or isinstance(model, types.SimpleNamespace):
         dtype = spec.dtype if args.dtype == "auto" else args.dtype
         where = f"{hardware.name} ({hardware.device})" if hardware else "these devices"
         precision = Precision(dtype, dtype, "planned", f"weights, activations and KV cache "
                               f"in {dtype}, as planned for {where}", args.quantization)
     else:
-        precision = choose(model, per_node[0].kind)
+        precision = choose(model, nodes.devices[0].split(":")[0])
+    context = args.max_model_len or spec.max_position
+    plans = search.candidates(spec, nodes, precision, sched, target, context, args.tp,
+                              args.pp, parse_split(args.pipeline_split))
+    chosen = search.choose(plans)
     out = {"model": model.path, "architecture": spec.architecture,
            "hardware": hardware.name if hardware else None,
            "hardware_source": hardware.source if hardware else None,
+           "nodes": args.nodes, "devices_per_node": nodes.per_node,
+           "budget_per_device": nodes.budget,
            "dtype": precision.weights, "compute_dtype": precision.compute,
            "kv_cache_dtype": precision.kv, "quantization": precision.quantization,
            "kernels": precision.label, "kernels_note": precision.note,
-           **_stage_plan(model, parallel, per_node, args.nodes, precision, sched)}
-    if not out["fits"]:
-        out["smallest_that_fits"] = _smallest_fit(model, per_node, args.nodes, precision,
-                                                  sched)
+           "context_tokens": context, "operating_point": dataclasses.asdict(target),
+           "predictions_from": source, "plans": plans, "chosen": chosen}
+    if not any(p["fits"] for p in plans):
+        out["smallest_hardware"] = search.smallest_hardware(spec, precision, sched, target,
+                                                            context, args.nodes)
     print(json.dumps(out, indent=2) if args.json else _plan_table(out))
 
 
@@ -235,119 +274,75 @@ def _span(devices: list[str]) -> str:
 
 
 def _plan_table(out: dict) -> str:
-    """``shardserve plan`` for a person: what, where, and each stage's bytes per device."""
-    from shardserve.planner.memory import format_bytes
+    """``shardserve plan`` for a person: the candidate plans with their bytes and predicted
+    speed, the pick, and the pick's stages."""
+    from shardserve.planner.memory import format_bytes as fb
 
-    where = out["hardware"] or f"{len(out['devices']) or '?'} device(s)"
-    lines = [f"{out['model']} ({out['architecture']}), {out['kernels']}, tp={out['tp']} x "
-             f"pp={out['pp']} on {where}; budget {format_bytes(out['budget_per_device'])} a "
-             f"device",
-             ""]
-    rows = [[r["stage"], f"{r['layers'][0]}-{r['layers'][1]}", r.get("node", "-"),
-             _span(r.get("devices", [])), r["weights_per_device"],
-             format_bytes(r["activation_bytes_per_device"])
-             if "activation_bytes_per_device" in r else "-",
-             f"{r['kv_tokens_that_fit']:,}" if "kv_tokens_that_fit" in r else "-",
-             "yes" if r["fits"] else "no"] for r in out["stages"]]
-    lines.append(_table(["stage", "layers", "node", "devices", "weights", "activations",
-                         "KV tokens", "fits"], rows))
+    where = out["hardware"] or f"{out['devices_per_node']} device(s)"
+    op = out["operating_point"]
+    slo = ", ".join(f"{k} <= {op[f'slo_{k}_ms']:g} ms" for k in ("ttft", "tpot")
+                    if op[f"slo_{k}_ms"] is not None) or "none"
+    lines = [f"{out['model']} ({out['architecture']}), {out['kernels']}, on {out['nodes']} x "
+             f"{where}; budget {fb(out['budget_per_device'])} a device",
+             f"operating point: {op['prompt_len']} tokens in, {op['output_len']} out, "
+             f"{op['concurrency']} in flight; SLOs: {slo}",
+             f"predictions from: {out['predictions_from']}", ""]
+    ms = lambda p, k: f"{p['predicted'][k]:,.1f}" if p["predicted"] else "-"  # noqa: E731
+    rows = []
+    for i, p in enumerate(out["plans"]):
+        b = p["bytes_per_device"]
+        verdict = ("no" if not p["fits"] else "yes" if p["meets_slo"] is not False
+                   else "misses SLO")
+        rows.append(["*" if i == out["chosen"] else "", p["tp"], p["pp"], p["nodes"] or "-",
+                     p["replicas"], fb(b["weights"]), fb(b["kv"]), fb(b["activations"]),
+                     f"{p['kv_tokens']:,}", p["batch"] or "-", ms(p, "ttft_ms"),
+                     ms(p, "tpot_ms"), ms(p, "tokens_per_s"), verdict])
+    lines.append(_table(["", "tp", "pp", "nodes", "replicas", "weights", "KV", "activations",
+                         "KV tokens", "batch", "TTFT ms", "TPOT ms", "tok/s", "fits"], rows))
     lines.append("")
-    if out["fits"]:
-        lines.append("fits")
-    else:
-        why = out["placement_error"] or (
-            "a stage's weights, activations and one full-context sequence of KV cache "
-            f"({out['context_tokens']:,} tokens) exceed the budget")
-        lines.append(f"does not fit: {why}")
-        best = out.get("smallest_that_fits")
-        lines.append(f"smallest plan that fits: tp={best['tp']} x pp={best['pp']} on "
-                     f"{best['nodes_used']} node(s), {best['weights_per_device']} of weights "
-                     "a device" if best else "nothing fits these nodes: more nodes or more "
-                     "memory a device")
+    if out["chosen"] is None:
+        fitting = [p for p in out["plans"] if p["fits"]]
+        if fitting:
+            lines.append("no plan meets the SLOs: relax them, or add devices")
+        else:
+            why = {p.get("why") for p in out["plans"]}
+            lines.append("does not fit: " + "; ".join(sorted(w for w in why if w)))
+            best = out.get("smallest_hardware")
+            lines.append(f"smallest hardware that fits: {best['nodes']} x {best['hardware']} "
+                         f"at tp={best['tp']} x pp={best['pp']}" if best else
+                         "no known hardware fits it")
+        return "\n".join(lines)
+    p = out["plans"][out["chosen"]]
+    lines.append(f"chosen: tp={p['tp']} x pp={p['pp']} on {p['nodes']} node(s), "
+                 f"{p['replicas']} replica(s)")
+    rows = [[r["stage"], f"{r['layers'][0]}-{r['layers'][1]}", r.get("node", "-"),
+             _span(r.get("devices", [])), fb(r["weight_bytes_per_device"]),
+             fb(r["activation_bytes_per_device"]), f"{r['kv_tokens_that_fit']:,}"]
+            for r in p["stages"]]
+    lines.append(_table(["stage", "layers", "node", "devices", "weights", "activations",
+                         "KV tokens"], rows))
     return "\n".join(lines)
-
-
-def _stage_plan(model: ModelConfig, parallel: ParallelConfig, per_node: list, nodes: int,
-                precision, sched: SchedulerConfig | None = None) -> dict:
-    """Bytes per device of each pipeline stage at ``parallel`` on ``nodes`` machines of
-    ``per_node`` devices: stage ``s`` takes devices ``s*tp .. (s+1)*tp - 1`` in node order,
-    and a tp group never straddles two machines."""
-    from shardserve.planner.memory import format_bytes, stage_bytes, weight_bytes_per_device
-
-    spec, tp, pp = model.spec, parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    dpn, budget = len(per_node), per_node[0].memory_budget
-    placed = tp <= dpn and dpn % tp == 0 and tp * pp <= nodes * dpn
-    rows, needs = [], None
-    if not model.is_encoder:  # the engine's own policy
-        sched = sched or SchedulerConfig()
-        needs = stage_bytes(spec, tp, parallel.stages(spec), precision.weights,
-                            precision.compute, precision.kv, precision.quantization,
-                            sched.max_num_batched_tokens, sched.max_num_seqs)
-    for i, st in enumerate(parallel.stages(spec)):
-        need = needs[i].weights if needs else weight_bytes_per_device(
-            spec, tp, precision.weights, precision.compute, precision.quantization, st)
-        row = {"stage": st.index, "layers": [st.start, st.stop - 1],
-               "weight_bytes_per_device": need, "weights_per_device": format_bytes(need),
-               "fits": need <= budget}
-        if needs is not None:  # and room for one sequence of the full context, as the engine
-            row["activation_bytes_per_device"] = needs[i].activations
-            row["kv_bytes_per_token"] = needs[i].kv_per_token
-            row["kv_tokens_that_fit"] = needs[i].kv_tokens(budget)
-            row["fits"] = row["fits"] and row["kv_tokens_that_fit"] >= spec.max_position
-        if placed:
-            first = st.index * tp
-            row["node"] = first // dpn
-            row["devices"] = [f"node{(first + j) // dpn}/{per_node[(first + j) % dpn].name}"
-                              for j in range(tp)]
-        rows.append(row)
-    heaviest = max(rows, key=lambda r: r["weight_bytes_per_device"])
-    why = "" if placed else (
-        f"tp={tp} x pp={pp} does not place on {nodes} node(s) of {dpn} devices (a tp group "
-        "stays inside one node: tp must divide the devices per node)")
-    return {"tp": tp, "pp": pp, "nodes_used": -(-tp * pp // dpn) if placed else None,
-            "context_tokens": spec.max_position,
-            "budget_per_device": budget, "stages": rows,
-            "weight_bytes_per_device": heaviest["weight_bytes_per_device"],
-            "weights_per_device": heaviest["weights_per_device"],
-            "devices": [d for r in rows for d in r.get("devices", [])],
-            "fits": placed and all(r["fits"] for r in rows), "placement_error": why}
-
-
-def _smallest_fit(model: ModelConfig, per_node: list, nodes: int, precision,
-                  sched: SchedulerConfig | None = None) -> dict | None:
-    """The plan with the fewest devices whose every stage fits (tensor parallel inside a
-    node first, then pipeline stages), or None when even every device of every node is not
-    enough."""
-    spec, dpn = model.spec, len(per_node)
-    tps = [t for t in range(1, dpn + 1) if dpn % t == 0 and spec.tp_ok(t)]
-    pps = [1] if model.is_encoder else range(1, spec.num_layers + 1)
-    options = sorted(((t, p) for t in tps for p in pps if t * p <= nodes * dpn),
-                     key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
-    for t, p in options:
-        plan = _stage_plan(model, ParallelConfig(t, p), per_node, nodes, precision, sched)
-        if plan["fits"]:
-            return {k: plan[k] for k in ("tp", "pp", "nodes_used", "weight_bytes_per_device",
-                                         "weights_per_device")}
-    return None
 
 
 def _plan_repository(args: argparse.Namespace) -> None:
     from shardserve.config import repository_configs
-    from shardserve.engine.host import deployment_need
+    from shardserve.engine.host import resolve_tp
     from shardserve.planner.memory import format_bytes
-    from shardserve.planner.placement import place
+    from shardserve.planner.placement import Plan, place
     from shardserve.runtime.devices import parse_devices
     from shardserve.runtime.precision import choose
 
     devices = parse_devices(args.devices, args.device_memory)
     needs, labels = [], {}
-    for c in repository_configs(args.repository):
+    plan = Plan({d.name: d.memory_budget for d in devices})
+    for c in repository_configs(args.repository):  # in the order the server loads them
         model = c.model_config()
         precision = choose(model, devices[0].kind)
-        need = deployment_need(c, model, precision)
-        needs += [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
+        c, need = resolve_tp(c, model, precision, plan)
+        replicas = [dataclasses.replace(need, name=f"{c.name}/{i}") for i in range(c.replicas)]
+        place(plan.budgets, replicas, plan)
+        needs += replicas
         labels[c.name] = precision.label
-    plan = place({d.name: d.memory_budget for d in devices}, needs)
     if not args.json:
         from shardserve.planner.memory import format_bytes as fb
 
@@ -516,11 +511,20 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else local_profile_path()
     p = calibrate(out, args.quick)
-    rows = [[d, *(f"{v:.3f}" for v in curve.values())] for d, curve in
-            p["tflops_by_rows"].items()]
-    rows_seen = next(iter(p["tflops_by_rows"].values()))
-    print(f"{p['device']}: linear-layer TFLOP/s by rows")
-    print(_table(["dtype", *(str(r) for r in rows_seen)], rows))
+    for n, split in p["cpu_splits"].items():
+        curves = split["linear_ps_per_weight"]
+        rows_seen = next(iter(curves.values()))
+        print(f"cpu:{n} ({split['threads']} thread(s) a device): linear layers, picoseconds a "
+              "weight by rows")
+        print(_table(["weights", *(str(r) for r in rows_seen)],
+                     [[f, *(f"{v:.1f}" for v in c.values())] for f, c in curves.items()]))
+        if "all_reduce" in split:
+            ar = split["all_reduce"]
+            print(f"all-reduce: {ar['latency_us']} us + {ar['gib_s']} GiB/s")
+        for dtype, terms in split["overhead"].items():
+            print(f"engine time ({dtype} checkpoints): " +
+                  ", ".join(f"{k} {v:g}" for k, v in terms.items()))
+        print()
     print(f"memory read: {p['memory_bandwidth_gib_s']} GiB/s")
     print(f"wrote {out} (profile `local`: shardserve plan --hardware local)")
 

@@ -130,6 +130,14 @@ def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
         (spec.hidden_size if st.is_last else 0)
 
 
+def linear_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int]:
+    """``(one decoder layer, LM head)``: the matrix weights one rank multiplies by, the
+    matmul work of a step (``planner/cost.py``) and what quantization converts."""
+    h = spec.hidden_size
+    q, kv, i, vocab = _widths(spec, tp)
+    return (q + 2 * kv) * h + h * q + _mlp_mats(spec) * i * h, vocab * h
+
+
 def quantized_params_per_device(spec: TransformerSpec, tp: int, stage: Stage | None = None
                                 ) -> tuple[int, int]:
     """``(weights, output features)`` of the layers weight-only quantization converts on one
@@ -139,7 +147,8 @@ def quantized_params_per_device(spec: TransformerSpec, tp: int, stage: Stage | N
     q, kv, i, vocab = _widths(spec, tp)
     head = 1 if st.is_last else 0
     m = _mlp_mats(spec)
-    weights = st.num_layers * ((q + 2 * kv) * h + h * q + m * i * h) + head * vocab * h
+    layer, head_weights = linear_params_per_device(spec, tp)
+    weights = st.num_layers * layer + head * head_weights
     outputs = st.num_layers * ((q + 2 * kv) + h + (m - 1) * i + h) + head * vocab
     return weights, outputs
 

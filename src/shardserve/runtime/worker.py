@@ -25,7 +25,8 @@ from shardserve.runtime.messages import encode as _encode
 from shardserve.runtime.process import serve_pipes
 
 # The only methods a Call may name.
-_CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping")
+_CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping",
+          "time_all_reduce")
 
 
 # glibc's mallopt parameters
