@@ -16,6 +16,7 @@ from typing import Any
 from shardserve.planner.memory import head_in_layers, parse_bytes
 from shardserve.planner.partition import Stage, parse_split, split_layers
 from shardserve.planner.specs import (
+    DLRMSpec,
     EncoderSpec,
     TransformerSpec,
     canonical_dtype,
@@ -79,6 +80,13 @@ class ModelConfig:
     @property
     def is_encoder(self) -> bool:
         return isinstance(self.spec, EncoderSpec)
+
+    @property
+    def kind(self) -> str:
+        """The deployment kind that serves this model: llm, encoder or recommender."""
+        if isinstance(self.spec, EncoderSpec):
+            return "encoder"
+        return "recommender" if isinstance(self.spec, DLRMSpec) else "llm"
 
     @cached_property
     def weight_files(self) -> list[str]:
@@ -224,8 +232,9 @@ class DeploymentConfig:
     name: str = field(metadata={"help": "the name clients call the model by"})
     path: str = field(metadata={"help": "the model folder (config.json, *.safetensors)"})
     kind: str = field(default="llm", metadata={
-        "help": "llm (generative, continuous batching) or encoder (embeddings / classifier, "
-                "dynamic batching)"})
+        "help": "llm (generative, continuous batching), encoder (embeddings / classifier, "
+                "dynamic batching) or recommender (DLRM scores, dynamic batching; its tables "
+                "sharded over tp devices)"})
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
     quantization: str | None = field(default=None, metadata={
         "help": "as ModelConfig.quantization (int8)"})
@@ -301,8 +310,9 @@ class DeploymentConfig:
             cfg = DeploymentConfig(path=weights, **data)
         except TypeError as e:
             raise ValueError(f"{file}: {e}") from None
-        if cfg.kind not in ("llm", "encoder"):
-            raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm or encoder")
+        if cfg.kind not in ("llm", "encoder", "recommender"):
+            raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm, encoder or "
+                             "recommender")
         _check_fields(file, cfg)
         try:
             check_quantization(cfg.quantization)

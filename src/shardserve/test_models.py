@@ -50,7 +50,40 @@ ARCHS = {
 BOS, EOS = "<s>", "</s>"
 
 
+# DLRM: Criteo's 13 dense features and 26 tables with a spread of sizes (geometric, 10 rows
+# up), TorchRec's layout. "tiny" for unit tests; "small" with its largest table ~110k rows.
+DLRM_SIZES = {
+    "tiny": dict(embedding_dim=8, growth=1.3, dense=[32, 8], over=[32, 16, 1]),
+    "small": dict(embedding_dim=16, growth=1.45, dense=[64, 16], over=[128, 64, 1]),
+}
+
+
+def dlrm_config(size: str = "tiny", dtype: str = "float32", pooling: str = "sum") -> dict:
+    if size not in DLRM_SIZES:
+        raise ValueError(f"unknown dlrm size {size!r}; choose from {sorted(DLRM_SIZES)}")
+    s = DLRM_SIZES[size]
+    return {"architectures": ["DLRM"], "model_type": "dlrm", "dense_in_features": 13,
+            "embedding_dim": s["embedding_dim"],
+            "num_embeddings_per_feature": [int(10 * s["growth"] ** i) for i in range(26)],
+            "dense_arch_layer_sizes": s["dense"], "over_arch_layer_sizes": s["over"],
+            "pooling": pooling, "torch_dtype": dtype}
+
+
+def _dlrm_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    from shardserve.planner.specs import DLRMSpec
+
+    spec = DLRMSpec.from_hf(cfg)
+    shapes = {spec.table_name(f): (n, spec.embedding_dim)
+              for f, n in enumerate(spec.num_embeddings)}
+    for prefix, i, o in spec.mlp_shapes():
+        shapes[f"{prefix}.weight"] = (o, i)
+        shapes[f"{prefix}.bias"] = (o,)
+    return shapes
+
+
 def hf_config(arch: str, size: str, dtype: str = "float32") -> dict:
+    if arch == "dlrm":
+        return dlrm_config(size, dtype)
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     if size not in SIZES:
@@ -65,7 +98,9 @@ def hf_config(arch: str, size: str, dtype: str = "float32") -> dict:
 
 
 def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes exactly as transformers saves this architecture."""
+    """Tensor names and shapes exactly as transformers (TorchRec for DLRM) saves them."""
+    if cfg["model_type"] == "dlrm":
+        return _dlrm_shapes(cfg)
     if cfg["model_type"] == "bert":
         return _bert_shapes(cfg)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -125,15 +160,21 @@ def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**hf_config(arch, size, dtype), **(overrides or {})}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2}, indent=2))
+    dlrm = cfg["model_type"] == "dlrm"
+    if not dlrm:
+        (out / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 1, "eos_token_id": 2}, indent=2))
     gen = torch.Generator().manual_seed(seed)
-    std = cfg["initializer_range"]
+    std = cfg.get("initializer_range", 0.02)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size_now = 0
     for name, shape in weight_shapes(cfg).items():
         if name.endswith("norm.weight") or name.endswith("LayerNorm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif dlrm and len(shape) == 2 and "embedding_bags" not in name:  # scores that vary
+            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+        elif dlrm and len(shape) == 2:
+            t = 0.3 * torch.randn(shape, generator=gen)
         else:
             t = std * torch.randn(shape, generator=gen)
         t = t.to(getattr(torch, dtype))
@@ -144,7 +185,7 @@ def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 
         shards[-1][name] = t
         size_now += nbytes
     _save_shards(out, shards)
-    if tokenizer:
+    if tokenizer and not dlrm:
         write_tokenizer(out, cfg["vocab_size"])
     return out
 

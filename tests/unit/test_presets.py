@@ -45,3 +45,13 @@ def test_profiles_carry_their_sources():
         (12, 32 << 30, 190)
     with pytest.raises(ValueError, match="no hardware profile 'inf3'"):
         profile("inf3")
+
+
+def test_bytes_per_device_at_tp8_by_hand():
+    """Llama-2-70B in bfloat16 at tp=8: each rank holds 1/8 of q, o, the MLP and the
+    vocabulary, one of the eight KV heads, and whole norms; 2 bytes a parameter."""
+    h, layers, inter, vocab, hd = 8192, 80, 28672, 32000, 128
+    per_layer = (h * h // 8) * 2 + (h * hd) * 2 + 3 * h * (inter // 8) + 2 * h
+    params = layers * per_layer + 2 * (vocab // 8) * h + h
+    assert weight_bytes_per_device(preset("llama-2-70b"), 8, "bfloat16") == 2 * params
+    assert round(2 * params / 2**30, 2) == 16.06  # GiB: fits an 80 GB H100 with room for KV

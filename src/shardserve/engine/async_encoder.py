@@ -1,4 +1,5 @@
-"""asyncio front of an encoder replica: a dynamic batcher over a supervised EncoderEngine.
+"""asyncio front of an encoder (or recommender) replica: a dynamic batcher over a supervised
+engine that answers one forward pass per batch.
 
 Batches run one at a time on a worker thread (``DynamicBatcher``). A batch whose group fails
 (``WorkerError``) ends with ``EngineUnavailable`` for every request in it, and the supervisor
@@ -22,8 +23,11 @@ from shardserve.runtime.executor import RemoteError, WorkerError
 class AsyncEncoder:
     def __init__(self, factory: Callable[[], EncoderEngine], max_batch_size: int,
                  max_queue_delay_ms: float = 0.0, preferred_batch_sizes: Sequence[int] = (),
-                 name: str = "encoder", policy: RestartPolicy | None = None) -> None:
-        self.name = name
+                 name: str = "encoder", policy: RestartPolicy | None = None,
+                 method: str = "encode") -> None:
+        """``method``: the engine's batch call (``encode``; a recommender's
+        ``score_many``)."""
+        self.name, self.method = name, method
         self._sup = Supervisor(name, factory, policy or RestartPolicy())
         self._sup.start()
         self.batcher = DynamicBatcher(self._run_batch, max_batch_size, max_queue_delay_ms,
@@ -37,6 +41,10 @@ class AsyncEncoder:
         """One input's pooled vector (or logits), batched with whatever else is queued."""
         return await self.batcher.submit(token_ids, size=len(token_ids))
 
+    async def submit(self, item: object, size: int = 1) -> object:
+        """One request of any model the batcher serves (a recommender's sample batch)."""
+        return await self.batcher.submit(item, size=size)
+
     def _run_batch(self, items: list[list[int]]) -> np.ndarray:
         engine = self._sup.engine
         if engine is None:
@@ -45,7 +53,7 @@ class AsyncEncoder:
             raise EngineUnavailable(f"model `{self.name}` is {status.state.value.lower()}"
                                     f"{why}; retry later")
         try:
-            return engine.encode(items)
+            return getattr(engine, self.method)(items)
         except RemoteError as e:  # the group is fine; the batcher retries request by request
             raise RequestFailed(str(e)) from None
         except WorkerError as e:

@@ -30,11 +30,13 @@ from shardserve.engine.async_engine import AsyncLLMEngine
 from shardserve.engine.encoder_engine import EncoderEngine
 from shardserve.engine.errors import EngineUnavailable
 from shardserve.engine.pipeline import Pipeline, PipelineConfig
+from shardserve.engine.recommender import RecommenderEngine
 from shardserve.engine.supervisor import RestartPolicy, State
 from shardserve.engine.tokenizer import load_chat_template, load_tokenizer
 from shardserve.models.registry import check_architecture
 from shardserve.planner.memory import stage_bytes, weight_bytes_per_device
 from shardserve.planner.placement import Need, Plan, place, release
+from shardserve.planner.recsys import plan_tables
 from shardserve.runtime.devices import Device
 from shardserve.runtime.precision import Precision, choose
 
@@ -68,6 +70,10 @@ class Deployment:
     @property
     def is_encoder(self) -> bool:
         return self.model.is_encoder
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
 
     @property
     def inflight(self) -> int:
@@ -107,10 +113,15 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
     check_architecture(spec.architecture)
     parallel = cfg.parallel_config()
     parallel.check_model(spec)
-    if model.is_encoder != (cfg.kind == "encoder"):
-        what, kind = ("an encoder", "encoder") if model.is_encoder else ("generative", "llm")
+    if model.kind != cfg.kind:
         raise ValueError(f"{cfg.name}: model.yaml says kind {cfg.kind!r} but "
-                         f"{spec.architecture} is {what}; set kind: {kind}")
+                         f"{spec.architecture} is served as kind {model.kind!r}; set kind: "
+                         f"{model.kind}")
+    if model.kind == "recommender":  # its shards and one batch's pooled rows
+        tables = max(plan_tables(spec, cfg.tp, precision.weights).bytes_per_device())
+        batch = cfg.max_batch_size * 64  # samples a batch may carry, generously
+        act = batch * (spec.num_tables + 1) * (spec.embedding_dim + spec.num_tables) * 4 * 2
+        return Need(cfg.name, cfg.tp, tables + act)
     if model.is_encoder:
         weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
                                           precision.quantization)
@@ -158,6 +169,13 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
     """Start one replica's supervised engine on ``devices``; ``key`` labels its processes.
     An LLM's engine core runs on ``spare_cores`` (if any: the cores no device has)."""
     parallel, policy = cfg.parallel_config(), RestartPolicy(max_restarts=cfg.max_restarts)
+    if model.kind == "recommender":
+        def recommender() -> RecommenderEngine:
+            return RecommenderEngine(model, cfg.tp, devices, label=key,
+                                     step_timeout_s=cfg.step_timeout_s)
+
+        return AsyncEncoder(recommender, cfg.max_batch_size, cfg.max_queue_delay_ms,
+                            cfg.preferred_batch_sizes, cfg.name, policy, method="score_many")
     if model.is_encoder:
         def encoder() -> EncoderEngine:
             return EncoderEngine(model, parallel, devices,

@@ -113,7 +113,7 @@ class Pipeline:
             if dep is None:
                 raise ValueError(f"{config.file}: step {step.name!r} uses model "
                                  f"{step.model!r}, which is not loaded")
-            kind = "encoder" if dep.is_encoder else "llm"
+            kind = dep.kind
             if kind != _KINDS[step.kind]:
                 raise ValueError(f"{config.file}: step {step.name!r} ({step.kind}) needs an "
                                  f"{_KINDS[step.kind]} model; {step.model!r} is {kind}")

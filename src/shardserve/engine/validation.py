@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from shardserve.engine.errors import InvalidRequest
+from shardserve.planner.specs import DLRMSpec
 from shardserve.sampling_params import SamplingParams
 
 
@@ -63,3 +66,52 @@ def check_inputs(inputs: Sequence[Sequence[int]], vocab_size: int, context_len: 
                                  f"{context_len} (send \"truncate\": true to cut it)", param)
         out.append(list(ids[:context_len]))
     return out
+
+
+Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # a recommender's: dense, values, lengths
+
+
+def check_request(spec: DLRMSpec, dense: np.ndarray, values: np.ndarray,
+                  lengths: np.ndarray) -> Request:
+    """A recommender's request (TorchRec's KeyedJaggedTensor layout, see
+    ``engine/recommender.py``) as the workers take it, or ``InvalidRequest`` naming the input
+    and the feature at fault."""
+    f, d = spec.num_tables, spec.dense_in_features
+    dense, values, lengths = np.asarray(dense), np.asarray(values), np.asarray(lengths)
+    if dense.ndim != 2 or dense.shape[1] != d or dense.shape[0] < 1:
+        raise InvalidRequest(f"dense: expected FP32 [N, {d}] with N >= 1, got shape "
+                             f"{list(dense.shape)}", "dense")
+    n = dense.shape[0]
+    if lengths.shape != (f, n):
+        raise InvalidRequest(f"sparse_lengths: expected INT32 [{f}, {n}] (a row per sparse "
+                             f"feature, a column per sample of dense), got shape "
+                             f"{list(lengths.shape)}", "sparse_lengths")
+    if values.ndim != 1:
+        raise InvalidRequest(f"sparse_values: expected INT64 [total], got shape "
+                             f"{list(values.shape)}", "sparse_values")
+    for name, a in (("dense", dense), ("sparse_values", values),
+                    ("sparse_lengths", lengths)):
+        kind = "f" if name == "dense" else "i"
+        if a.dtype.kind not in (kind, "u") and not (kind == "f" and a.dtype.kind in "iu"):
+            raise InvalidRequest(f"{name}: expected {'FP32' if kind == 'f' else 'integer'} "
+                                 f"data, got {a.dtype}", name)
+    if not np.isfinite(dense).all():
+        raise InvalidRequest("dense: NaN or infinite values", "dense")
+    if (lengths < 0).any():
+        t = int(np.argwhere(lengths < 0)[0][0])
+        raise InvalidRequest(f"sparse_lengths: feature cat_{t} has a negative length",
+                             "sparse_lengths")
+    per_feature = lengths.sum(1)
+    if int(per_feature.sum()) != len(values):
+        raise InvalidRequest(f"sparse_values: {len(values)} ids, but sparse_lengths sum to "
+                             f"{int(per_feature.sum())}", "sparse_values")
+    ends = np.cumsum(per_feature)
+    for t in range(f):
+        ids = values[(ends[t - 1] if t else 0):ends[t]]
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_embeddings[t]):
+            bad = int(ids[(ids < 0) | (ids >= spec.num_embeddings[t])][0])
+            raise InvalidRequest(f"sparse_values: feature cat_{t} has id {bad}, outside "
+                                 f"its table's rows 0..{spec.num_embeddings[t] - 1}",
+                                 "sparse_values")
+    return (dense.astype(np.float32, copy=False), values.astype(np.int64, copy=False),
+            lengths.astype(np.int64, copy=False))

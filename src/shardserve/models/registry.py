@@ -12,6 +12,7 @@ _MODELS = {
     "BertModel": ("shardserve.models.bert", "BertModel"),
     "BertForSequenceClassification": ("shardserve.models.bert",
                                       "BertForSequenceClassification"),
+    "DLRM": ("shardserve.models.dlrm", "DLRM"),
 }
 
 

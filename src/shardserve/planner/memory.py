@@ -75,7 +75,7 @@ def _mlp_mats(spec: TransformerSpec) -> int:
 def head_in_layers(spec: TransformerSpec | EncoderSpec) -> float:
     """The LM head's parameters in decoder layers' worth (what a pipeline split weighs the
     last stage's head as)."""
-    if isinstance(spec, EncoderSpec):
+    if not isinstance(spec, TransformerSpec):
         return 0.0
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, 1)

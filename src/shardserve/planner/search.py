@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from shardserve.planner import cost
 from shardserve.planner.memory import head_in_layers, stage_bytes, weight_bytes_per_device
 from shardserve.planner.partition import split_layers
-from shardserve.planner.specs import EncoderSpec, TransformerSpec
+from shardserve.planner.recsys import plan_tables
+from shardserve.planner.specs import DLRMSpec, EncoderSpec, TransformerSpec
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def plan(spec: TransformerSpec, tp: int, pp: int, nodes: Nodes, precision, sched
     placed = tp <= dpn and dpn % tp == 0 and tp * pp <= nodes.count * dpn
     if isinstance(spec, EncoderSpec):
         return _encoder_plan(spec, tp, nodes, precision, placed)
+    if isinstance(spec, DLRMSpec):
+        return _recommender_plan(spec, tp, nodes, precision, placed)
     stages = split_layers(spec.num_layers, pp, split, head_in_layers(spec))
     needs = stage_bytes(spec, tp, stages, precision.weights, precision.compute, precision.kv,
                         precision.quantization, sched.max_num_batched_tokens,
@@ -134,6 +137,28 @@ def _encoder_plan(spec: EncoderSpec, tp: int, nodes: Nodes, precision, placed: b
             **({} if fits else {"why": "the weights exceed the device budget"})}
 
 
+def _recommender_plan(spec: DLRMSpec, tp: int, nodes: Nodes, precision, placed: bool) -> dict:
+    """A DLRM: its tables over ``tp`` devices (table-wise or row-wise), the MLPs on each."""
+    tables = plan_tables(spec, tp, precision.weights)
+    per = tables.bytes_per_device()
+    fits = placed and max(per) <= nodes.budget
+    devices = [f"node0/{d}" for d in nodes.devices[:tp]] if placed else []
+    return {"tp": tp, "pp": 1, "nodes": 1 if placed else None,
+            "replicas": nodes.count * (nodes.per_node // tp) if placed else 0, "fits": fits,
+            "placed": placed,
+            "bytes_per_device": {"weights": max(per), "kv": 0, "activations": 0},
+            "kv_tokens": 0, "predicted": None, "batch": None, "meets_slo": None,
+            "tables": [{"table": t, "kind": tables.kind(t), "rows": spec.num_embeddings[t],
+                        "ranks": [s.rank for s in tables.shards if s.table == t]}
+                       for t in range(spec.num_tables)],
+            "stages": [{"stage": 0, "layers": [0, spec.num_layers - 1],
+                        "weight_bytes_per_device": max(per), "activation_bytes_per_device": 0,
+                        "kv_bytes_per_token": 0, "kv_tokens_that_fit": 0, "fits": fits,
+                        **({"node": 0, "devices": devices} if placed else {})}],
+            **({} if fits else {"why": "a device's table shards and dense layers exceed the "
+                                       "device budget"})}
+
+
 def pipeline_sizes(groups: int, layers: int) -> list[int]:
     """The pipeline depths worth listing: those that divide the tp groups available (so
     replicas fill them), up to the layer count."""
@@ -149,8 +174,8 @@ def candidates(spec: TransformerSpec, nodes: Nodes, precision, sched, target: Ta
     out = []
     for t in tps:
         groups = nodes.count * (dpn // t) if dpn % t == 0 else 1
-        depths = [1] if isinstance(spec, EncoderSpec) else pipeline_sizes(groups,
-                                                                         spec.num_layers)
+        depths = pipeline_sizes(groups, spec.num_layers) if isinstance(
+            spec, TransformerSpec) else [1]
         for p in [pp] if pp else depths:
             out.append(plan(spec, t, p, nodes, precision, sched, target, context,
                             split if pp else None))

@@ -192,8 +192,94 @@ class EncoderSpec:
         return self.num_heads % tp == 0 and self.intermediate_size % tp == 0
 
 
-def spec_from_hf(hf: dict[str, Any]) -> TransformerSpec | EncoderSpec:
+@dataclass(frozen=True)
+class DLRMSpec:
+    """A DLRM recommendation model (TorchRec's layout): dense features through a bottom MLP,
+    one embedding table a sparse feature pooled by sum or mean, pairwise dot interactions,
+    a top MLP, a sigmoid. ``config.json``: ``dense_in_features``, ``embedding_dim``,
+    ``num_embeddings_per_feature`` (rows of each table), ``dense_arch_layer_sizes`` (the
+    last equals ``embedding_dim``), ``over_arch_layer_sizes`` (the last is 1), ``pooling``."""
+
+    architecture: str
+    dense_in_features: int
+    embedding_dim: int
+    num_embeddings: tuple[int, ...]  # rows of each table, one table a sparse feature
+    dense_layers: tuple[int, ...]
+    over_layers: tuple[int, ...]
+    pooling: str  # "sum" or "mean"
+    dtype: str
+    max_position: int = 1  # no sequence: one sample is one row
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.num_embeddings)
+
+    @property
+    def num_layers(self) -> int:
+        """Linear layers (the pipeline machinery counts stages over them; DLRM has one)."""
+        return len(self.dense_layers) + len(self.over_layers)
+
+    @property
+    def over_in_features(self) -> int:
+        f = self.num_tables + 1
+        return self.embedding_dim + f * (f - 1) // 2
+
+    def mlp_shapes(self) -> list[tuple[str, int, int]]:
+        """``(checkpoint prefix, in, out)`` of every linear layer, TorchRec's names."""
+        out, width = [], self.dense_in_features
+        for i, n in enumerate(self.dense_layers):
+            out.append((f"dense_arch.model._mlp.{i}._linear", width, n))
+            width = n
+        width = self.over_in_features
+        for i, n in enumerate(self.over_layers[:-1]):
+            out.append((f"over_arch.model.0._mlp.{i}._linear", width, n))
+            width = n
+        out.append(("over_arch.model.1", width, self.over_layers[-1]))
+        return out
+
+    @staticmethod
+    def table_name(f: int) -> str:
+        return f"sparse_arch.embedding_bag_collection.embedding_bags.t_cat_{f}.weight"
+
+    def tp_ok(self, tp: int) -> bool:
+        return tp >= 1
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any]) -> DLRMSpec:
+        try:
+            spec = DLRMSpec(
+                architecture=hf["architectures"][0],
+                dense_in_features=int(hf["dense_in_features"]),
+                embedding_dim=int(hf["embedding_dim"]),
+                num_embeddings=tuple(int(n) for n in hf["num_embeddings_per_feature"]),
+                dense_layers=tuple(int(n) for n in hf["dense_arch_layer_sizes"]),
+                over_layers=tuple(int(n) for n in hf["over_arch_layer_sizes"]),
+                pooling=str(hf.get("pooling", "sum")),
+                dtype=canonical_dtype(str(hf.get("torch_dtype") or "float32")))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"config.json of a DLRM lacks or garbles a field: {e}") from None
+        if not spec.num_embeddings or min(spec.num_embeddings) < 1:
+            raise ValueError("config.json: num_embeddings_per_feature must list each table's "
+                             "rows (>= 1)")
+        if not spec.dense_layers or spec.dense_layers[-1] != spec.embedding_dim:
+            raise ValueError(f"config.json: the last of dense_arch_layer_sizes "
+                             f"{list(spec.dense_layers)} must equal embedding_dim "
+                             f"{spec.embedding_dim} (the interaction dots them)")
+        if not spec.over_layers or spec.over_layers[-1] != 1:
+            raise ValueError("config.json: over_arch_layer_sizes must end in 1 (one logit)")
+        if spec.pooling not in ("sum", "mean"):
+            raise ValueError(f"config.json: pooling {spec.pooling!r}: use sum or mean")
+        return spec
+
+
+RECOMMENDER_ARCHITECTURES = ("DLRM",)
+
+
+def spec_from_hf(hf: dict[str, Any]) -> TransformerSpec | EncoderSpec | DLRMSpec:
     """The spec of whatever family ``config.json`` describes."""
     if hf["architectures"][0] in ENCODER_ARCHITECTURES:
         return EncoderSpec.from_hf(hf)
+    if hf["architectures"][0] in RECOMMENDER_ARCHITECTURES:
+        return DLRMSpec.from_hf(hf)
     return TransformerSpec.from_hf(hf)

@@ -70,6 +70,9 @@ def choose(model: ModelConfig, device_kind: str) -> Precision:
 
 def _choose(model: ModelConfig, device_kind: str) -> Precision:
     weights = model.torch_dtype_name
+    if model.kind == "recommender":
+        return Precision(weights, weights, "pytorch", f"recommender: {weights} embedding "
+                         "tables pooled by PyTorch's embedding_bag, PyTorch linear layers")
     if device_kind != "cpu":
         return Precision(weights, weights, "pytorch", f"{device_kind}: PyTorch kernels")
     from shardserve import kernels

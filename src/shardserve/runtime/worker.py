@@ -26,7 +26,7 @@ from shardserve.runtime.process import serve_pipes
 
 # The only methods a Call may name.
 _CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping",
-          "time_all_reduce")
+          "time_all_reduce", "recommend")
 
 
 # glibc's mallopt parameters
@@ -123,6 +123,7 @@ class Worker:
         try:
             from shardserve.config import ModelConfig
             from shardserve.planner.partition import split_layers
+            from shardserve.planner.specs import DLRMSpec
             from shardserve.runtime.model_runner import ModelRunner
 
             device = _setup_device(init)
@@ -134,8 +135,13 @@ class Worker:
                 tp = init.tp or init.world_size
                 stage = split_layers(config.spec.num_layers, init.world_size // tp,
                                      tuple(init.pipeline_split))[init.rank // tp]
-            self.runner = ModelRunner(config, group, device, init.memory_budget,
-                                      init.compute_dtype, init.kv_cache_dtype, stage, link)
+            if isinstance(config.spec, DLRMSpec):
+                from shardserve.runtime.rec_runner import RecRunner
+
+                self.runner = RecRunner(config, group, device, init.memory_budget)
+            else:
+                self.runner = ModelRunner(config, group, device, init.memory_budget,
+                                          init.compute_dtype, init.kv_cache_dtype, stage, link)
             _trim_heap()
         except Exception as e:  # the caller reports why we could not start
             return _error(e)

@@ -17,11 +17,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from shardserve.api.admission import (
+    Ticket,
     embed,
     finish,
     http_error,
     in_pool,
     start_generation,
+    until_disconnected,
     within,
 )
 from shardserve.api.auth import Principal, principal
@@ -29,6 +31,7 @@ from shardserve.api.errors import APIError, invalid_body
 from shardserve.api.protocol import GenerateRequest, InferRequest
 from shardserve.api.routes.openai import deployment, encode, generative
 from shardserve.engine.errors import InvalidRequest, PipelineError
+from shardserve.engine.validation import check_request
 from shardserve.sampling_params import SamplingParams
 
 # Clients such as tritonclient send JSON with no content type: read it as JSON all the same
@@ -67,6 +70,15 @@ async def model_metadata(name: str, request: Request,
                     {"name": s.name, "datatype": "BYTES", "shape": [1]}
                     for s in pipe.config.steps if s.kind != "embed"]}
     dep = deployment(request, name, who)
+    if dep.kind == "recommender":
+        spec = dep.model.spec
+        return {"name": name, "versions": ["1"], "platform": "shardserve_recommender",
+                "inputs": [{"name": "dense", "datatype": "FP32",
+                            "shape": [-1, spec.dense_in_features]},
+                           {"name": "sparse_values", "datatype": "INT64", "shape": [-1]},
+                           {"name": "sparse_lengths", "datatype": "INT32",
+                            "shape": [spec.num_tables, -1]}],
+                "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1]}]}
     if dep.is_encoder:
         width = dep.model.spec.num_labels or dep.model.spec.hidden_size
         return {"name": name, "versions": ["1"], "platform": "shardserve_encoder",
@@ -110,6 +122,8 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
     if pipe is not None:
         return _answer(await _infer_pipeline(request, pipe, body, who), binary)
     dep = deployment(request, name, who)
+    if dep.kind == "recommender":
+        return _answer(await _infer_recommender(request, dep, body), binary)
     if dep.is_encoder:
         return _answer(await _infer_encoder(request, dep, body), binary)
     text = await _complete(request, name, who, _single_text(body), body.parameters)
@@ -332,6 +346,58 @@ async def _infer_encoder(request: Request, dep, body: InferRequest) -> dict:
     return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "embedding", "datatype": "FP32", "shape": list(vectors.shape),
                          "data": vectors.astype(np.float32)}]}
+
+
+_REC_INPUTS = {"dense": ("FP32", "FP64", "FP16"), "sparse_values": ("INT64", "INT32"),
+               "sparse_lengths": ("INT32", "INT64")}
+
+
+async def _infer_recommender(request: Request, dep, body: InferRequest) -> dict:
+    """DLRM: ``dense`` FP32 [N, 13], ``sparse_values`` INT64 [total] and ``sparse_lengths``
+    INT32 [26, N] (TorchRec's KeyedJaggedTensor layout) in, ``score`` FP32 [N] out, through
+    the replica's dynamic batcher. Each input is checked before it queues, so a bad request
+    is a 400 naming the input (and the feature) and never shares a batch."""
+    given = {t.name: t for t in body.inputs}
+    if sorted(given) != sorted(_REC_INPUTS) or len(body.inputs) != len(_REC_INPUTS):
+        raise APIError(400, f"expected the inputs {sorted(_REC_INPUTS)}, got "
+                            f"{[t.name for t in body.inputs]}")
+    arrays = {}
+    for name, kinds in _REC_INPUTS.items():
+        t = given[name]
+        if t.datatype not in kinds:
+            raise APIError(400, f"input {name!r}: datatype {t.datatype} is not one of "
+                                f"{list(kinds)}", name)
+        if any(d < 0 for d in t.shape) or len(t.data) != int(np.prod(t.shape)):
+            raise APIError(400, f"input {name!r} has shape {t.shape} but holds "
+                                f"{len(t.data)} values", name)
+        try:
+            arrays[name] = np.asarray(t.data, dtype=np.float32 if kinds[0] == "FP32"
+                                      else np.int64).reshape(t.shape)
+        except (TypeError, ValueError, OverflowError):
+            raise APIError(400, f"input {name!r}: its data are not all numbers", name) from None
+    try:
+        dense, values, lengths = check_request(dep.model.spec, arrays["dense"],
+                                               arrays["sparse_values"],
+                                               arrays["sparse_lengths"])
+        replica = dep.pick()
+    except Exception as e:
+        raise http_error(e) from None
+    limits = request.app.state.limits
+    if len(replica.engine.batcher.queue) + 1 > limits.max_queue * dep.config.max_batch_size:
+        raise APIError(429, f"model `{dep.config.name}` has too many requests queued; retry "
+                            "shortly", None, "rate_limited", headers={"Retry-After": "1"})
+    ticket = Ticket(replica)
+    try:
+        scores = await until_disconnected(request, within(
+            replica.engine.submit((dense, values, lengths), size=len(dense)),
+            time.monotonic() + limits.request_timeout_s))
+    except Exception as e:
+        raise http_error(e) from None
+    finally:
+        ticket.release()
+    return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
+            "outputs": [{"name": "score", "datatype": "FP32", "shape": [len(scores)],
+                         "data": np.asarray(scores, np.float32)}]}
 
 
 async def _complete(request: Request, name: str, who: Principal, prompt: str,

@@ -92,8 +92,8 @@ async def embeddings(body: EmbeddingRequest, request: Request,
                      who: Principal = Depends(principal)) -> JSONResponse:
     dep = deployment(request, body.model, who)
     if not dep.is_encoder:
-        raise APIError(400, f"model `{body.model}` is generative; embeddings come from an "
-                            "encoder model", "model")
+        raise APIError(400, f"model `{body.model}` is of kind {dep.kind}; embeddings come "
+                            "from an encoder model", "model")
     inputs = body.input
     if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
         inputs = [inputs]
@@ -117,6 +117,9 @@ def generative(dep):
     if dep.is_encoder:
         raise APIError(400, f"model `{dep.config.name}` is an encoder; use /v1/embeddings",
                        "model")
+    if dep.kind == "recommender":
+        raise APIError(400, f"model `{dep.config.name}` is a recommender; score with "
+                            f"POST /v2/models/{dep.config.name}/infer", "model")
     return dep
 
 

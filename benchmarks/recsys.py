@@ -1,0 +1,205 @@
+"""A DLRM served over KServe v2: queries per second and latency at concurrency 8-64, with
+dynamic batching on and off, against the same model unsharded in one process, in one run.
+
+    python benchmarks/recsys.py [--size small] [--samples 8] [--requests 800]
+                                [--concurrency 8 16 32 64] [--out r.json]
+
+Model: ``make-test-model --arch dlrm`` (Criteo shape: 13 dense features, 26 tables of 10 to
+~110k rows, random weights, float32). A request scores ``--samples`` candidates (one user,
+several items: each sample up to 4 ids a feature). Client: tritonclient's HTTP client with
+binary tensors, ``concurrency`` threads each sending requests back to back.
+
+- in process, unsharded: the model as one PyTorch module (``nn.EmbeddingBag`` and the same
+  MLPs) called directly, one request at a time: the floor a server adds its cost to;
+- in process, sharded: ``RecommenderEngine`` at tp=2 (``cpu:2``), one request at a time:
+  the cost of the table shards' all-reduce over the fabric (goal: at most 1.3x unsharded at
+  one sample);
+- served, tp=2 on ``cpu:2``: dynamic batching on (``max_batch_size`` 32,
+  ``max_queue_delay_ms`` 2) and off (``max_batch_size`` 1): QPS and p50/p99 latency per
+  concurrency (goals: p99 <= 60 ms at the highest load where it holds; batching >= 2x the
+  QPS of batching off at the same p99 bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving import served  # noqa: E402
+from shardserve import test_models  # noqa: E402
+from shardserve.config import ModelConfig  # noqa: E402
+from tests.e2e.test_server import _free_port  # noqa: E402
+
+
+class Unsharded(nn.Module):
+    """The model in one process: one ``nn.EmbeddingBag`` a feature, the same MLPs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.spec = spec = ModelConfig(str(path)).spec
+        w = load_file(str(path / "model.safetensors"))
+        self.bags = nn.ModuleList()
+        for f, n in enumerate(spec.num_embeddings):
+            bag = nn.EmbeddingBag(n, spec.embedding_dim, mode=spec.pooling)
+            bag.weight.data.copy_(w[spec.table_name(f)])
+            self.bags.append(bag)
+        self.mlp = []
+        for prefix, i, o in spec.mlp_shapes():
+            lin = nn.Linear(i, o)
+            lin.weight.data.copy_(w[f"{prefix}.weight"])
+            lin.bias.data.copy_(w[f"{prefix}.bias"])
+            self.mlp.append(lin)
+        n = spec.num_tables + 1
+        self.triu = torch.triu_indices(n, n, offset=1)
+
+    @torch.inference_mode()
+    def forward(self, dense, values, lengths):
+        nd = len(self.spec.dense_layers)
+        x = torch.from_numpy(dense)
+        values, lengths = torch.from_numpy(values), torch.from_numpy(lengths.astype(np.int64))
+        for lin in self.mlp[:nd]:
+            x = torch.relu(lin(x))
+        pooled, start = [], 0
+        for f, bag in enumerate(self.bags):
+            count = int(lengths[f].sum())
+            offsets = torch.zeros(len(dense), dtype=torch.long)
+            offsets[1:] = torch.cumsum(lengths[f], 0)[:-1]
+            pooled.append(bag(values[start:start + count], offsets))
+            start += count
+        z = torch.cat([x.unsqueeze(1), torch.stack(pooled, 1)], 1)
+        dots = torch.bmm(z, z.transpose(1, 2))
+        x = torch.cat([x, dots[:, self.triu[0], self.triu[1]]], 1)
+        for lin in self.mlp[nd:-1]:
+            x = torch.relu(lin(x))
+        return torch.sigmoid(self.mlp[-1](x)).squeeze(1).numpy()
+
+
+def requests(spec, count: int, samples: int, seed: int = 0) -> list[tuple]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        dense = rng.standard_normal((samples, spec.dense_in_features)).astype(np.float32)
+        lengths = rng.integers(1, 5, (spec.num_tables, samples)).astype(np.int32)
+        values = np.concatenate([rng.integers(0, spec.num_embeddings[f], int(lengths[f].sum()))
+                                 for f in range(spec.num_tables)]).astype(np.int64)
+        out.append((dense, values, lengths))
+    return out
+
+
+def in_process_ms(fn, reqs: list[tuple]) -> dict:
+    for r in reqs[:20]:
+        fn(*r)
+    times = []
+    for r in reqs:
+        t0 = time.perf_counter()
+        fn(*r)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return {"p50_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99))}
+
+
+def load(url: str, reqs: list[tuple], concurrency: int) -> dict:
+    import threading
+
+    import tritonclient.http as http
+
+    local = threading.local()  # the client runs on gevent: one client a thread
+
+    def one(r):
+        if not hasattr(local, "client"):
+            local.client = http.InferenceServerClient(url, connection_timeout=120,
+                                                      network_timeout=120)
+        inputs = []
+        for name, a, kind in (("dense", r[0], "FP32"), ("sparse_values", r[1], "INT64"),
+                              ("sparse_lengths", r[2], "INT32")):
+            t = http.InferInput(name, list(a.shape), kind)
+            t.set_data_from_numpy(a, binary_data=True)
+            inputs.append(t)
+        t0 = time.perf_counter()
+        local.client.infer("ranker", inputs)
+        return 1e3 * (time.perf_counter() - t0)
+
+    list(ThreadPoolExecutor(concurrency).map(one, reqs[:2 * concurrency]))  # warm up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        lat = list(pool.map(one, reqs))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "qps": len(reqs) / wall,
+            "samples_per_s": len(reqs) * len(reqs[0][0]) / wall,
+            "p50_ms": statistics.median(lat), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def serve(weights: Path, batch: int, delay_ms: float, reqs, loads) -> list[dict]:
+    repo = Path(tempfile.mkdtemp())
+    (repo / "ranker").mkdir()
+    (repo / "ranker" / "model.yaml").write_text(
+        f"kind: recommender\nweights: {weights}\ntp: 2\nmax_batch_size: {batch}\n"
+        f"max_queue_delay_ms: {delay_ms}\n")
+    port = _free_port()
+    with served([sys.executable, "-m", "shardserve.cli.main", "serve", "--repository",
+                 str(repo), "--devices", "cpu:2", "--port", str(port), "--max-queue", "256"],
+                f"http://127.0.0.1:{port}/v2/health/ready"):
+        return [load(f"127.0.0.1:{port}", reqs, c) for c in loads]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=800)
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[8, 16, 32, 64])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from shardserve.engine.recommender import RecommenderEngine
+    from shardserve.runtime.devices import parse_devices
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = test_models.write(Path(tmp) / "dlrm", "dlrm", args.size)
+        spec = ModelConfig(str(weights)).spec
+        reqs = requests(spec, args.requests, args.samples)
+        ones = requests(spec, 300, 1, seed=1)
+        torch.set_num_threads(1)
+        ref = Unsharded(weights)
+        result = {"samples_per_request": args.samples,
+                  "unsharded_in_process": {"one_sample": in_process_ms(ref, ones),
+                                           "request": in_process_ms(ref, reqs[:300])}}
+        with RecommenderEngine(ModelConfig(str(weights)), 2,
+                               parse_devices("cpu:2")) as engine:
+            result["sharded_in_process_tp2"] = {
+                "one_sample": in_process_ms(engine.score, ones),
+                "request": in_process_ms(engine.score, reqs[:300])}
+        result["served_batching"] = serve(weights, 32, 2, reqs, args.concurrency)
+        result["served_no_batching"] = serve(weights, 1, 0, reqs, args.concurrency)
+    one = result["sharded_in_process_tp2"]["one_sample"]["p50_ms"] / \
+        result["unsharded_in_process"]["one_sample"]["p50_ms"]
+    result["sharded_over_unsharded_one_sample"] = one
+    print(json.dumps(result, indent=2))
+    print()
+    print(f"sharded (tp=2) / unsharded in-process latency at one sample: {one:.2f}x "
+          "(goal <= 1.3x)")
+    print("| serving | concurrency | QPS | samples/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for key in ("served_batching", "served_no_batching"):
+        for r in result[key]:
+            print(f"| {key.removeprefix('served_').replace('_', ' ')} | {r['concurrency']} | "
+                  f"{r['qps']:.0f} | {r['samples_per_s']:.0f} | {r['p50_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
