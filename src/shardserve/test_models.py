@@ -255,7 +255,55 @@ def write_repository(root: str | Path) -> Path:
     if weights is not None and not (route / "pipeline.yaml").is_file():
         route.mkdir(parents=True, exist_ok=True)
         (route / "pipeline.yaml").write_text(ROUTE_PIPELINE)
+    ranker = root / "dlrm-ranker"
+    if not (ranker / "model.yaml").is_file():
+        write(ranker, "dlrm", "small", seed=0)
+        (ranker / "model.yaml").write_text(
+            "# random weights, Criteo's shape: 13 dense features, 26 tables over 2 devices\n"
+            "name: dlrm-ranker\nkind: recommender\ntp: 2\nmax_batch_size: 32\n"
+            "max_queue_delay_ms: 2\n")
+    recommend = root / "recommend"
+    if weights is not None and not (recommend / "pipeline.yaml").is_file():
+        recommend.mkdir(parents=True, exist_ok=True)
+        (recommend / "items.json").write_text(json.dumps(catalogue(
+            dlrm_config("small")), indent=1))
+        (recommend / "pipeline.yaml").write_text(RECOMMEND_PIPELINE)
     return root
+
+
+# A small shop: what the recommend pipeline retrieves by text and ranks by the DLRM.
+ITEMS = ["waterproof hiking boots", "trail running shoes", "insulated winter jacket",
+         "lightweight rain jacket", "stainless steel water bottle", "camping tent for two",
+         "down sleeping bag", "headlamp with rechargeable battery", "trekking poles",
+         "wool hiking socks", "espresso machine", "burr coffee grinder", "ceramic teapot",
+         "loose leaf green tea", "chef's knife", "cast iron skillet", "noise cancelling "
+         "headphones", "bluetooth speaker", "e-reader with backlight", "mechanical keyboard",
+         "yoga mat", "adjustable dumbbells", "road bike helmet", "running watch with gps"]
+
+
+def catalogue(dlrm: dict, seed: int = 0) -> list[dict]:
+    """``ITEMS`` with deterministic recommender features: 12 dense values (the 13th is the
+    query's similarity) and one or two ids a sparse feature, within each table."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name in ITEMS:
+        dense = torch.randn(dlrm["dense_in_features"] - 1, generator=gen).tolist()
+        sparse = [torch.randint(0, n, (int(torch.randint(1, 3, (1,), generator=gen)),),
+                                generator=gen).tolist()
+                  for n in dlrm["num_embeddings_per_feature"]]
+        out.append({"name": name, "text": name, "dense": [round(x, 4) for x in dense],
+                    "sparse": sparse})
+    return out
+
+
+# Recommendation: candidates by text similarity, ranked by the DLRM.
+RECOMMEND_PIPELINE = """\
+name: recommend
+steps:
+  - {name: embed, kind: embed, model: all-minilm-l6-v2}
+  - {name: candidates, kind: retrieve, source: embed, catalogue: items.json, k: 8}
+  - {name: ranked, kind: rank, model: dlrm-ranker, source: candidates, top_k: 3}
+"""
 
 
 # The voice-assistant chain: understand (embed, nearest intent), then answer with a template

@@ -177,6 +177,12 @@ def test_kserve_binary_inputs(server):
     assert _post_binary(url, {"inputs": [tensor]}, raw)[0] == 200
 
 
+def _text(httpclient, text):
+    inp = httpclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([text], dtype=object), binary_data=False)
+    return inp
+
+
 def test_the_route_pipeline_over_tritonclient(tmp_path):
     import os
 
@@ -201,5 +207,15 @@ def test_the_route_pipeline_over_tritonclient(tmp_path):
         assert out["intent"] == "greeting" and isinstance(out["text_output"], str)
         with pytest.raises(InferenceServerException, match="step 'embed'"):
             ask("word " * 600)  # too long for MiniLM: the failing step is named
+        # recommend: candidates by MiniLM similarity, ranked by the DLRM (tables over 2)
+        assert triton.is_model_ready("dlrm-ranker") and triton.is_model_ready("recommend")
+        res = triton.infer("recommend", [_text(httpclient, "boots for a mountain hike")])
+        out = {o["name"]: res.as_numpy(o["name"])[0].decode()
+               for o in res.get_response()["outputs"]}
+        candidates = out["candidates"].split(", ")
+        assert len(candidates) == 8 and "waterproof hiking boots" in candidates[:3]
+        ranked = out["ranked"].split(", ")
+        assert len(ranked) == 3 and set(ranked) <= set(candidates)
+        assert out["text_output"] == out["ranked"]
     finally:
         assert _stop(proc) == 0

@@ -1,7 +1,7 @@
 import pytest
 
 from shardserve.engine.pipeline import Pipeline, PipelineConfig
-from shardserve.test_models import ROUTE_PIPELINE
+from shardserve.test_models import RECOMMEND_PIPELINE, ROUTE_PIPELINE, catalogue, dlrm_config
 
 
 def _write(tmp_path, text):
@@ -39,3 +39,50 @@ def test_a_missing_deployment_is_refused_at_load_naming_file_and_step(tmp_path):
     with pytest.raises(ValueError, match=r"pipeline.yaml: step 'embed' uses model "
                                          r"'all-minilm-l6-v2', which is not loaded"):
         Pipeline(cfg, Host())
+
+
+def test_recommend_retrieves_by_text_and_ranks_by_score(tmp_path):
+    """retrieve takes the k nearest items; rank sends one sample an item (its features, its
+    similarity last) in the recommender's layout and answers the best top_k, best first."""
+    import asyncio
+    import json
+
+    import numpy as np
+
+    items = catalogue(dlrm_config("small"))
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    cfg = PipelineConfig.from_folder(_write(tmp_path, RECOMMEND_PIPELINE))
+    assert [s.kind for s in cfg.steps] == ["embed", "retrieve", "rank"]
+    names = [i["name"] for i in items]
+    sent = {}
+
+    class Ops:
+        async def embed(self, model, texts):  # item i is axis i; the query is near 2, 5, 7
+            if texts == names:
+                return np.eye(len(names), 32)
+            v = np.zeros(32)
+            v[[2, 5, 7]] = [3.0, 2.0, 1.0]
+            return v[None]
+
+        async def score(self, model, dense, values, lengths):
+            sent.update(dense=dense, values=values, lengths=lengths)
+            return -dense[:, 0]  # the lowest first dense feature scores best
+
+    class Host:
+        deployments = {"all-minilm-l6-v2": type("D", (), {"kind": "encoder"}),
+                       "dlrm-ranker": type("D", (), {"kind": "recommender"})}
+
+    pipe = Pipeline(cfg, Host())
+    ctx = asyncio.run(pipe.run("a query", Ops()))
+    picked = [item for item, _ in ctx["candidates"]]
+    assert [p[0] for p in picked[:3]] == [names[2], names[5], names[7]] and len(picked) == 8
+    dense, values, lengths = sent["dense"], sent["values"], sent["lengths"]
+    assert dense.shape == (8, 13) and lengths.shape == (26, 8)
+    np.testing.assert_allclose(dense[:, :12], [p[2] for p in picked], rtol=1e-6)
+    assert dense[0, 12] == pytest.approx(3 / np.sqrt(14))  # the similarity, last
+    f0 = values[:int(lengths[0].sum())]  # feature 0 of each candidate, in order
+    assert f0.tolist() == [i for p in picked for i in p[3][0]]
+    best = sorted(range(8), key=lambda i: dense[i, 0])[:3]
+    assert ctx["ranked"] == ", ".join(picked[i][0] for i in best)
+    outs = dict(pipe.outputs(ctx))
+    assert outs["candidates"].split(", ") == [p[0] for p in picked]

@@ -14,6 +14,18 @@ gives a vector, ``nearest`` the label whose examples are closest by cosine, ``ge
 text an LLM writes from the template (one per label of the ``by`` step, or a single string).
 The last step's output is the pipeline's. A step that fails names itself in the error.
 
+Recommendation, over a catalogue (a JSON list in the pipeline's folder of items, each with a
+``name``, a ``text`` and a recommender's features: ``dense`` (one short of the model's dense
+inputs: the query's similarity to the item is the last) and ``sparse`` (ids a feature)):
+
+      - {name: candidates, kind: retrieve, source: embed, catalogue: items.json, k: 8}
+      - {name: ranked, kind: rank, model: ranker, source: candidates, top_k: 3}
+
+``retrieve`` gives the ``k`` items whose text is nearest the request's by cosine (the
+catalogue embedded once, by the source step's model); ``rank`` scores them with a
+recommender (one call, one sample an item) and gives the ``top_k`` names, best first, joined
+by ", ".
+
 The steps reach their models through ``PipelineOps`` that the caller supplies (the server's
 admission: the caller's tenant must be allowed every step model, each step counts against
 its model's queue, and the request's deadline and connection hold for the whole pipeline).
@@ -30,7 +42,8 @@ import numpy as np
 
 from shardserve.engine.errors import PipelineError
 
-_KINDS = {"embed": "encoder", "nearest": None, "generate": "llm"}
+_KINDS = {"embed": "encoder", "nearest": None, "generate": "llm", "retrieve": None,
+          "rank": "recommender"}
 
 
 class PipelineOps(Protocol):
@@ -38,6 +51,8 @@ class PipelineOps(Protocol):
 
     async def embed(self, model: str, texts: list[str]) -> np.ndarray: ...
     async def generate(self, model: str, prompt: str, max_tokens: int) -> str: ...
+    async def score(self, model: str, dense: np.ndarray, values: np.ndarray,
+                    lengths: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,10 @@ class Step:
     template: str | dict[str, str] = "{input}"
     by: str | None = None
     max_tokens: int = 32
+    catalogue: str | None = None  # retrieve: a JSON file of items beside pipeline.yaml
+    k: int = 8  # retrieve: candidates
+    top_k: int = 3  # rank: items in the answer
+    items: tuple = ()  # the catalogue, read at load
 
 
 @dataclass(frozen=True)
@@ -73,9 +92,11 @@ class PipelineConfig:
         steps, seen = [], set()
         for i, raw in enumerate(data["steps"]):
             try:
-                step = Step(**raw)
+                step = Step(**{k: v for k, v in raw.items() if k != "items"})
             except TypeError as e:
                 raise ValueError(f"{file}: step {i + 1}: {e}") from None
+            if step.catalogue is not None:
+                step = Step(**{**step.__dict__, "items": _catalogue(folder, file, step)})
             _check_step(file, step, seen)
             seen.add(step.name)
             steps.append(step)
@@ -92,6 +113,11 @@ def _check_step(file: str, step: Step, seen: set[str]) -> None:
         raise ValueError(f"{where}: needs a model")
     if step.kind == "nearest" and (step.source not in seen or not step.labels):
         raise ValueError(f"{where}: needs source (an earlier embed step) and labels")
+    if step.kind == "retrieve" and (step.source not in seen or not step.items or step.k < 1):
+        raise ValueError(f"{where}: needs source (an earlier embed step), a catalogue and "
+                         "k >= 1")
+    if step.kind == "rank" and (step.source not in seen or step.top_k < 1):
+        raise ValueError(f"{where}: needs source (an earlier retrieve step) and top_k >= 1")
     if step.by is not None and step.by not in seen:
         raise ValueError(f"{where}: by names no earlier step")
     templates = step.template.values() if isinstance(step.template, dict) else [step.template]
@@ -140,6 +166,19 @@ class Pipeline:
         ctx["output"] = ctx[self.config.steps[-1].name]
         return ctx
 
+    def outputs(self, ctx: dict[str, Any]) -> list[tuple[str, str]]:
+        """Each step's output as text, by name (not the vectors of embed steps): what the
+        pipeline answers besides its final output."""
+        out = []
+        for s in self.config.steps:
+            if s.kind == "embed":
+                continue
+            value = ctx[s.name]
+            if s.kind == "retrieve":
+                value = ", ".join(item[0] for item, _ in value)
+            out.append((s.name, str(value)))
+        return out
+
     async def _embed(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> np.ndarray:
         return (await ops.embed(step.model, [ctx["input"]]))[0]
 
@@ -152,12 +191,54 @@ class Pipeline:
         labels, examples = self._examples[step.name]
         return labels[int(np.argmax(examples @ _unit(ctx[step.source][None])[0]))]
 
+    async def _retrieve(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> list:
+        """The ``k`` items nearest the request, with their similarity, nearest first."""
+        if step.name not in self._examples:  # the catalogue's vectors, computed once
+            source = next(s for s in self.config.steps if s.name == step.source)
+            texts = [item[1] for item in step.items]
+            self._examples[step.name] = ([], _unit(await ops.embed(source.model, texts)))
+        _, vectors = self._examples[step.name]
+        sims = vectors @ _unit(ctx[step.source][None])[0]
+        best = np.argsort(-sims, kind="stable")[:step.k]
+        return [(step.items[i], float(sims[i])) for i in best]
+
+    async def _rank(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> str:
+        """The candidates' recommender scores (the item's features, its similarity as the
+        last dense feature); the ``top_k`` names, best first."""
+        candidates = ctx[step.source]
+        dense = np.array([[*item[2], sim] for item, sim in candidates], np.float32)
+        features = len(candidates[0][0][3])
+        lengths = np.array([[len(item[3][f]) for item, _ in candidates]
+                            for f in range(features)], np.int32)
+        values = np.array([i for f in range(features) for item, _ in candidates
+                           for i in item[3][f]], np.int64)
+        scores = await ops.score(step.model, dense, values, lengths)
+        order = np.argsort(-np.asarray(scores), kind="stable")[:step.top_k]
+        return ", ".join(candidates[i][0][0] for i in order)
+
     async def _generate(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> str:
         template = step.template
         if isinstance(template, dict):
             template = template[ctx[step.by]]
         prompt = template.format(**{k: v for k, v in ctx.items() if isinstance(v, str)})
         return await ops.generate(step.model, prompt, step.max_tokens)
+
+
+def _catalogue(folder: str, file: str, step: Step) -> tuple:
+    """The items of ``step.catalogue`` (see the module's docstring), checked."""
+    import json
+
+    path = Path(folder) / step.catalogue
+    try:
+        items = json.loads(path.read_text())
+        out = tuple((str(i["name"]), str(i["text"]), tuple(float(x) for x in i["dense"]),
+                     tuple(tuple(int(x) for x in f) for f in i["sparse"])) for i in items)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{file}: step {step.name!r}: catalogue {path}: {e!r}; expected a "
+                         "JSON list of {name, text, dense, sparse}") from None
+    if not out:
+        raise ValueError(f"{file}: step {step.name!r}: catalogue {path} is empty")
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ on, and rank 0 of the last stage samples and answers.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,14 +83,7 @@ class ModelRunner:
         if self.compute != self.dtype:
             _mixed_precision(self.model, self.compute)
         self.weight_bytes = _nbytes(self.model)
-        # what loading really took (process memory, not the arithmetic above): a layer the
-        # planner does not know, or a loader that keeps a copy, shows here
-        after = _allocated(device)
-        self.loaded_bytes = after - before if None not in (before, after) else None
-        if self.loaded_bytes is not None and self.loaded_bytes > budget:
-            raise MemoryError(f"rank {group.rank}: loading the weights took "
-                              f"{format_bytes(self.loaded_bytes)} of memory (measured), the "
-                              f"device budget is {format_bytes(budget)}")
+        check_loaded(self, before)
         self.sampler = Sampler()
         self.seqs: dict[str, _Seq] = {}
         self.generators: dict[str, torch.Generator] = {}  # survive preemption
@@ -322,6 +316,29 @@ def _quantize(model: torch.nn.Module, quantization: str | None) -> torch.nn.Modu
             if hasattr(module, "quantization"):
                 module.quantization = quantization
     return model
+
+
+def trim_heap() -> None:
+    """Give back what is free in the heap now (after loading: conversions, file buffers)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def check_loaded(runner, before: int | None) -> None:
+    """What loading really took, measured from ``before`` (taken once the model's code and
+    its meta build were ready) to now, after the heap has given back what the load freed:
+    process memory, not the planner's arithmetic, so a layer the planner does not know or a
+    loader that keeps a copy shows here. ``MemoryError`` past the device budget. Sets
+    ``runner.loaded_bytes`` (None where the platform does not say)."""
+    trim_heap()
+    after = _allocated(runner.device)
+    runner.loaded_bytes = after - before if None not in (before, after) else None
+    if runner.loaded_bytes is not None and runner.loaded_bytes > runner.budget:
+        raise MemoryError(f"rank {runner.group.rank}: loading took "
+                          f"{format_bytes(runner.loaded_bytes)} of memory (measured), the "
+                          f"device budget is {format_bytes(runner.budget)}")
 
 
 def _allocated(device: torch.device) -> int | None:

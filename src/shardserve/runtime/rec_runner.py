@@ -9,10 +9,9 @@ import torch
 from shardserve.config import ModelConfig
 from shardserve.models.dlrm import DLRM
 from shardserve.models.loader import LoadStats, load_weights
-from shardserve.planner.memory import format_bytes
 from shardserve.planner.recsys import check_tables_fit
 from shardserve.runtime.group import Group
-from shardserve.runtime.model_runner import _allocated, _default_dtype, _nbytes
+from shardserve.runtime.model_runner import _allocated, _default_dtype, _nbytes, check_loaded
 
 
 class RecRunner:
@@ -27,12 +26,7 @@ class RecRunner:
             self.model = DLRM(config.spec, 1, group, plan)
         self.load_stats: LoadStats = load_weights(self.model, config.path, self.dtype)
         self.weight_bytes = _nbytes(self.model)
-        after = _allocated(device)
-        self.loaded_bytes = after - before if None not in (before, after) else None
-        if self.loaded_bytes is not None and self.loaded_bytes > budget:
-            raise MemoryError(f"rank {group.rank}: loading the tables took "
-                              f"{format_bytes(self.loaded_bytes)} of memory (measured), the "
-                              f"device budget is {format_bytes(budget)}")
+        check_loaded(self, before)
         self.tables = {int(k): (t.shard.start, t.shard.stop)
                        for k, t in self.model.tables.items()}
 

@@ -12,7 +12,6 @@ keeps serving: only the executor decides that a group has failed.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import traceback
@@ -52,10 +51,6 @@ def _keep_freed_memory() -> bool:
         return False
 
 
-def _trim_heap() -> None:
-    """Give back what is free in the heap now (after loading: conversions, file buffers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _setup_device(init: WorkerInit):
@@ -124,7 +119,7 @@ class Worker:
             from shardserve.config import ModelConfig
             from shardserve.planner.partition import split_layers
             from shardserve.planner.specs import DLRMSpec
-            from shardserve.runtime.model_runner import ModelRunner
+            from shardserve.runtime.model_runner import ModelRunner, trim_heap
 
             device = _setup_device(init)
             group, link = _join_group(init, store)
@@ -142,7 +137,7 @@ class Worker:
             else:
                 self.runner = ModelRunner(config, group, device, init.memory_budget,
                                           init.compute_dtype, init.kv_cache_dtype, stage, link)
-            _trim_heap()
+            trim_heap()
         except Exception as e:  # the caller reports why we could not start
             return _error(e)
         return Reply(self.runner.stats())

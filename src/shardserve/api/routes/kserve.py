@@ -280,6 +280,13 @@ class _Ops:
         ids = [await in_pool(self.request, encode, dep, t) for t in texts]
         return np.stack(await embed(self.request, dep, ids, truncate=False))
 
+    async def score(self, model: str, dense: np.ndarray, values: np.ndarray,
+                    lengths: np.ndarray) -> np.ndarray:
+        dep = deployment(self.request, model, self.who)
+        if dep.kind != "recommender":
+            raise APIError(400, f"model `{model}` is of kind {dep.kind}, not a recommender")
+        return await _score(self.request, dep, dense, values, lengths)
+
     async def generate(self, model: str, prompt: str, max_tokens: int) -> str:
         dep = generative(deployment(self.request, model, self.who))
         ids = await in_pool(self.request, encode, dep, prompt)
@@ -305,8 +312,8 @@ async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Princ
         raise http_error(TimeoutError()) from None
     outputs = [{"name": "text_output", "datatype": "BYTES", "shape": [1],
                 "data": [str(ctx["output"])]}]
-    outputs += [{"name": s.name, "datatype": "BYTES", "shape": [1], "data": [str(ctx[s.name])]}
-                for s in pipe.config.steps if s.kind != "embed"]
+    outputs += [{"name": name, "datatype": "BYTES", "shape": [1], "data": [text]}
+                for name, text in pipe.outputs(ctx)]
     return {"model_name": pipe.name, "model_version": "1", "id": body.id or "",
             "outputs": outputs}
 
@@ -375,10 +382,17 @@ async def _infer_recommender(request: Request, dep, body: InferRequest) -> dict:
                                       else np.int64).reshape(t.shape)
         except (TypeError, ValueError, OverflowError):
             raise APIError(400, f"input {name!r}: its data are not all numbers", name) from None
+    scores = await _score(request, dep, arrays["dense"], arrays["sparse_values"],
+                          arrays["sparse_lengths"])
+    return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
+            "outputs": [{"name": "score", "datatype": "FP32", "shape": [len(scores)],
+                         "data": np.asarray(scores, np.float32)}]}
+
+
+async def _score(request: Request, dep, dense, values, lengths) -> np.ndarray:
+    """A recommender's scores for one checked request, through a ready replica's batcher."""
     try:
-        dense, values, lengths = check_request(dep.model.spec, arrays["dense"],
-                                               arrays["sparse_values"],
-                                               arrays["sparse_lengths"])
+        dense, values, lengths = check_request(dep.model.spec, dense, values, lengths)
         replica = dep.pick()
     except Exception as e:
         raise http_error(e) from None
@@ -395,9 +409,7 @@ async def _infer_recommender(request: Request, dep, body: InferRequest) -> dict:
         raise http_error(e) from None
     finally:
         ticket.release()
-    return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
-            "outputs": [{"name": "score", "datatype": "FP32", "shape": [len(scores)],
-                         "data": np.asarray(scores, np.float32)}]}
+    return scores
 
 
 async def _complete(request: Request, name: str, who: Principal, prompt: str,
