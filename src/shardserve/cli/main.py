@@ -450,18 +450,45 @@ def _serve(args: argparse.Namespace) -> None:
                   flush=True)
         url = f"http://{args.host}:{args.port}"
         print(f"shardserve listening on {url}\ntry:", flush=True)
-        for dep in host.deployments.values():
-            route, body = (("embeddings", '"input": "The quick brown fox"') if dep.is_encoder
-                           else ("completions", '"prompt": "The quick brown fox", '
-                                                '"max_tokens": 16'))
-            print(f"  curl {url}/v1/{route} -H 'Content-Type: application/json' -d "
-                  f"'{{\"model\": \"{dep.config.name}\", {body}}}'", flush=True)
+        for line in _try_lines(url, host):
+            print(f"  {line}", flush=True)
         app = create_app(host, auth, repo, limits, loopback_only=loopback)
         _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                http=protocol(limits.header_timeout_s, limits.max_connections),
                                timeout_graceful_shutdown=30)).run()
     finally:
         host.shutdown(limits.drain_timeout_s)
+
+
+def _try_lines(url: str, host) -> list[str]:
+    """A curl line for each loaded model and pipeline that it answers as is."""
+    def v2(name: str, inputs: list[dict]) -> str:
+        return (f"curl {url}/v2/models/{name}/infer -H 'Content-Type: application/json' -d "
+                f"'{json.dumps({'inputs': inputs})}'")
+
+    lines = []
+    for dep in host.deployments.values():
+        name = dep.config.name
+        if dep.kind == "recommender":  # one sample: id 0 of every table
+            spec = dep.model.spec
+            lines.append(v2(name, [
+                {"name": "dense", "datatype": "FP32", "shape": [1, spec.dense_in_features],
+                 "data": [0.5] * spec.dense_in_features},
+                {"name": "sparse_values", "datatype": "INT64", "shape": [spec.num_tables],
+                 "data": [0] * spec.num_tables},
+                {"name": "sparse_lengths", "datatype": "INT32", "shape": [spec.num_tables, 1],
+                 "data": [1] * spec.num_tables}]))
+            continue
+        route, body = (("embeddings", {"input": "The quick brown fox"}) if dep.is_encoder
+                       else ("completions", {"prompt": "The quick brown fox",
+                                             "max_tokens": 16}))
+        lines.append(f"curl {url}/v1/{route} -H 'Content-Type: application/json' -d "
+                     f"'{json.dumps({'model': name, **body})}'")
+    asks = {"recommend": "boots for a mountain hike", "route": "will it rain tomorrow"}
+    for name in host.pipelines:
+        lines.append(v2(name, [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                "data": [asks.get(name, "hello there")]}]))
+    return lines
 
 
 def _bench(args: argparse.Namespace) -> None:

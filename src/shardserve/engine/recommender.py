@@ -43,6 +43,10 @@ class RecommenderEngine:
     def score_many(self, requests: list[Request]) -> list[np.ndarray]:
         """Each request's scores, all of them in one call to the workers."""
         checked = [check_request(self.spec, *r) for r in requests]
+        if len(checked) == 1:  # nothing to merge
+            dense, values, lengths = checked[0]
+            return [np.asarray(self.executor.collective_rpc(
+                "recommend", dense=dense, values=values, lengths=lengths)[0], np.float32)]
         dense = np.concatenate([c[0] for c in checked])
         lengths = np.concatenate([c[2] for c in checked], axis=1)
         segments = []  # feature by feature, each request's ids of that feature in order

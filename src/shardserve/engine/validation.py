@@ -105,13 +105,13 @@ def check_request(spec: DLRMSpec, dense: np.ndarray, values: np.ndarray,
     if int(per_feature.sum()) != len(values):
         raise InvalidRequest(f"sparse_values: {len(values)} ids, but sparse_lengths sum to "
                              f"{int(per_feature.sum())}", "sparse_values")
-    ends = np.cumsum(per_feature)
-    for t in range(f):
-        ids = values[(ends[t - 1] if t else 0):ends[t]]
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_embeddings[t]):
-            bad = int(ids[(ids < 0) | (ids >= spec.num_embeddings[t])][0])
-            raise InvalidRequest(f"sparse_values: feature cat_{t} has id {bad}, outside "
-                                 f"its table's rows 0..{spec.num_embeddings[t] - 1}",
-                                 "sparse_values")
+    rows = np.repeat(np.asarray(spec.num_embeddings), per_feature)  # each id's table size
+    bad = (values < 0) | (values >= rows)
+    if bad.any():
+        at = int(np.argmax(bad))
+        t = int(np.searchsorted(np.cumsum(per_feature), at, side="right"))
+        raise InvalidRequest(f"sparse_values: feature cat_{t} has id {int(values[at])}, "
+                             f"outside its table's rows 0..{spec.num_embeddings[t] - 1}",
+                             "sparse_values")
     return (dense.astype(np.float32, copy=False), values.astype(np.int64, copy=False),
             lengths.astype(np.int64, copy=False))

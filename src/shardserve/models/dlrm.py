@@ -41,13 +41,13 @@ class TableShardModule(nn.Module):
         """Sum of the rows of ``ids`` this shard holds, per bag (``offsets`` start each bag)."""
         s = self.shard
         if not s.row_wise:
-            return F.embedding_bag(ids, self.weight, offsets, mode="sum")
+            return F.embedding_bag(ids, self.weight, offsets, mode="sum").float()
         mine = (ids >= s.start) & (ids < s.stop)
         local = (ids - s.start).clamp(0, max(0, s.rows - 1))
         if s.rows == 0:  # an empty last range: nothing here
             return self.weight.new_zeros(len(offsets), self.weight.shape[1])
         return F.embedding_bag(local, self.weight, offsets, mode="sum",
-                               per_sample_weights=mine.to(self.weight.dtype))
+                               per_sample_weights=mine.to(self.weight.dtype)).float()
 
 
 def _mlp(shapes: list[tuple[str, int, int]]) -> nn.ModuleList:
@@ -88,14 +88,14 @@ class DLRM(nn.Module):
         F_, B = lengths.shape
         out = torch.zeros(B, F_, self.spec.embedding_dim, dtype=torch.float32,
                           device=values.device)
+        # every bag's offset within its feature's ids, and where each feature's ids start:
+        # two ops for all features, then views (a lookup is a few small ops a table)
+        offsets = torch.cumsum(lengths, 1) - lengths
         ends = torch.cumsum(lengths.sum(1), 0).tolist()
         for key, table in self.tables.items():
             f = int(key)
-            start = ends[f - 1] if f else 0
-            ids = values[start:ends[f]]
-            offsets = torch.zeros(B, dtype=torch.long, device=values.device)
-            offsets[1:] = torch.cumsum(lengths[f], 0)[:-1]
-            out[:, f] += table.pool(ids, offsets).float()
+            ids = values[(ends[f - 1] if f else 0):ends[f]]
+            out[:, f] = table.pool(ids, offsets[f])
         out = self.group.all_reduce(out)
         if self.spec.pooling == "mean":
             out /= lengths.t().clamp(min=1).unsqueeze(-1).to(out.dtype)
