@@ -10,7 +10,8 @@ several items: each sample up to 4 ids a feature). Client: tritonclient's HTTP c
 binary tensors, ``concurrency`` threads each sending requests back to back.
 
 - in process, unsharded: the model as one PyTorch module (``nn.EmbeddingBag`` and the same
-  MLPs) called directly, one request at a time: the floor a server adds its cost to;
+  MLPs: the reference the parity tests use) called directly, one request at a time: the
+  floor a server adds its cost to;
 - in process, sharded: ``RecommenderEngine`` at tp=2 (``cpu:2``), one request at a time:
   the cost of the table shards' all-reduce over the fabric (goal: at most 1.3x unsharded at
   one sample);
@@ -33,8 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,50 +41,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.serving import served  # noqa: E402
 from shardserve import test_models  # noqa: E402
 from shardserve.config import ModelConfig  # noqa: E402
+from tests.distributed.test_dlrm import Reference as Unsharded  # noqa: E402
 from tests.e2e.test_server import _free_port  # noqa: E402
-
-
-class Unsharded(nn.Module):
-    """The model in one process: one ``nn.EmbeddingBag`` a feature, the same MLPs."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.spec = spec = ModelConfig(str(path)).spec
-        w = load_file(str(path / "model.safetensors"))
-        self.bags = nn.ModuleList()
-        for f, n in enumerate(spec.num_embeddings):
-            bag = nn.EmbeddingBag(n, spec.embedding_dim, mode=spec.pooling)
-            bag.weight.data.copy_(w[spec.table_name(f)])
-            self.bags.append(bag)
-        self.mlp = []
-        for prefix, i, o in spec.mlp_shapes():
-            lin = nn.Linear(i, o)
-            lin.weight.data.copy_(w[f"{prefix}.weight"])
-            lin.bias.data.copy_(w[f"{prefix}.bias"])
-            self.mlp.append(lin)
-        n = spec.num_tables + 1
-        self.triu = torch.triu_indices(n, n, offset=1)
-
-    @torch.inference_mode()
-    def forward(self, dense, values, lengths):
-        nd = len(self.spec.dense_layers)
-        x = torch.from_numpy(dense)
-        values, lengths = torch.from_numpy(values), torch.from_numpy(lengths.astype(np.int64))
-        for lin in self.mlp[:nd]:
-            x = torch.relu(lin(x))
-        pooled, start = [], 0
-        for f, bag in enumerate(self.bags):
-            count = int(lengths[f].sum())
-            offsets = torch.zeros(len(dense), dtype=torch.long)
-            offsets[1:] = torch.cumsum(lengths[f], 0)[:-1]
-            pooled.append(bag(values[start:start + count], offsets))
-            start += count
-        z = torch.cat([x.unsqueeze(1), torch.stack(pooled, 1)], 1)
-        dots = torch.bmm(z, z.transpose(1, 2))
-        x = torch.cat([x, dots[:, self.triu[0], self.triu[1]]], 1)
-        for lin in self.mlp[nd:-1]:
-            x = torch.relu(lin(x))
-        return torch.sigmoid(self.mlp[-1](x)).squeeze(1).numpy()
 
 
 def requests(spec, count: int, samples: int, seed: int = 0) -> list[tuple]:

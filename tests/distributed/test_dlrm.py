@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 class Reference(nn.Module):
-    """DLRM as TorchRec computes it, in one process, from the checkpoint's tensors."""
+    """DLRM as TorchRec computes it, in one process, from the checkpoint's tensors (also the
+    unsharded baseline of benchmarks/recsys.py, so written for speed as well)."""
 
     def __init__(self, path):
         super().__init__()
@@ -38,28 +39,27 @@ class Reference(nn.Module):
             lin.weight.data.copy_(w[f"{prefix}.weight"])
             lin.bias.data.copy_(w[f"{prefix}.bias"])
             self.layers.append(lin)
+        self.triu = torch.triu_indices(spec.num_tables + 1, spec.num_tables + 1, offset=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, dense, values, lengths):
-        spec = self.spec
-        dense, values = torch.as_tensor(dense), torch.as_tensor(values)
-        lengths = torch.as_tensor(lengths)
-        n_dense = len(spec.dense_layers)
-        x = dense
-        for lin in self.layers[:n_dense]:
+        nd = len(self.spec.dense_layers)
+        x = torch.from_numpy(np.asarray(dense, np.float32))
+        values = torch.from_numpy(np.asarray(values, np.int64))
+        lengths = torch.from_numpy(np.asarray(lengths, np.int64))
+        for lin in self.layers[:nd]:
             x = torch.relu(lin(x))
         pooled, start = [], 0
         for f, bag in enumerate(self.bags):
             count = int(lengths[f].sum())
-            offsets = torch.cat([torch.zeros(1, dtype=torch.long),
-                                 torch.cumsum(lengths[f], 0)[:-1]])
+            offsets = torch.zeros(len(x), dtype=torch.long)
+            offsets[1:] = torch.cumsum(lengths[f], 0)[:-1]
             pooled.append(bag(values[start:start + count], offsets))
             start += count
         combined = torch.cat([x.unsqueeze(1), torch.stack(pooled, 1)], 1)
         dots = torch.bmm(combined, combined.transpose(1, 2))
-        i, j = torch.triu_indices(spec.num_tables + 1, spec.num_tables + 1, offset=1)
-        x = torch.cat([x, dots[:, i, j]], 1)
-        for lin in self.layers[n_dense:-1]:
+        x = torch.cat([x, dots[:, self.triu[0], self.triu[1]]], 1)
+        for lin in self.layers[nd:-1]:
             x = torch.relu(lin(x))
         return torch.sigmoid(self.layers[-1](x)).squeeze(1).numpy()
 

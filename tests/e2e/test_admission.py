@@ -131,22 +131,29 @@ def test_the_embedded_default_answers_its_printed_curl_line(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     proc = _start(["--devices", "cpu:2"], port, env)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while sum(line.strip().startswith("curl ") for line in lines) < 2:
-            assert time.monotonic() < deadline, lines
-            line = proc.stdout.readline()
-            lines.append(line)
-            if not line:
+        text, deadline = "", time.monotonic() + 120
+        while "shardserve listening" not in text:  # the lines come before it serves
+            assert time.monotonic() < deadline, text
+            chunk = proc.stdout.read()
+            text += chunk
+            if not chunk:
                 time.sleep(0.1)
+        lines = text.splitlines()
         curls = [line.strip() for line in lines if line.strip().startswith("curl ")]
         replies = [json.loads(subprocess.run(shlex.split(c), capture_output=True, text=True,
                                              timeout=120).stdout) for c in curls]
-        by_model = {r["model"]: r for r in replies}
+        assert all("error" not in r for r in replies), replies
+        by_model = {r.get("model") or r["model_name"]: r for r in replies}
+        assert set(by_model) == {"demo-llama-random", "all-minilm-l6-v2", "dlrm-ranker",
+                                 "route", "recommend"}
         completion = by_model["demo-llama-random"]
         assert completion["choices"][0]["finish_reason"] in ("length", "stop")
         embedding = by_model["all-minilm-l6-v2"]["data"][0]["embedding"]
         assert len(embedding) == 384
+        (score,) = by_model["dlrm-ranker"]["outputs"][0]["data"]
+        assert 0 <= score <= 1
+        ranked = {o["name"]: o["data"][0] for o in by_model["recommend"]["outputs"]}["ranked"]
+        assert len(ranked.split(", ")) == 3
     finally:
         assert _stop(proc) == 0
 
