@@ -113,3 +113,21 @@ def test_bad_inputs_are_400s_naming_them(server):
         client.infer("ranker", missing)
     assert client.infer("ranker", _inputs(dense, values, lengths)).as_numpy("score").shape \
         == (3,)
+
+
+def test_serve_model_takes_its_kind_from_config_json(server):
+    """``serve --model DIR`` of a DLRM folder, no --kind: served as a recommender."""
+    import tritonclient.http as http
+
+    _, weights = server
+    port = _free_port()
+    proc = _start(["--model", str(weights), "--name", "solo", "--tp", "2", "--devices",
+                   "cpu:2"], port)
+    try:
+        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.get_model_metadata("solo")["platform"] == "shardserve_recommender"
+        spec = ModelConfig(str(weights)).spec
+        assert client.infer("solo", _inputs(*batch(spec, 2, seed=3))).as_numpy(
+            "score").shape == (2,)
+    finally:
+        assert _stop(proc) == 0

@@ -420,6 +420,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.model:
         args.path = str(Path(args.model).resolve())
         args.name = args.name or Path(args.model).name
+        if args.kind == "llm":  # the default: serve the folder as what its config.json says
+            args.kind = ModelConfig(args.path).kind
         configs = [_build(DeploymentConfig, args)]
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"

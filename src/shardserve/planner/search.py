@@ -124,6 +124,22 @@ def plan(spec: TransformerSpec, tp: int, pp: int, nodes: Nodes, precision, sched
 def _encoder_plan(spec: EncoderSpec, tp: int, nodes: Nodes, precision, placed: bool) -> dict:
     """An encoder holds weights only (no KV cache), one stage, no decode to predict."""
     need = weight_bytes_per_device(spec, tp, precision.weights)
+    return _weights_only(spec, tp, nodes, placed, need, "the weights exceed the device budget")
+
+
+def _recommender_plan(spec: DLRMSpec, tp: int, nodes: Nodes, precision, placed: bool) -> dict:
+    """A DLRM: its tables over ``tp`` devices (table-wise or row-wise), the MLPs on each."""
+    tables = plan_tables(spec, tp, precision.weights)
+    out = _weights_only(spec, tp, nodes, placed, max(tables.bytes_per_device()),
+                        "a device's table shards and dense layers exceed the device budget")
+    out["tables"] = [{"table": t, "kind": tables.kind(t), "rows": spec.num_embeddings[t],
+                      "ranks": [s.rank for s in tables.shards if s.table == t]}
+                     for t in range(spec.num_tables)]
+    return out
+
+
+def _weights_only(spec, tp: int, nodes: Nodes, placed: bool, need: int, why: str) -> dict:
+    """A one-stage plan of ``need`` bytes a device and nothing to predict."""
     fits = placed and need <= nodes.budget
     devices = [f"node0/{d}" for d in nodes.devices[:tp]] if placed else []
     return {"tp": tp, "pp": 1, "nodes": 1 if placed else None,
@@ -134,29 +150,7 @@ def _encoder_plan(spec: EncoderSpec, tp: int, nodes: Nodes, precision, placed: b
                         "weight_bytes_per_device": need, "activation_bytes_per_device": 0,
                         "kv_bytes_per_token": 0, "kv_tokens_that_fit": 0, "fits": fits,
                         **({"node": 0, "devices": devices} if placed else {})}],
-            **({} if fits else {"why": "the weights exceed the device budget"})}
-
-
-def _recommender_plan(spec: DLRMSpec, tp: int, nodes: Nodes, precision, placed: bool) -> dict:
-    """A DLRM: its tables over ``tp`` devices (table-wise or row-wise), the MLPs on each."""
-    tables = plan_tables(spec, tp, precision.weights)
-    per = tables.bytes_per_device()
-    fits = placed and max(per) <= nodes.budget
-    devices = [f"node0/{d}" for d in nodes.devices[:tp]] if placed else []
-    return {"tp": tp, "pp": 1, "nodes": 1 if placed else None,
-            "replicas": nodes.count * (nodes.per_node // tp) if placed else 0, "fits": fits,
-            "placed": placed,
-            "bytes_per_device": {"weights": max(per), "kv": 0, "activations": 0},
-            "kv_tokens": 0, "predicted": None, "batch": None, "meets_slo": None,
-            "tables": [{"table": t, "kind": tables.kind(t), "rows": spec.num_embeddings[t],
-                        "ranks": [s.rank for s in tables.shards if s.table == t]}
-                       for t in range(spec.num_tables)],
-            "stages": [{"stage": 0, "layers": [0, spec.num_layers - 1],
-                        "weight_bytes_per_device": max(per), "activation_bytes_per_device": 0,
-                        "kv_bytes_per_token": 0, "kv_tokens_that_fit": 0, "fits": fits,
-                        **({"node": 0, "devices": devices} if placed else {})}],
-            **({} if fits else {"why": "a device's table shards and dense layers exceed the "
-                                       "device budget"})}
+            **({} if fits else {"why": why})}
 
 
 def pipeline_sizes(groups: int, layers: int) -> list[int]:
