@@ -53,7 +53,7 @@ def test_measured_curve_interpolates_and_factors_scale_it():
     rates = cost.Rates(linear_ps={"float32": {1: 100.0, 16: 200.0, 64: 600.0}},
                        overhead={"float32": {**dict.fromkeys(cost.OVERHEAD_TERMS, 0.0),
                                              "linear_memory_factor": 1.5,
-                                             "linear_compute_factor": 1.0}}, measured=True)
+                                             "linear_compute_factor": 1.0}})
     assert rates.ps_per_weight("float32", 1) == 100.0
     assert rates.ps_per_weight("float32", 40) == pytest.approx(400.0)
     assert rates.ps_per_weight("float32", 128) == pytest.approx(600 + 64 * 400 / 48)  # on

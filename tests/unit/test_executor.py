@@ -56,7 +56,10 @@ class FakeRank:
                 self._out.send_bytes(encode(reply))
 
     def send(self, msg):
-        self.conn_out.send_bytes(encode(msg))
+        self.send_encoded(encode(msg))
+
+    def send_encoded(self, data):
+        self.conn_out.send_bytes(data)
 
     def recv(self):
         return decode(self.conn_in.recv_bytes())

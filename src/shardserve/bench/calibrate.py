@@ -211,7 +211,7 @@ def fit_engine_time(points: list[list], specs: dict, n: int, dtype: str, curves:
     linear curves and the all-reduce: non-negative least squares on relative error."""
     from shardserve.planner import cost
 
-    rates = cost.Rates(linear_ps=curves, all_reduce=all_reduce, measured=True)
+    rates = cost.Rates(linear_ps=curves, all_reduce=all_reduce)
     rows, y, known = [], [], []
     for name, kind, seqs, length, ms in points:
         shape = cost.StepShape(kind, int(seqs), round(length))

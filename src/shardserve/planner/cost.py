@@ -66,7 +66,6 @@ class Rates:
     link_gib_s: float | None = None  # between devices of a node (all-reduce, stage hops)
     link_latency_us: float = 0.0
     network_gib_s: float | None = None  # between nodes (stage hops)
-    measured: bool = False
 
     def ps_per_weight(self, fmt: str, rows: int) -> float:
         """Picoseconds one weight of format ``fmt`` costs a matmul of ``rows`` rows: the

@@ -39,7 +39,7 @@ class Hardware:
             s = self.cpu_splits[fit[0] if fit else max(self.cpu_splits)]
             return Rates(linear_ps=s["linear_ps_per_weight"], all_reduce=s.get("all_reduce"),
                          overhead=s.get("overhead"), tflops=self.tflops,
-                         memory_gib_s=self.memory_bandwidth_gib_s, measured=True)
+                         memory_gib_s=self.memory_bandwidth_gib_s)
         return Rates(tflops=self.tflops, memory_gib_s=self.memory_bandwidth_gib_s,
                      link_gib_s=self.link_bandwidth_gib_s,
                      link_latency_us=self.collective_latency_us or 0.0,

@@ -47,6 +47,7 @@ from shardserve.runtime.messages import (
     StepInput,
     StepOutput,
     WorkerInit,
+    encode,
 )
 from shardserve.runtime.process import Child
 
@@ -66,7 +67,7 @@ class RemoteError(RuntimeError):
 class _Worker:
     def __init__(self, rank: int, device: Device, label: str) -> None:
         self.rank, self.device = rank, device
-        env = dict(os.environ, OMP_NUM_THREADS=str(len(device.cores)),
+        env = dict(os.environ, OMP_NUM_THREADS=str(len(device.cores) or 1),
                    GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo")
         self.child = Child("shardserve.runtime.worker", f"{label}:rank{rank}", env)
         self.proc, self.conn_in, self.conn_out = self.child.proc, self.child.conn_in, \
@@ -77,8 +78,11 @@ class _Worker:
         return f"worker rank {self.rank} ({self.device.name}, pid {self.proc.pid})"
 
     def send(self, msg: Any) -> None:
+        self.send_encoded(encode(msg))
+
+    def send_encoded(self, data: bytes) -> None:
         try:
-            self.child.send(msg)
+            self.child.send_encoded(data)
         except OSError:  # broken pipe: the process is gone
             raise WorkerError(f"{self.name} died (exit code {self.proc.poll()})") from None
 
@@ -184,8 +188,9 @@ class Executor:
                 return self._call(method, kwargs)
 
     def _call(self, method: str, kwargs: dict[str, Any]) -> list[Any]:
+        data = encode(Call(method, kwargs))  # once: every rank gets its copy at once
         for w in self.workers:
-            w.send(Call(method, kwargs))
+            w.send_encoded(data)
         return self._gather_all(self.step_timeout_s, what=method)
 
     def execute_step(self, step: StepInput) -> StepOutput:
@@ -198,8 +203,9 @@ class Executor:
     def submit_step(self, step: StepInput) -> None:
         """Send a step to every rank without waiting for its answer."""
         with self._lock, self._stop_on_failure(quiet=not self._inflight):
+            data = encode(step)  # once: every rank gets the same bytes
             for w in self.workers:
-                w.send(step)
+                w.send_encoded(data)
             self._inflight.append(self._sent)
             self._sent += 1
 

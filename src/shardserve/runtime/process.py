@@ -29,6 +29,10 @@ class Pipes:
         """Raises ``OSError`` when the other side is gone."""
         self.conn_out.send_bytes(encode(msg))
 
+    def send_encoded(self, data: bytes) -> None:
+        """A message ``encode`` made once for several receivers."""
+        self.conn_out.send_bytes(data)
+
     def recv(self) -> Any:
         """Raises ``EOFError`` (or ``OSError``) when the other side is gone."""
         return decode(self.conn_in.recv_bytes())

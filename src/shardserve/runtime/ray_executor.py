@@ -244,16 +244,22 @@ class _RayRank:
             self.proc.kill()
             self._refs.put(None)
             return
+        if isinstance(msg, WorkerInit) and not self.direct:
+            self._refs.put(self.actor.start.remote(encode(msg), self.store))
+            return
+        self.send_encoded(encode(msg))
+
+    def send_encoded(self, data: bytes) -> None:
+        """A step or call ``encode`` made once for every rank."""
+        if self.proc.returncode is not None:
+            raise self._died()
         if self.direct:
             try:
-                self.conn_out.send_bytes(encode(msg))
+                self.conn_out.send_bytes(data)
             except OSError:  # the actor is gone
                 raise self._died() from None
             return
-        if isinstance(msg, WorkerInit):
-            self._refs.put(self.actor.start.remote(encode(msg), self.store))
-        else:
-            self._refs.put(self.actor.handle.remote(encode(msg)))
+        self._refs.put(self.actor.handle.remote(data))
 
     def recv(self) -> Any:
         try:
