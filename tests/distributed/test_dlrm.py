@@ -142,3 +142,19 @@ def test_bad_inputs_name_what_is_wrong(model):
                 engine.score(*args)
         # and the model keeps scoring
         assert engine.score(dense, values, lengths).shape == (3,)
+
+
+def test_bfloat16_tables_score_close_to_float32(tmp_path):
+    """A checkpoint stored in bfloat16 runs in bfloat16 (tables and MLPs, sums of pooled rows
+    in float32): its scores stay near the float32 reference of the same (rounded) weights."""
+    path = test_models.write(tmp_path / "bf16", "dlrm", "small", dtype="bfloat16")
+    spec = ModelConfig(str(path)).spec
+    assert spec.dtype == "bfloat16"
+    ref = Reference(path)  # the bfloat16 weights, widened to float32
+    x = batch(spec, 16, seed=9)
+    with RecommenderEngine(ModelConfig(str(path)), 2, _devices(2, 1 << 30)) as engine:
+        got = engine.score(*x)
+        stats = engine.executor.collective_rpc("stats")
+    np.testing.assert_allclose(got, ref(*x), atol=0.03)
+    plan = plan_tables(spec, 2, "bfloat16")
+    assert [s["weight_bytes"] for s in stats] == plan.bytes_per_device()
