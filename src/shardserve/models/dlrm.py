@@ -23,12 +23,13 @@ from shardserve.runtime.group import Group
 
 
 class TableShardModule(nn.Module):
-    """Rows ``start .. stop - 1`` of one table."""
+    """Rows ``start .. stop - 1`` of one table: a view of the rank's one buffer of shards
+    (``DLRM.rows``), so loading fills the buffer a lookup reads."""
 
-    def __init__(self, shard: TableShard, dim: int) -> None:
+    def __init__(self, shard: TableShard, rows: torch.Tensor) -> None:
         super().__init__()
         self.shard = shard
-        self.weight = nn.Parameter(torch.empty(shard.rows, dim), requires_grad=False)
+        self.weight = nn.Parameter(rows, requires_grad=False)
         self.weight.weight_loader = self._load  # type: ignore[attr-defined]
 
     def _load(self, param: nn.Parameter, src, shard_id=None) -> None:
@@ -36,18 +37,6 @@ class TableShardModule(nn.Module):
             raise ValueError(f"{src.name}: checkpoint shape {src.shape}; the model expects "
                              f"at least {self.shard.stop} rows of {param.shape[1]}")
         param.data.copy_(src.read(0, self.shard.start, self.shard.stop))
-
-    def pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Sum of the rows of ``ids`` this shard holds, per bag (``offsets`` start each bag)."""
-        s = self.shard
-        if not s.row_wise:
-            return F.embedding_bag(ids, self.weight, offsets, mode="sum").float()
-        mine = (ids >= s.start) & (ids < s.stop)
-        local = (ids - s.start).clamp(0, max(0, s.rows - 1))
-        if s.rows == 0:  # an empty last range: nothing here
-            return self.weight.new_zeros(len(offsets), self.weight.shape[1])
-        return F.embedding_bag(local, self.weight, offsets, mode="sum",
-                               per_sample_weights=mine.to(self.weight.dtype)).float()
 
 
 def _mlp(shapes: list[tuple[str, int, int]]) -> nn.ModuleList:
@@ -64,8 +53,26 @@ class DLRM(nn.Module):
         n_dense = len(spec.dense_layers)
         self.dense = _mlp(shapes[:n_dense])
         self.over = _mlp(shapes[n_dense:])
-        self.tables = nn.ModuleDict({str(s.table): TableShardModule(s, spec.embedding_dim)
-                                     for s in self.plan.on(group.rank)})
+        mine = self.plan.on(group.rank)
+        # All of this rank's shards in one buffer, one after another (TorchRec's "table
+        # batched" layout): a lookup is one embedding_bag over every feature this rank holds.
+        total = sum(sh.rows for sh in mine)
+        self.rows = torch.empty(max(1, total), spec.embedding_dim)
+        base, at = [], 0
+        for sh in mine:
+            base.append(at)
+            at += sh.rows
+        self.tables = nn.ModuleDict({str(sh.table): TableShardModule(
+            sh, self.rows[b:b + sh.rows]) for sh, b in zip(mine, base, strict=True)})
+        F_ = spec.num_tables  # per feature: held here, its first row, first local row, rows
+        self.held = torch.zeros(F_, dtype=torch.bool)
+        self.base = torch.zeros(F_, dtype=torch.long)
+        self.start = torch.zeros(F_, dtype=torch.long)
+        self.count = torch.zeros(F_, dtype=torch.long)
+        for sh, b in zip(mine, base, strict=True):
+            self.held[sh.table], self.base[sh.table] = True, b
+            self.start[sh.table], self.count[sh.table] = sh.start, sh.rows
+        self.features = [sh.table for sh in mine]
         # checkpoint name -> parameter name
         self.weight_aliases = {spec.table_name(s.table): f"tables.{s.table}.weight"
                                for s in self.plan.on(group.rank)}
@@ -88,14 +95,21 @@ class DLRM(nn.Module):
         F_, B = lengths.shape
         out = torch.zeros(B, F_, self.spec.embedding_dim, dtype=torch.float32,
                           device=values.device)
-        # every bag's offset within its feature's ids, and where each feature's ids start:
-        # two ops for all features, then views (a lookup is a few small ops a table)
-        offsets = torch.cumsum(lengths, 1) - lengths
-        ends = torch.cumsum(lengths.sum(1), 0).tolist()
-        for key, table in self.tables.items():
-            f = int(key)
-            ids = values[(ends[f - 1] if f else 0):ends[f]]
-            out[:, f] = table.pool(ids, offsets[f])
+        if self.features:
+            # each id's feature; keep the ids of features held here, in rows held here
+            feature = torch.repeat_interleave(torch.arange(F_), lengths.sum(1))
+            keep = self.held[feature]
+            ids, feature = values[keep], feature[keep]
+            local = ids - self.start[feature]
+            mine = (local >= 0) & (local < self.count[feature])
+            index = torch.where(mine, local + self.base[feature], 0)
+            held = lengths[self.features]  # (held features, B): one bag each, in order
+            flat = held.reshape(-1)
+            offsets = torch.cumsum(flat, 0) - flat
+            pooled = F.embedding_bag(index, self.rows, offsets, mode="sum",
+                                     per_sample_weights=mine.to(self.rows.dtype))
+            out[:, self.features] = pooled.view(len(self.features), B, -1).transpose(0, 1) \
+                .float()
         out = self.group.all_reduce(out)
         if self.spec.pooling == "mean":
             out /= lengths.t().clamp(min=1).unsqueeze(-1).to(out.dtype)
