@@ -25,7 +25,7 @@ from shardserve.api.errors import APIError
 from shardserve.api.metrics import RequestTimer
 from shardserve.engine.errors import EngineUnavailable, InvalidRequest, RequestFailed
 from shardserve.engine.request_state import OutputKind
-from shardserve.engine.validation import check_generation, check_inputs
+from shardserve.engine.validation import check_generation, check_inputs, check_request
 from shardserve.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -161,20 +161,40 @@ async def finish(request: Request, gen: Generation) -> RequestOutput:
 async def embed(request: Request, dep, inputs: list[list[int]], truncate: bool,
                 param: str = "input") -> list:
     """Each input through a ready replica's dynamic batcher; rows back in order."""
-    limits = request.app.state.limits
     try:
         ids = check_inputs(inputs, dep.model.spec.vocab_size, dep.model.context_len, truncate,
                            param)
+    except Exception as e:
+        raise http_error(e) from None
+    return await batched(request, dep, ids, [len(t) for t in ids])
+
+
+async def score(request: Request, dep, dense, values, lengths) -> Any:
+    """A recommender's scores for one request, checked before it queues (a bad one never
+    shares a batch), through a ready replica's dynamic batcher."""
+    try:
+        checked = check_request(dep.model.spec, dense, values, lengths)
+    except Exception as e:
+        raise http_error(e) from None
+    return (await batched(request, dep, [checked], [len(checked[0])]))[0]
+
+
+async def batched(request: Request, dep, items: list, sizes: list[int]) -> list:
+    """Each item through a ready replica's dynamic batcher (an encoder's or a
+    recommender's), within the queue bound and the request's deadline; results in order."""
+    limits = request.app.state.limits
+    try:
         replica = dep.pick()
     except Exception as e:
         raise http_error(e) from None
-    if len(replica.engine.batcher.queue) + len(ids) > \
-            limits.max_queue * dep.config.max_batch_size:  # inputs queued, not requests
+    if len(replica.engine.batcher.queue) + len(items) > \
+            limits.max_queue * dep.config.max_batch_size:  # items queued, not requests
         raise _queue_full(dep.config.name)
     ticket = Ticket(replica)
     deadline = time.monotonic() + limits.request_timeout_s
     try:
-        rows = asyncio.gather(*(replica.engine.embed(t) for t in ids))
+        rows = asyncio.gather(*(replica.engine.submit(item, size=size)
+                                for item, size in zip(items, sizes, strict=True)))
         return await until_disconnected(request, within(rows, deadline))
     except Exception as e:
         raise http_error(e) from None

@@ -44,12 +44,11 @@ FORMATS = ("float32", "bfloat16", "float16", "int8")
 
 
 def _served_formats() -> list[str]:
+    """Every weight format when the native kernels are built (they take each one); float32
+    alone otherwise (PyTorch's 16-bit matmuls are not what the engine would run)."""
     from shardserve.kernels import ops
 
-    if ops.packed_width() is None:
-        return ["float32"]
-    return ["float32"] + [f for f in FORMATS[1:] if ops.linear_path(
-        "float32" if f == "int8" else f, "int8" if f == "int8" else None) != "PyTorch GEMM"]
+    return list(FORMATS) if ops.packed_width() is not None else ["float32"]
 
 
 def linear_ps_per_weight(fmt: str, rows: tuple[int, ...], working_set: int, side: int,

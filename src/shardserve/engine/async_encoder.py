@@ -37,12 +37,10 @@ class AsyncEncoder:
     def status(self) -> Status:
         return self._sup.status
 
-    async def embed(self, token_ids: list[int]) -> np.ndarray:
-        """One input's pooled vector (or logits), batched with whatever else is queued."""
-        return await self.batcher.submit(token_ids, size=len(token_ids))
-
     async def submit(self, item: object, size: int = 1) -> object:
-        """One request of any model the batcher serves (a recommender's sample batch)."""
+        """One input's answer (an encoder's token ids -> pooled vector or logits; a
+        recommender's samples -> scores), batched with whatever else is queued; ``size``
+        its length, for the batcher's grouping."""
         return await self.batcher.submit(item, size=size)
 
     def _run_batch(self, items: list[list[int]]) -> np.ndarray:

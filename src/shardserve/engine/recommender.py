@@ -43,23 +43,20 @@ class RecommenderEngine:
     def score_many(self, requests: list[Request]) -> list[np.ndarray]:
         """Each request's scores, all of them in one call to the workers."""
         checked = [check_request(self.spec, *r) for r in requests]
-        if len(checked) == 1:  # nothing to merge
-            dense, values, lengths = checked[0]
-            return [np.asarray(self.executor.collective_rpc(
-                "recommend", dense=dense, values=values, lengths=lengths)[0], np.float32)]
-        dense = np.concatenate([c[0] for c in checked])
-        lengths = np.concatenate([c[2] for c in checked], axis=1)
-        segments = []  # feature by feature, each request's ids of that feature in order
-        for c in checked:
-            ends = np.cumsum(c[2].sum(1))
-            segments.append(np.split(c[1], ends[:-1]))
-        values = np.concatenate([seg[t] for t in range(self.spec.num_tables)
-                                 for seg in segments]) if segments else np.zeros(0, np.int64)
-        scores = self.executor.collective_rpc("recommend", dense=dense,
-                                              values=values.astype(np.int64),
+        dense, values, lengths = checked[0] if len(checked) == 1 else self._merge(checked)
+        scores = self.executor.collective_rpc("recommend", dense=dense, values=values,
                                               lengths=lengths)[0]
         cuts = np.cumsum([len(c[0]) for c in checked])[:-1]
         return np.split(np.asarray(scores, np.float32), cuts)
+
+    def _merge(self, checked: list[Request]) -> Request:
+        """Several checked requests as one: samples one after another, and the ids feature by
+        feature, each request's ids of that feature in order."""
+        segments = [np.split(v, np.cumsum(ln.sum(1))[:-1]) for _, v, ln in checked]
+        return (np.concatenate([c[0] for c in checked]),
+                np.concatenate([seg[t] for t in range(self.spec.num_tables)
+                                for seg in segments]),
+                np.concatenate([c[2] for c in checked], axis=1))
 
     def check_health(self, timeout_s: float) -> None:
         self.executor.check_health(timeout_s)

@@ -89,12 +89,11 @@ def check_request(spec: DLRMSpec, dense: np.ndarray, values: np.ndarray,
     if values.ndim != 1:
         raise InvalidRequest(f"sparse_values: expected INT64 [total], got shape "
                              f"{list(values.shape)}", "sparse_values")
-    for name, a in (("dense", dense), ("sparse_values", values),
-                    ("sparse_lengths", lengths)):
-        kind = "f" if name == "dense" else "i"
-        if a.dtype.kind not in (kind, "u") and not (kind == "f" and a.dtype.kind in "iu"):
-            raise InvalidRequest(f"{name}: expected {'FP32' if kind == 'f' else 'integer'} "
-                                 f"data, got {a.dtype}", name)
+    for name, a, kinds, what in (("dense", dense, "fiu", "FP32"),
+                                  ("sparse_values", values, "iu", "integer"),
+                                  ("sparse_lengths", lengths, "iu", "integer")):
+        if a.dtype.kind not in kinds:
+            raise InvalidRequest(f"{name}: expected {what} data, got {a.dtype}", name)
     if not np.isfinite(dense).all():
         raise InvalidRequest("dense: NaN or infinite values", "dense")
     if (lengths < 0).any():

@@ -17,13 +17,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from shardserve.api.admission import (
-    Ticket,
     embed,
     finish,
     http_error,
     in_pool,
+    score,
     start_generation,
-    until_disconnected,
     within,
 )
 from shardserve.api.auth import Principal, principal
@@ -31,7 +30,6 @@ from shardserve.api.errors import APIError, invalid_body
 from shardserve.api.protocol import GenerateRequest, InferRequest
 from shardserve.api.routes.openai import deployment, encode, generative
 from shardserve.engine.errors import InvalidRequest, PipelineError
-from shardserve.engine.validation import check_request
 from shardserve.sampling_params import SamplingParams
 
 # Clients such as tritonclient send JSON with no content type: read it as JSON all the same
@@ -285,7 +283,7 @@ class _Ops:
         dep = deployment(self.request, model, self.who)
         if dep.kind != "recommender":
             raise APIError(400, f"model `{model}` is of kind {dep.kind}, not a recommender")
-        return await _score(self.request, dep, dense, values, lengths)
+        return await score(self.request, dep, dense, values, lengths)
 
     async def generate(self, model: str, prompt: str, max_tokens: int) -> str:
         dep = generative(deployment(self.request, model, self.who))
@@ -382,34 +380,11 @@ async def _infer_recommender(request: Request, dep, body: InferRequest) -> dict:
                                       else np.int64).reshape(t.shape)
         except (TypeError, ValueError, OverflowError):
             raise APIError(400, f"input {name!r}: its data are not all numbers", name) from None
-    scores = await _score(request, dep, arrays["dense"], arrays["sparse_values"],
-                          arrays["sparse_lengths"])
+    scores = await score(request, dep, arrays["dense"], arrays["sparse_values"],
+                         arrays["sparse_lengths"])
     return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "score", "datatype": "FP32", "shape": [len(scores)],
                          "data": np.asarray(scores, np.float32)}]}
-
-
-async def _score(request: Request, dep, dense, values, lengths) -> np.ndarray:
-    """A recommender's scores for one checked request, through a ready replica's batcher."""
-    try:
-        dense, values, lengths = check_request(dep.model.spec, dense, values, lengths)
-        replica = dep.pick()
-    except Exception as e:
-        raise http_error(e) from None
-    limits = request.app.state.limits
-    if len(replica.engine.batcher.queue) + 1 > limits.max_queue * dep.config.max_batch_size:
-        raise APIError(429, f"model `{dep.config.name}` has too many requests queued; retry "
-                            "shortly", None, "rate_limited", headers={"Retry-After": "1"})
-    ticket = Ticket(replica)
-    try:
-        scores = await until_disconnected(request, within(
-            replica.engine.submit((dense, values, lengths), size=len(dense)),
-            time.monotonic() + limits.request_timeout_s))
-    except Exception as e:
-        raise http_error(e) from None
-    finally:
-        ticket.release()
-    return scores
 
 
 async def _complete(request: Request, name: str, who: Principal, prompt: str,
