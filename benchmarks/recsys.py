@@ -14,7 +14,8 @@ binary tensors, ``concurrency`` threads each sending requests back to back.
   floor a server adds its cost to;
 - in process, sharded: ``RecommenderEngine`` at tp=2 (``cpu:2``), one request at a time:
   the cost of the table shards' all-reduce over the fabric (goal: at most 1.3x unsharded at
-  one sample);
+  one sample); and at tp=1 (``cpu:1``, one worker process, the same kernels): tp=2 / tp=1 is
+  the fabric's cost alone. The three take turns by blocks of 25 requests;
 - served, tp=2 on ``cpu:2``: dynamic batching on (``max_batch_size`` 32,
   ``max_queue_delay_ms`` 2) and off (``max_batch_size`` 1): QPS and p50/p99 latency per
   concurrency (goals: p99 <= 60 ms at the highest load where it holds; batching >= 2x the
@@ -57,15 +58,23 @@ def requests(spec, count: int, samples: int, seed: int = 0) -> list[tuple]:
     return out
 
 
-def in_process_ms(fn, reqs: list[tuple]) -> dict:
-    for r in reqs[:20]:
-        fn(*r)
-    times = []
-    for r in reqs:
-        t0 = time.perf_counter()
-        fn(*r)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return {"p50_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99))}
+def in_process_ms(fns: dict, reqs: list[tuple], block: int = 25) -> dict[str, dict]:
+    """p50/p99 ms of each function over ``reqs``. The functions take turns by blocks of
+    ``block`` requests: this machine's speed drifts by 10-20% over a minute, and in turn the
+    drift hits all alike, while within a block each runs with its own data in cache, as it
+    would one request after another."""
+    for fn in fns.values():
+        for r in reqs[:20]:
+            fn(*r)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for at in range(0, len(reqs), block):
+        for name, fn in fns.items():
+            for r in reqs[at:at + block]:
+                t0 = time.perf_counter()
+                fn(*r)
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: {"p50_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99))}
+            for name, t in times.items()}
 
 
 def load(url: str, reqs: list[tuple], concurrency: int) -> dict:
@@ -130,23 +139,27 @@ def main() -> None:
         ones = requests(spec, 300, 1, seed=1)
         torch.set_num_threads(1)
         ref = Unsharded(weights)
-        result = {"samples_per_request": args.samples,
-                  "unsharded_in_process": {"one_sample": in_process_ms(ref, ones),
-                                           "request": in_process_ms(ref, reqs[:300])}}
-        with RecommenderEngine(ModelConfig(str(weights)), 2,
-                               parse_devices("cpu:2")) as engine:
-            result["sharded_in_process_tp2"] = {
-                "one_sample": in_process_ms(engine.score, ones),
-                "request": in_process_ms(engine.score, reqs[:300])}
+        result = {"samples_per_request": args.samples}
+        with RecommenderEngine(ModelConfig(str(weights)), 1, parse_devices("cpu:1")) as one, \
+                RecommenderEngine(ModelConfig(str(weights)), 2, parse_devices("cpu:2")) as two:
+            fns = {"unsharded_in_process": ref, "engine_tp1": one.score,
+                   "sharded_in_process_tp2": two.score}
+            for key, r in (("one_sample", ones), ("request", reqs[:300])):
+                for name, figures in in_process_ms(fns, r).items():
+                    result.setdefault(name, {})[key] = figures
         result["served_batching"] = serve(weights, 32, 2, reqs, args.concurrency)
         result["served_no_batching"] = serve(weights, 1, 0, reqs, args.concurrency)
-    one = result["sharded_in_process_tp2"]["one_sample"]["p50_ms"] / \
-        result["unsharded_in_process"]["one_sample"]["p50_ms"]
+    p50 = {k: result[k]["one_sample"]["p50_ms"] for k in
+           ("unsharded_in_process", "engine_tp1", "sharded_in_process_tp2")}
+    one = p50["sharded_in_process_tp2"] / p50["unsharded_in_process"]
     result["sharded_over_unsharded_one_sample"] = one
+    result["tp2_over_tp1_one_sample"] = p50["sharded_in_process_tp2"] / p50["engine_tp1"]
     print(json.dumps(result, indent=2))
     print()
+    print("one sample, p50 ms: " + ", ".join(f"{k} {v:.3f}" for k, v in p50.items()))
     print(f"sharded (tp=2) / unsharded in-process latency at one sample: {one:.2f}x "
-          "(goal <= 1.3x)")
+          "(goal <= 1.3x); tp=2 / tp=1 through the engine (the fabric alone): "
+          f"{result['tp2_over_tp1_one_sample']:.2f}x")
     print("| serving | concurrency | QPS | samples/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|")
     for key in ("served_batching", "served_no_batching"):

@@ -181,3 +181,27 @@ def test_a_failed_first_stage_is_the_error_reported_and_the_group_goes_on():
     assert ex.alive
     state["fail"] = False
     assert ex.execute_step(StepInput()).token_ids.tolist() == [5]
+
+
+def test_a_driver_call_waits_for_the_driver_alone_and_fails_like_a_step():
+    """Only the driver answers a driver call; a peer's exception fails that call (named by its
+    method), the group goes on, and the next call is answered."""
+    state = {"fail": False}
+
+    def on_step(r):
+        if r == 1:
+            return Error("ValueError: bad ids") if state["fail"] else None
+        time.sleep(0.05)
+        return Reply([0.5])
+
+    ex = _executor(on_step)
+    assert ex.driver_call("recommend", dense=np.zeros(2)) == [0.5]
+    state["fail"] = True
+    with pytest.raises(RemoteError, match="recommend failed on rank 1: ValueError: bad ids"):
+        ex.driver_call("recommend")
+    assert ex.alive
+    state["fail"] = False
+    assert ex.driver_call("recommend") == [0.5]
+    hung = _executor(lambda r: "hang", step_timeout_s=0.2)
+    with pytest.raises(WorkerError, match="did not finish recommend within"):
+        hung.driver_call("recommend")

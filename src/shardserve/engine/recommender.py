@@ -44,8 +44,8 @@ class RecommenderEngine:
         """Each request's scores, all of them in one call to the workers."""
         checked = [check_request(self.spec, *r) for r in requests]
         dense, values, lengths = checked[0] if len(checked) == 1 else self._merge(checked)
-        scores = self.executor.collective_rpc("recommend", dense=dense, values=values,
-                                              lengths=lengths)[0]
+        scores = self.executor.driver_call("recommend", dense=dense, values=values,
+                                           lengths=lengths)
         cuts = np.cumsum([len(c[0]) for c in checked])[:-1]
         return np.split(np.asarray(scores, np.float32), cuts)
 

@@ -89,7 +89,8 @@ def _owned(path: Path) -> Path:
     return path
 
 
-KERNELS = ("gemm", "bf16_gemm", "small_gemm", "paged_attention", "elementwise", "sampling")
+KERNELS = ("gemm", "bf16_gemm", "small_gemm", "paged_attention", "elementwise", "sampling",
+           "embedding")
 
 
 @functools.cache

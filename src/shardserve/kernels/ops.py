@@ -390,3 +390,25 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     fn(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), n,
        nh, k.shape[1], hd, q.stride(0), k.stride(0), torch.get_num_threads())
     return True
+
+
+def pool_bags(rows: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+              base: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor | None:
+    """``(B, F, D)`` float32 sums of the rows each id bag hits in ``rows`` (a DLRM rank's
+    shards, float32 or 16-bit; ``kernels/embedding.c``): ``values`` int64 ids feature by
+    feature, ``lengths`` ``(F, B)`` int64; per feature ``base`` (its first row in ``rows``, -1
+    if not held), ``start`` (first table row held) and ``count`` (rows held), int64. Ids
+    outside the rows held add nothing; ``None`` also when the lengths are negative or do not
+    sum to the ids given."""
+    fn = _fn("embedding", "pool_bags",
+             (_P, _I32, _I64, _P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _I32))
+    if (fn is None or rows.dim() != 2 or not _weight_cpu(rows) or rows.dtype == torch.int8
+            or any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu"
+                   for t in (values, lengths, base, start, count))):
+        return None
+    F, B = lengths.shape
+    out = torch.empty(B, F, rows.shape[1], dtype=torch.float32)
+    rc = fn(rows.data_ptr(), _WTYPES[rows.dtype], rows.shape[1], values.data_ptr(),
+            values.numel(), lengths.data_ptr(), F, B, base.data_ptr(), start.data_ptr(),
+            count.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None

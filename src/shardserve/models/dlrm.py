@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.kernels import ops
 from shardserve.planner.recsys import TablePlan, TableShard, plan_tables
 from shardserve.planner.specs import DLRMSpec
 from shardserve.runtime.group import Group
@@ -73,6 +74,7 @@ class DLRM(nn.Module):
             self.held[sh.table], self.base[sh.table] = True, b
             self.start[sh.table], self.count[sh.table] = sh.start, sh.rows
         self.features = [sh.table for sh in mine]
+        self.first = torch.where(self.held, self.base, -1)  # the native kernel's base
         # checkpoint name -> parameter name
         self.weight_aliases = {spec.table_name(s.table): f"tables.{s.table}.weight"
                                for s in self.plan.on(group.rank)}
@@ -92,6 +94,16 @@ class DLRM(nn.Module):
         """``(B, F, D)`` float32 pooled embeddings of every feature, on every rank.
         ``values``: ids feature by feature, sample by sample within a feature;
         ``lengths``: ``(F, B)`` ids per feature and sample."""
+        out = ops.pool_bags(self.rows, values, lengths, self.first, self.start, self.count)
+        if out is None:
+            out = self._pooled_torch(values, lengths)
+        out = self.group.all_reduce(out)
+        if self.spec.pooling == "mean":
+            out /= lengths.t().clamp(min=1).unsqueeze(-1).to(out.dtype)
+        return out
+
+    def _pooled_torch(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``pooled`` without the native kernel."""
         F_, B = lengths.shape
         out = torch.zeros(B, F_, self.spec.embedding_dim, dtype=torch.float32,
                           device=values.device)
@@ -110,9 +122,6 @@ class DLRM(nn.Module):
                                      per_sample_weights=mine.to(self.rows.dtype))
             out[:, self.features] = pooled.view(len(self.features), B, -1).transpose(0, 1) \
                 .float()
-        out = self.group.all_reduce(out)
-        if self.spec.pooling == "mean":
-            out /= lengths.t().clamp(min=1).unsqueeze(-1).to(out.dtype)
         return out
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor,

@@ -42,7 +42,9 @@ from shardserve.runtime import shm
 from shardserve.runtime.devices import Device
 from shardserve.runtime.messages import (
     Call,
+    DriverCall,
     Error,
+    Reply,
     Shutdown,
     StepInput,
     StepOutput,
@@ -174,7 +176,8 @@ class Executor:
             raise
 
     def _start_counting(self) -> None:
-        self._inflight: deque[int] = deque()  # numbers of the steps sent and not answered
+        # the steps sent and not answered: their numbers, and what each is (for errors)
+        self._inflight: deque[tuple[int, str]] = deque()
         self._sent = 0  # steps sent so far (every rank numbers them alike)
         self._step_errors: dict[int, tuple[_Worker, Error]] = {}  # from non-driver ranks
         self._ping_owed = False  # a step failed while others were in flight
@@ -202,20 +205,32 @@ class Executor:
 
     def submit_step(self, step: StepInput) -> None:
         """Send a step to every rank without waiting for its answer."""
+        self._submit(encode(step), "a step")
+
+    def driver_call(self, method: str, **kwargs: Any) -> Any:
+        """Run an allowed worker method on every rank as a step: only the driver's result comes
+        back (one reply to wait for, where ``collective_rpc`` waits for every rank's), and a
+        rank that fails is handled as in a step."""
+        with self._lock:
+            self._check_idle(method)
+        self._submit(encode(DriverCall(method, kwargs)), method)
+        return self.next_output().value
+
+    def _submit(self, data: bytes, what: str) -> None:
         with self._lock, self._stop_on_failure(quiet=not self._inflight):
-            data = encode(step)  # once: every rank gets the same bytes
-            for w in self.workers:
+            for w in self.workers:  # encoded once: every rank gets the same bytes
                 w.send_encoded(data)
-            self._inflight.append(self._sent)
+            self._inflight.append((self._sent, what))
             self._sent += 1
 
-    def next_output(self) -> StepOutput:
-        """The answer to the oldest step in flight; ``RemoteError`` if it failed there."""
+    def next_output(self) -> StepOutput | Reply:
+        """The answer to the oldest step in flight (a ``Reply`` to a driver call);
+        ``RemoteError`` if it failed there."""
         with self._lock, self._stop_on_failure(quiet=False):
             if not self._inflight:
                 raise RuntimeError("no step is in flight")
             try:
-                return self._wait_step(self._inflight.popleft())
+                return self._wait_step(*self._inflight.popleft())
             finally:
                 if self._ping_owed and not self._inflight:
                     self._ping_owed = False
@@ -325,7 +340,7 @@ class Executor:
             raise self._remote_error(errors[0], what)
         return [out[r].value for r in range(len(self.workers))]
 
-    def _wait_step(self, step: int) -> StepOutput:
+    def _wait_step(self, step: int, what: str) -> StepOutput | Reply:
         """The driver's answer to ``step``. Other ranks never answer a step: one that speaks
         has failed (its ``Error`` names the step). A failure on a rank that is not the driver
         gives the driver ``grace_s`` to answer too (else it is stuck in a collective with the
@@ -333,16 +348,16 @@ class Executor:
         conns = {w.conn_in: w for w in self.workers}
         driver = self.workers[self.driver]
         deadline = time.monotonic() + self.step_timeout_s
-        answer: StepOutput | None = None
+        answer: StepOutput | Reply | None = None
         driver_error: tuple[_Worker, Error] | None = None
         while answer is None and driver_error is None:
             ready = wait(list(conns), max(0.0, deadline - time.monotonic()))
             if not ready:
                 if step in self._step_errors:
-                    remote = self._remote_error(self._step_errors.pop(step), "a step")
+                    remote = self._remote_error(self._step_errors.pop(step), what)
                     raise WorkerError(f"{remote}; then {driver.name} got stuck in a "
                                       "collective")
-                raise WorkerError(f"{driver.name} did not finish a step within "
+                raise WorkerError(f"{driver.name} did not finish {what} within "
                                   f"{self.step_timeout_s:.0f}s: the group is hung")
             if driver.conn_in in ready:  # then also any peer that failed alongside it
                 ready += [c for c in wait(list(conns), 0) if c not in ready]
@@ -350,7 +365,7 @@ class Executor:
                 w = conns[conn]
                 msg = w.recv()
                 if w is driver and answer is None and driver_error is None:
-                    if isinstance(msg, StepOutput):
+                    if isinstance(msg, StepOutput | Reply):
                         answer = msg
                     else:
                         driver_error = (w, msg if isinstance(msg, Error) else
@@ -369,7 +384,7 @@ class Executor:
         error = self._step_errors.pop(step, None) or driver_error
         if error is None:
             return answer
-        remote = self._remote_error(error, "a step")
+        remote = self._remote_error(error, what)
         if self._inflight:  # the rest must be answered before a ping can be
             self._ping_owed = True
         else:

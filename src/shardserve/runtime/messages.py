@@ -90,6 +90,16 @@ class Call:
 
 
 @dataclass
+class DriverCall:
+    """A call run as a step: every rank runs ``method`` (numbered with the steps), only the
+    driver answers (a ``Reply``); the others speak only to report an ``Error``. For calls
+    whose other ranks take part in collectives and have nothing to return."""
+
+    method: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Reply:
     value: Any = None
 
@@ -107,7 +117,7 @@ class Shutdown:
 
 
 _TYPES = {cls.__name__: cls for cls in (NewRequest, StepInput, StepOutput, WorkerInit, Call,
-                                        Reply, Error, Shutdown)}
+                                        DriverCall, Reply, Error, Shutdown)}
 
 
 def register(*classes: type) -> None:

@@ -18,7 +18,15 @@ import traceback
 from datetime import timedelta
 from multiprocessing.connection import Connection
 
-from shardserve.runtime.messages import Call, Error, Reply, Shutdown, StepInput, WorkerInit
+from shardserve.runtime.messages import (
+    Call,
+    DriverCall,
+    Error,
+    Reply,
+    Shutdown,
+    StepInput,
+    WorkerInit,
+)
 from shardserve.runtime.messages import decode as _decode
 from shardserve.runtime.messages import encode as _encode
 from shardserve.runtime.process import serve_pipes
@@ -26,6 +34,7 @@ from shardserve.runtime.process import serve_pipes
 # The only methods a Call may name.
 _CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping",
           "time_all_reduce", "recommend")
+_DRIVER_CALLS = ("recommend",)  # ... and a DriverCall
 
 
 # glibc's mallopt parameters
@@ -111,6 +120,7 @@ class Worker:
     def __init__(self) -> None:
         self.runner = None
         self.steps = 0
+        self.is_driver = False  # rank 0 of the last stage: answers steps and driver calls
 
     def start(self, init: WorkerInit, store=None) -> Reply | Error:
         """``store``: a ``torch.distributed`` store to meet the group in (default: the
@@ -121,6 +131,7 @@ class Worker:
             from shardserve.planner.specs import DLRMSpec
             from shardserve.runtime.model_runner import ModelRunner, trim_heap
 
+            self.is_driver = init.rank == init.world_size - (init.tp or init.world_size)
             device = _setup_device(init)
             group, link = _join_group(init, store)
             config = ModelConfig(init.model_path, init.dtype, init.max_model_len,
@@ -148,6 +159,10 @@ class Worker:
             if isinstance(msg, StepInput):
                 step, self.steps = self.steps, self.steps + 1
                 return self.runner.step(msg)
+            if isinstance(msg, DriverCall) and msg.method in _DRIVER_CALLS:
+                step, self.steps = self.steps, self.steps + 1
+                value = getattr(self.runner, msg.method)(**msg.kwargs)
+                return Reply(value) if self.is_driver else None
             if isinstance(msg, Call) and msg.method in _CALLS:
                 return Reply(getattr(self.runner, msg.method)(**msg.kwargs))
             return Error(f"unknown message {type(msg).__name__}")
