@@ -19,6 +19,7 @@ from shardserve.planner.specs import (
     DLRMSpec,
     EncoderSpec,
     TransformerSpec,
+    WhisperSpec,
     canonical_dtype,
     check_quantization,
     spec_from_hf,
@@ -62,6 +63,9 @@ class ModelConfig:
                 0 < self.max_model_len <= self.spec.max_position):
             raise ValueError(f"max_model_len={self.max_model_len} must be in "
                              f"1..{self.spec.max_position} (the model's max_position_embeddings)")
+        if self.quantization and isinstance(self.spec, WhisperSpec):
+            raise ValueError("quantization of Whisper is not supported; serve it in its dtype "
+                             "(leave quantization unset)")
 
     @cached_property
     def hf_config(self) -> dict[str, Any]:
@@ -83,7 +87,8 @@ class ModelConfig:
 
     @property
     def kind(self) -> str:
-        """The deployment kind that serves this model: llm, encoder or recommender."""
+        """The deployment kind that serves this model: llm (speech models too: the same
+        engine), encoder or recommender."""
         if isinstance(self.spec, EncoderSpec):
             return "encoder"
         return "recommender" if isinstance(self.spec, DLRMSpec) else "llm"
@@ -166,6 +171,9 @@ class ParallelConfig:
                                               or self.executor != "local"):
             raise ValueError("pipeline_parallel_size > 1 and the ray executor serve generative "
                              "models; an encoder runs on tensor_parallel_size local devices")
+        if isinstance(spec, WhisperSpec) and self.pipeline_parallel_size > 1:
+            raise ValueError("Whisper runs on tensor_parallel_size devices, in one pipeline "
+                             "stage (pipeline_parallel_size 1)")
         self.stages(spec)
         tp = self.tensor_parallel_size
         if not spec.tp_ok(tp):

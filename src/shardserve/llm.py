@@ -105,6 +105,38 @@ class LLM:
             raise
         return [state.output() for state in states.values()]
 
+    def transcribe(self, audio: bytes | Any | list, language: str | None = None,
+                   task: str = "transcribe", sampling_params: SamplingParams | None = None,
+                   sampling_rate: int | None = None) -> list[RequestOutput]:
+        """Speech models: one transcription per audio (WAV bytes, or mono float samples at
+        ``sampling_rate``), in order. Greedy and up to the model's 448 tokens unless
+        ``sampling_params`` say otherwise."""
+        from shardserve.engine.speech import SpeechInput
+
+        if not self.engine.speech:
+            raise ValueError(f"{self.model_config.spec.architecture} is not a speech model; "
+                             "use generate()")
+        speech = SpeechInput(self.model_config.path, self.model_config.spec)
+        items = audio if isinstance(audio, list) else [audio]
+        prompt = speech.prompt(language, task)
+        params = sampling_params or SamplingParams(
+            temperature=0.0, max_tokens=self.engine.max_len - len(prompt))
+        features = [speech.features(a, sampling_rate) for a in items]
+        states: dict[str, RequestState] = {}
+        try:
+            for f in features:
+                rid = str(next(self._ids))
+                states[rid] = RequestState(rid, None, prompt, params, self.tokenizer)
+                self.engine.add_request(rid, prompt, params, features=f)
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    states[delta.request_id].update(delta)
+        except BaseException:
+            for rid in states:
+                self.engine.abort_request(rid)
+            raise
+        return [state.output() for state in states.values()]
+
     def _inputs(self, prompts, prompt_token_ids) -> tuple[list[list[int]], list[str | None]]:
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("give either prompts or prompt_token_ids")

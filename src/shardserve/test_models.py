@@ -81,9 +81,129 @@ def _dlrm_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# Whisper: the real architecture at test widths (a 30 s window is 3000 log-mel frames and 1500
+# encoder states at every size), with a tokenizer that has Whisper's special tokens.
+WHISPER_SIZES = {
+    "tiny": dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, decoder_layers=2,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
+    "small": dict(d_model=256, encoder_layers=4, encoder_attention_heads=4, decoder_layers=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024),
+}
+# Whisper's special tokens after the text vocabulary, in its order (the first languages of
+# its list), and 1501 timestamps <|0.00|> .. <|30.00|>.
+WHISPER_LANGUAGES = ["en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca",
+                     "nl", "ar", "sv", "it", "id", "hi", "fi", "vi"]
+WHISPER_SPECIALS = (["<|endoftext|>", "<|startoftranscript|>"]
+                    + [f"<|{lang}|>" for lang in WHISPER_LANGUAGES]
+                    + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+                       "<|nospeech|>", "<|notimestamps|>"]
+                    + [f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+WHISPER_TEXT_VOCAB = 900
+
+
+def whisper_config(size: str = "tiny", dtype: str = "float32") -> dict:
+    if size not in WHISPER_SIZES:
+        raise ValueError(f"unknown whisper size {size!r}; choose from {sorted(WHISPER_SIZES)}")
+    ids = _whisper_ids()
+    return {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
+            **WHISPER_SIZES[size], "vocab_size": WHISPER_TEXT_VOCAB + len(WHISPER_SPECIALS),
+            "num_mel_bins": 80, "max_source_positions": 1500, "max_target_positions": 448,
+            "activation_function": "gelu", "scale_embedding": False,
+            "tie_word_embeddings": True, "torch_dtype": dtype,
+            "decoder_start_token_id": ids["<|startoftranscript|>"],
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"],
+            "pad_token_id": ids["<|endoftext|>"], "begin_suppress_tokens": None,
+            # weights this large make a random Whisper's greedy tokens change with the
+            # audio and along the output (at 0.02 it repeats one token whatever it hears)
+            "suppress_tokens": None, "init_std": 0.3}
+
+
+def _whisper_ids() -> dict[str, int]:
+    return {t: WHISPER_TEXT_VOCAB + i for i, t in enumerate(WHISPER_SPECIALS)}
+
+
+def _whisper_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    d, mels = cfg["d_model"], cfg["num_mel_bins"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.encoder.conv1.weight": (d, mels, 3), "model.encoder.conv1.bias": (d,),
+        "model.encoder.conv2.weight": (d, d, 3), "model.encoder.conv2.bias": (d,),
+        "model.encoder.embed_positions.weight": (cfg["max_source_positions"], d),
+        "model.decoder.embed_tokens.weight": (cfg["vocab_size"], d),
+        "model.decoder.embed_positions.weight": (cfg["max_target_positions"], d)}
+
+    def attention(p: str) -> None:
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{p}.{name}.weight"] = (d, d)
+            if name != "k_proj":
+                shapes[f"{p}.{name}.bias"] = (d,)
+
+    def norm(p: str) -> None:
+        shapes[f"{p}.weight"], shapes[f"{p}.bias"] = (d,), (d,)
+
+    for side, ffn in (("encoder", cfg["encoder_ffn_dim"]), ("decoder", cfg["decoder_ffn_dim"])):
+        for layer in range(cfg[f"{side}_layers"]):
+            p = f"model.{side}.layers.{layer}"
+            attention(f"{p}.self_attn")
+            norm(f"{p}.self_attn_layer_norm")
+            if side == "decoder":
+                attention(f"{p}.encoder_attn")
+                norm(f"{p}.encoder_attn_layer_norm")
+            shapes[f"{p}.fc1.weight"], shapes[f"{p}.fc1.bias"] = (ffn, d), (ffn,)
+            shapes[f"{p}.fc2.weight"], shapes[f"{p}.fc2.bias"] = (d, ffn), (d,)
+            norm(f"{p}.final_layer_norm")
+        norm(f"model.{side}.layer_norm")
+    return shapes
+
+
+def write_whisper_extras(out: Path, cfg: dict) -> None:
+    """What a Whisper folder holds beside its weights: the tokenizer (a byte-level BPE of
+    ``WHISPER_TEXT_VOCAB`` tokens trained on the shipped corpus, then the special tokens),
+    ``preprocessor_config.json`` (the 80-mel, 16 kHz front end) and a generation config that
+    maps languages and tasks to their tokens, as Hugging Face's Whisper folders do."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=WHISPER_TEXT_VOCAB, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(Path(__file__).parent / "data" / "corpus.txt")], trainer)
+    if tok.get_vocab_size() != WHISPER_TEXT_VOCAB:  # pad the text vocabulary to its size
+        tok.add_tokens([f"<|unused{i}|>" for i in range(WHISPER_TEXT_VOCAB
+                                                        - tok.get_vocab_size())])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in WHISPER_SPECIALS])
+    tok.save(str(out / "tokenizer.json"))
+    ids = _whisper_ids()
+    eot = ids["<|endoftext|>"]
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80,
+         "sampling_rate": 16000, "hop_length": 160, "chunk_length": 30, "n_fft": 400,
+         "n_samples": 480000, "nb_max_frames": 3000, "padding_side": "right",
+         "padding_value": 0.0, "return_attention_mask": False,
+         "processor_class": "WhisperProcessor"}, indent=2))
+    space = tok.token_to_id("\u0120")  # byte-level BPE's space, as Whisper's 220
+    (out / "generation_config.json").write_text(json.dumps(
+        {"decoder_start_token_id": ids["<|startoftranscript|>"], "bos_token_id": eot,
+         "eos_token_id": eot, "pad_token_id": eot, "max_length": cfg["max_target_positions"],
+         "is_multilingual": True,
+         "lang_to_id": {f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in WHISPER_LANGUAGES},
+         "task_to_id": {"transcribe": ids["<|transcribe|>"],
+                        "translate": ids["<|translate|>"]},
+         "no_timestamps_token_id": ids["<|notimestamps|>"],
+         "prev_sot_token_id": ids["<|startofprev|>"],
+         "begin_suppress_tokens": [space, eot],
+         "suppress_tokens": [ids["<|startoflm|>"], ids["<|nospeech|>"]]}, indent=2))
+
+
 def hf_config(arch: str, size: str, dtype: str = "float32") -> dict:
     if arch == "dlrm":
         return dlrm_config(size, dtype)
+    if arch == "whisper":
+        return whisper_config(size, dtype)
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     if size not in SIZES:
@@ -101,6 +221,8 @@ def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes exactly as transformers (TorchRec for DLRM) saves them."""
     if cfg["model_type"] == "dlrm":
         return _dlrm_shapes(cfg)
+    if cfg["model_type"] == "whisper":
+        return _whisper_shapes(cfg)
     if cfg["model_type"] == "bert":
         return _bert_shapes(cfg)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -160,16 +282,16 @@ def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**hf_config(arch, size, dtype), **(overrides or {})}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    dlrm = cfg["model_type"] == "dlrm"
-    if not dlrm:
+    dlrm, whisper = cfg["model_type"] == "dlrm", cfg["model_type"] == "whisper"
+    if not dlrm and not whisper:
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": 2}, indent=2))
     gen = torch.Generator().manual_seed(seed)
-    std = cfg.get("initializer_range", 0.02)
+    std = cfg.get("initializer_range", cfg.get("init_std", 0.02))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size_now = 0
     for name, shape in weight_shapes(cfg).items():
-        if name.endswith("norm.weight") or name.endswith("LayerNorm.weight"):
+        if name.endswith(("norm.weight", "LayerNorm.weight")):
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif dlrm and len(shape) == 2 and "embedding_bags" not in name:  # scores that vary
             t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
@@ -185,7 +307,9 @@ def write(out: str | Path, arch: str = "llama", size: str = "tiny", seed: int = 
         shards[-1][name] = t
         size_now += nbytes
     _save_shards(out, shards)
-    if tokenizer and not dlrm:
+    if whisper:
+        write_whisper_extras(out, cfg)
+    elif tokenizer and not dlrm:
         write_tokenizer(out, cfg["vocab_size"])
     return out
 

@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-test-model", help="write a random-weight checkpoint of a real "
                                                "architecture (deterministic from --seed)")
     m.add_argument("--arch", default="llama",
-                   choices=["llama", "mistral", "qwen2", "bert", "dlrm"])
+                   choices=["llama", "mistral", "qwen2", "bert", "dlrm", "whisper"])
     m.add_argument("--size", default="tiny",
                    choices=["tiny", "small", "llama-110m", "tinyllama"])
     m.add_argument("--out", required=True)

@@ -29,6 +29,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shardserve.config import (
     CacheConfig,
     DeviceConfig,
@@ -42,8 +44,9 @@ from shardserve.engine.detokenizer import Detokenizer
 from shardserve.engine.errors import InvalidRequest
 from shardserve.engine.scheduler import Scheduler, SchedulerOutput
 from shardserve.engine.sequence import Sequence
-from shardserve.engine.validation import check_generation
+from shardserve.engine.validation import check_features, check_generation
 from shardserve.planner.memory import format_bytes, stage_bytes
+from shardserve.planner.specs import WhisperSpec
 from shardserve.runtime.devices import Device, devices_for
 from shardserve.runtime.executor import Executor, RemoteError
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
@@ -66,6 +69,7 @@ class _Request:
     seqs: list[Sequence]
     pending: list[Sequence] = field(default_factory=list)  # siblings waiting for the prompt
     error: str | None = None  # why it failed, if it did
+    features: np.ndarray | None = None  # a speech model's audio (mels, frames)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class LLMEngine:
         cache, scheduler = cache or CacheConfig(), scheduler or SchedulerConfig()
         self.config, self.max_len, self.tokenizer = model, model.context_len, tokenizer
         self.eos_ids = model.eos_token_ids
+        self.speech = isinstance(model.spec, WhisperSpec)  # requests bring audio features
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler, precision)
         log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
         split = [st.num_layers for st in self.stages]
@@ -104,8 +109,9 @@ class LLMEngine:
                                      pipeline_split=tuple(split) if len(split) > 1 else None,
                                      **kwargs)
         try:
-            self.executor.collective_rpc("allocate_kv_cache", num_blocks=num_blocks,
-                                         block_size=cache.block_size)
+            self.executor.collective_rpc(
+                "allocate_kv_cache", num_blocks=num_blocks, block_size=cache.block_size,
+                cross_slots=scheduler.max_num_seqs if self.speech else 0)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -156,11 +162,20 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, prompt: str | None = None,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, features: np.ndarray | None = None) -> None:
         """Queue a request; ``InvalidRequest`` (naming the field) if it cannot run here.
-        ``cache_salt`` (the tenant) keeps its prefix-cache blocks apart from other salts'."""
+        ``cache_salt`` (the tenant) keeps its prefix-cache blocks apart from other salts'.
+        A speech model's request brings its audio as log-mel ``features`` (mels, frames)
+        and its forced start tokens as the prompt."""
         self._validate(request_id, prompt_token_ids, params)
-        req = _Request(request_id, prompt, list(prompt_token_ids), params, [])
+        if self.speech:
+            features = check_features(self.config.spec, features)
+            # the decoder's cache depends on the audio: no sharing across requests
+            cache_salt = f"{cache_salt or ''}/audio/{request_id}"
+        elif features is not None:
+            raise InvalidRequest(f"{self.config.spec.architecture} takes no audio", "file")
+        req = _Request(request_id, prompt, list(prompt_token_ids), params, [],
+                       features=features)
         for i in range(params.n):
             seq = Sequence(f"{request_id}/{i}", request_id, i, list(prompt_token_ids), params,
                            self._arrivals, cache_salt=cache_salt)
@@ -262,7 +277,8 @@ class LLMEngine:
                 self._on_workers.add(seq.seq_id)
                 inp.new_requests.append(NewRequest(
                     seq.seq_id, seq.token_ids, len(seq.prompt_token_ids),
-                    self.blocks.block_ids(seq.seq_id), seq.num_computed, self._wire(seq)))
+                    self.blocks.block_ids(seq.seq_id), seq.num_computed, self._wire(seq),
+                    self.requests[seq.request_id].features))
             else:
                 inp.cached_ids.append(seq.seq_id)
                 inp.cached_new_tokens.append(seq.tokens_from(self._known[seq.seq_id]))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from shardserve.engine.errors import InvalidRequest
-from shardserve.planner.specs import DLRMSpec
+from shardserve.planner.specs import DLRMSpec, WhisperSpec
 from shardserve.sampling_params import SamplingParams
 
 
@@ -114,3 +114,19 @@ def check_request(spec: DLRMSpec, dense: np.ndarray, values: np.ndarray,
                              "sparse_values")
     return (dense.astype(np.float32, copy=False), values.astype(np.int64, copy=False),
             lengths.astype(np.int64, copy=False))
+
+
+def check_features(spec: WhisperSpec, features: np.ndarray | None) -> np.ndarray:
+    """A speech request's log-mel features: float32 ``(num_mel_bins, frames)`` of one
+    window, finite (``audio.LogMel`` makes them from a file)."""
+    want = (spec.num_mel_bins, spec.encoder_frames)
+    if features is None:
+        raise InvalidRequest(f"{spec.architecture} transcribes audio: send a file", "file")
+    features = np.asarray(features)
+    if features.shape != want or features.dtype.kind != "f":
+        raise InvalidRequest(f"audio features must be float [{want[0]}, {want[1]}] (one "
+                             f"window), got {features.dtype} {list(features.shape)}", "file")
+    if not np.isfinite(features).all():
+        raise InvalidRequest("audio features hold NaN or infinite values", "file")
+    return np.ascontiguousarray(features, dtype=np.float32)
+

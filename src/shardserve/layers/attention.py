@@ -42,6 +42,7 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None  # (D, max_blocks) padded block tables
     decode_context: torch.Tensor | None  # (D,) context length of each decode
     prefills: list[PrefillChunk] = field(default_factory=list)
+    cross: object | None = None  # an encoder-decoder's cross-attention slots (models/whisper.py)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, block_size: int, window: int | None) -> torch.Tensor:

@@ -13,6 +13,8 @@ _MODELS = {
     "BertForSequenceClassification": ("shardserve.models.bert",
                                       "BertForSequenceClassification"),
     "DLRM": ("shardserve.models.dlrm", "DLRM"),
+    "WhisperForConditionalGeneration": ("shardserve.models.whisper",
+                                        "WhisperForConditionalGeneration"),
 }
 
 

@@ -16,6 +16,7 @@ from shardserve.planner.specs import (
     QUANTIZATION_BYTES,
     EncoderSpec,
     TransformerSpec,
+    WhisperSpec,
 )
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -89,6 +90,8 @@ def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     head on the last (a tied head shares the embedding only when one stage holds both)."""
     if isinstance(spec, EncoderSpec):
         return _encoder_params_per_device(spec, tp)
+    if isinstance(spec, WhisperSpec):
+        return sum(_whisper_params(spec, tp))
     st = _stage(spec, stage)
     h = spec.hidden_size
     q, kv, i, vocab_rows = _widths(spec, tp)
@@ -101,6 +104,29 @@ def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     if st.is_first and st.is_last and spec.tie_word_embeddings:
         head -= vocab
     return st.num_layers * (attn + mlp + norms) + embed + head
+
+
+def _whisper_params(spec: WhisperSpec, tp: int) -> tuple[int, int]:
+    """``(matrices, vectors)`` one rank of a Whisper holds: attention projections and MLPs
+    split (their column biases too), convolutions, positions, LayerNorms and the row
+    projections' biases whole; the vocabulary split; the head tied to it."""
+    d, q = spec.hidden_size, spec.hidden_size // tp
+
+    def attention() -> tuple[int, int]:  # q, k, v, out; k without a bias
+        return 4 * q * d, 2 * q + d
+
+    def layer(ffn: int, attentions: int, norms: int) -> tuple[int, int]:
+        f = shard(ffn, tp)
+        m, v = attention()
+        return attentions * m + 2 * f * d, attentions * v + f + d + 2 * d * norms
+
+    enc_m, enc_v = layer(spec.encoder_ffn, 1, 2)
+    dec_m, dec_v = layer(spec.intermediate_size, 2, 3)
+    convs = d * spec.num_mel_bins * 3 + d * d * 3
+    tables = (spec.max_source_positions + spec.max_position) * d + shard(spec.vocab_size, tp) * d
+    matrices = spec.encoder_layers * enc_m + spec.num_layers * dec_m + convs + tables
+    vectors = spec.encoder_layers * enc_v + spec.num_layers * dec_v + 2 * d + 2 * 2 * d
+    return matrices, vectors
 
 
 def _encoder_params_per_device(spec: EncoderSpec, tp: int) -> int:
@@ -123,6 +149,8 @@ def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     differs from the weights' (``runtime/precision.py``)."""
     if isinstance(spec, EncoderSpec):
         return 0  # encoders hold everything in one dtype
+    if isinstance(spec, WhisperSpec):
+        return _whisper_params(spec, tp)[1]
     st = _stage(spec, stage)
     q, kv, _, _ = _widths(spec, tp)
     bias = q + 2 * kv if spec.qkv_bias else 0
@@ -175,6 +203,24 @@ def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str,
     """KV-cache bytes one token costs on one rank, over the layers of ``stage`` (all)."""
     kv = local_kv_heads(spec.num_kv_heads, tp) * spec.head_dim
     return 2 * _stage(spec, stage).num_layers * kv * DTYPE_BYTES[dtype]
+
+
+def encoder_activation_bytes(spec: WhisperSpec, tp: int, dtype: str) -> int:
+    """A reserve for encoding one window of audio on one rank: the features, the first
+    convolution's output, a layer's widest live tensors over the encoder's states and one
+    head's attention scores (the runner encodes one window at a time)."""
+    d, t = spec.hidden_size, spec.max_source_positions
+    per_state = 6 * d + 3 * d // tp + shard(spec.encoder_ffn, tp)
+    return (spec.num_mel_bins * 2 * t + 2 * t * d + t * per_state + t * t) * DTYPE_BYTES[dtype]
+
+
+def cross_bytes_per_seq(spec: TransformerSpec, tp: int, dtype: str) -> int:
+    """An encoder-decoder's cross-attention cache for one sequence on one rank: every decoder
+    layer's keys and values of the encoder's states (0 for a decoder-only model)."""
+    if not isinstance(spec, WhisperSpec):
+        return 0
+    return 2 * spec.num_layers * spec.max_source_positions * (spec.num_heads // tp) * \
+        spec.head_dim * DTYPE_BYTES[dtype]
 
 
 def check_stages_fit(spec: TransformerSpec, tp: int, stages: list[Stage], dtype: str,
@@ -259,6 +305,9 @@ def stage_bytes(spec: TransformerSpec, tp: int, stages: list[Stage], weight_dtyp
     it. Weights count in their dtype (vectors in the compute dtype), activations in the
     compute dtype, the cache in its own."""
     act = activation_bytes(spec, tp, compute_dtype, max_tokens, max_seqs)
+    if isinstance(spec, WhisperSpec):  # the cross-attention cache and one window's encoding
+        act += max_seqs * cross_bytes_per_seq(spec, tp, kv_dtype) + \
+            encoder_activation_bytes(spec, tp, compute_dtype)
     return [StageBytes(st, weight_bytes_per_device(spec, tp, weight_dtype, compute_dtype,
                                                    quantization, st),
                        act, kv_bytes_per_token(spec, tp, kv_dtype, st)) for st in stages]

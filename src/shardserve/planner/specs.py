@@ -274,6 +274,65 @@ class DLRMSpec:
 
 
 RECOMMENDER_ARCHITECTURES = ("DLRM",)
+SPEECH_ARCHITECTURES = ("WhisperForConditionalGeneration",)
+
+
+@dataclass(frozen=True)
+class WhisperSpec(TransformerSpec):
+    """Whisper: an audio encoder (two convolutions over log-mel frames, then a transformer)
+    and a text decoder with self-attention over its tokens (the paged KV cache) and
+    cross-attention over the encoder's states (a cache per sequence). The decoder's sizes
+    are the ``TransformerSpec`` fields (``num_layers``, ``num_heads``, ``intermediate_size``,
+    ``max_position`` = 448 target positions), so the decoder's KV cache is planned as an
+    LLM's; the encoder's are their own."""
+
+    encoder_layers: int = 0
+    encoder_heads: int = 0
+    encoder_ffn: int = 0
+    num_mel_bins: int = 80
+    max_source_positions: int = 1500  # encoder states a window of audio gives
+    decoder_start_token_id: int = 0
+    scale_embedding: bool = False
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any]) -> WhisperSpec:
+        try:
+            d, heads = int(hf["d_model"]), int(hf["decoder_attention_heads"])
+            layers = int(hf["decoder_layers"])
+            spec = WhisperSpec(
+                architecture=hf["architectures"][0], vocab_size=int(hf["vocab_size"]),
+                hidden_size=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+                head_dim=d // heads, intermediate_size=int(hf["decoder_ffn_dim"]),
+                max_position=int(hf.get("max_target_positions", 448)), rms_norm_eps=1e-5,
+                rope=RopeSpec(), tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                qkv_bias=True, sliding_windows=(None,) * layers,
+                dtype=canonical_dtype(str(hf.get("torch_dtype") or hf.get("dtype")
+                                          or "float32")),
+                eos_token_ids=_as_tuple(hf.get("eos_token_id")), gated_mlp=False,
+                encoder_layers=int(hf["encoder_layers"]),
+                encoder_heads=int(hf["encoder_attention_heads"]),
+                encoder_ffn=int(hf["encoder_ffn_dim"]),
+                num_mel_bins=int(hf.get("num_mel_bins", 80)),
+                max_source_positions=int(hf.get("max_source_positions", 1500)),
+                decoder_start_token_id=int(hf["decoder_start_token_id"]),
+                scale_embedding=bool(hf.get("scale_embedding", False)))
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+        if hf.get("activation_function", "gelu") != "gelu":
+            raise ValueError(f"Whisper with activation {hf['activation_function']!r} is not "
+                             "supported; supported: 'gelu'")
+        if d % heads or d % spec.encoder_heads:
+            raise ValueError(f"d_model ({d}) is not a multiple of the attention heads")
+        return spec
+
+    def tp_ok(self, tp: int) -> bool:
+        return (self.num_heads % tp == 0 and self.encoder_heads % tp == 0
+                and self.intermediate_size % tp == 0 and self.encoder_ffn % tp == 0)
+
+    @property
+    def encoder_frames(self) -> int:
+        """Log-mel frames of one window (the first convolution's input)."""
+        return 2 * self.max_source_positions
 
 
 def spec_from_hf(hf: dict[str, Any]) -> TransformerSpec | EncoderSpec | DLRMSpec:
@@ -282,4 +341,6 @@ def spec_from_hf(hf: dict[str, Any]) -> TransformerSpec | EncoderSpec | DLRMSpec
         return EncoderSpec.from_hf(hf)
     if hf["architectures"][0] in RECOMMENDER_ARCHITECTURES:
         return DLRMSpec.from_hf(hf)
+    if hf["architectures"][0] in SPEECH_ARCHITECTURES:
+        return WhisperSpec.from_hf(hf)
     return TransformerSpec.from_hf(hf)

@@ -27,6 +27,7 @@ class NewRequest:
     block_ids: list[int]
     num_computed: int  # tokens already in the cache (prefix-cache hits)
     sampling: dict[str, Any]  # SamplingParams.to_wire()
+    features: np.ndarray | None = None  # (mels, frames) float32 audio of a speech model
 
 
 @dataclass

@@ -13,9 +13,11 @@ on, and rank 0 of the last stage samples and answers.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from shardserve.layers.attention import AttentionMetadata, PrefillChunk
 from shardserve.layers.sampler import RowState, Sampler
 from shardserve.models.loader import LoadStats, load_weights
 from shardserve.models.registry import model_class
-from shardserve.planner.memory import format_bytes, kv_bytes_per_token
+from shardserve.models.whisper import CrossBatch
+from shardserve.planner.memory import cross_bytes_per_seq, format_bytes, kv_bytes_per_token
 from shardserve.planner.partition import Stage
 from shardserve.planner.specs import QUANTIZATION_BYTES
 from shardserve.runtime.group import Group, PipeLink
@@ -39,6 +42,8 @@ class _Seq:
     block_ids: list[int]
     num_computed: int
     sampling: dict
+    features: np.ndarray | None = None  # a speech model's audio (encoded at its first step)
+    slot: int | None = None  # its cross-attention cache slot, once encoded
 
 
 @contextmanager
@@ -90,13 +95,20 @@ class ModelRunner:
         self.block_size = 0
         self.cache_bytes = 0
         self.step_seconds = 0.0  # in step(), waits for the previous stage included
+        # an encoder-decoder (Whisper): cross-attention cache slots, free ones in order
+        self.cross = hasattr(self.model, "cross_kv")
+        self.free_slots: list[int] = []
+        self.suppress, self.begin_suppress = _suppressed_tokens(config)
 
     # -- control verbs ---------------------------------------------------------------------
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
-        """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer."""
-        per_token = kv_bytes_per_token(self.config.spec, self.group.size, self.kv_name,
-                                       self.stage)
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, cross_slots: int = 0) -> int:
+        """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer (and, for
+        an encoder-decoder, ``cross_slots`` sequences' cross-attention keys and values)."""
+        spec = self.config.spec
+        per_token = kv_bytes_per_token(spec, self.group.size, self.kv_name, self.stage)
         need = per_token * num_blocks * block_size
+        if self.cross:
+            need += cross_slots * cross_bytes_per_seq(spec, self.group.size, self.kv_name)
         if self.weight_bytes + need > self.budget:
             raise MemoryError(
                 f"KV cache of {num_blocks} blocks x {block_size} tokens needs "
@@ -107,12 +119,25 @@ class ModelRunner:
             shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        if self.cross:
+            self._allocate_cross(cross_slots)
         self.block_size, self.cache_bytes = block_size, need
         return need
+
+    def _allocate_cross(self, slots: int) -> None:
+        spec = self.config.spec
+        for layer in self.model.decoder_layers:
+            c = layer.encoder_attn
+            shape = (slots, c.num_heads, spec.max_source_positions, c.head_dim)
+            layer.cross_k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            layer.cross_v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.free_slots = list(range(slots))
 
     def free_kv_cache(self) -> None:
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = None
+        if self.cross:
+            self._allocate_cross(0)
         self.seqs.clear()
         self.cache_bytes = 0
 
@@ -143,10 +168,14 @@ class ModelRunner:
                 "pipe_wait_seconds": self.link.wait_seconds if self.link else 0.0}
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
-        """Logits at every position of one sequence (T, V), in a scratch one-block cache."""
+    def prompt_logits(self, token_ids: list[int], features: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """Logits at every position of one sequence (T, V), in a scratch one-block cache (for
+        a speech model, of the audio ``features`` in a scratch cross-attention slot)."""
         layers = self.model.attention_layers()
         saved = [(a.k_cache, a.v_cache) for a in layers]
+        saved_cross = [(x.cross_k, x.cross_v) for x in self.model.decoder_layers] \
+            if self.cross else []
         try:
             n = len(token_ids)
             for a in layers:
@@ -157,6 +186,14 @@ class ModelRunner:
             pos = torch.arange(n, device=self.device)
             chunk = PrefillChunk(torch.zeros(1, dtype=torch.long, device=self.device), 0, n, n)
             meta = AttentionMetadata(pos, 0, None, None, [chunk])
+            if self.cross:
+                if features is None:
+                    raise ValueError("a speech model's logits need the audio's features")
+                free = self.free_slots
+                self._allocate_cross(1)
+                self._encode([features], [0])
+                self.free_slots = free
+                meta.cross = CrossBatch(torch.zeros(1, dtype=torch.long), [n])
             hidden = self._forward(ids, pos, meta)
             if not self.stage.is_last:
                 return None
@@ -165,6 +202,9 @@ class ModelRunner:
         finally:
             for a, (k, v) in zip(layers, saved, strict=True):
                 a.k_cache, a.v_cache = k, v
+            for x, (k, v) in zip(self.model.decoder_layers if self.cross else [], saved_cross,
+                                 strict=True):
+                x.cross_k, x.cross_v = k, v
 
     @torch.inference_mode()
     def encode(self, token_ids: list[list[int]], pooling: str = "mean",
@@ -206,6 +246,8 @@ class ModelRunner:
                 if self.answers else None
         ids, positions, meta, last_rows = self._prepare(order)
         comm0 = self.group.comm_seconds
+        if self.cross:
+            meta.cross = self._cross_batch(order)
         for req_id, n in order:
             self.seqs[req_id].num_computed += n
         hidden = self._forward(ids, positions, meta)
@@ -226,6 +268,8 @@ class ModelRunner:
         to the final hidden states or the next stage. A stage that fails still tells the
         next one, so no rank waits for a tensor that will never come."""
         if self.link is None:
+            if self.cross:
+                return self.model(ids, positions, meta, meta.cross)
             return self.model(ids, positions, meta)
         shape = (2, ids.shape[0], self.config.spec.hidden_size)
         numel = shape[0] * shape[1] * shape[2]
@@ -242,13 +286,15 @@ class ModelRunner:
 
     def _apply_deltas(self, inp: StepInput) -> None:
         for req_id in inp.finished_ids:
-            self.seqs.pop(req_id, None)
+            self._drop(req_id)
             self.generators.pop(req_id, None)
         for req_id in inp.preempted_ids:
-            self.seqs.pop(req_id, None)
+            self._drop(req_id)
         for new in inp.new_requests:
+            self._drop(new.req_id)
             self.seqs[new.req_id] = _Seq(list(new.token_ids), new.prompt_len,
-                                         list(new.block_ids), new.num_computed, new.sampling)
+                                         list(new.block_ids), new.num_computed, new.sampling,
+                                         new.features)
             seed = new.sampling.get("seed")
             if seed is not None and new.req_id not in self.generators:
                 self.generators[new.req_id] = torch.Generator(self.device).manual_seed(seed)
@@ -257,6 +303,40 @@ class ModelRunner:
             seq = self.seqs[req_id]
             seq.tokens.extend(toks)
             seq.block_ids.extend(blocks)
+
+    def _drop(self, req_id: str) -> None:
+        seq = self.seqs.pop(req_id, None)
+        if seq is not None and seq.slot is not None:
+            self.free_slots.append(seq.slot)
+
+    def _cross_batch(self, order: list[tuple[str, int]]) -> CrossBatch:
+        """Encode the audio of the step's sequences that have no slot yet (new, or back
+        from preemption), then say which slot each reads."""
+        todo = [self.seqs[r] for r, _ in order if self.seqs[r].slot is None]
+        if todo:
+            if len(todo) > len(self.free_slots):
+                raise RuntimeError(f"{len(todo)} sequences need a cross-attention slot; "
+                                   f"{len(self.free_slots)} are free")
+            if any(s.features is None for s in todo):
+                raise ValueError("a speech model's sequence came without its audio features")
+            slots = [self.free_slots.pop(0) for _ in todo]
+            for s, slot in zip(todo, slots, strict=True):
+                s.slot = slot
+            self._encode([s.features for s in todo], slots)
+        return CrossBatch(torch.tensor([self.seqs[r].slot for r, _ in order],
+                                       device=self.device), [n for _, n in order])
+
+    def _encode(self, features: list[np.ndarray], slots: list[int]) -> None:
+        """Run the encoder over each audio window (one at a time: the activation reserve
+        holds one) and keep every decoder layer's cross-attention keys and values in the
+        given slots."""
+        for f, slot in zip(features, slots, strict=True):
+            x = torch.from_numpy(np.array(f, np.float32))[None].to(self.device, self.compute)
+            states = self.model.encode(x)[0]
+            for layer, (k, v) in zip(self.model.decoder_layers, self.model.cross_kv(states),
+                                     strict=True):
+                layer.cross_k[slot].copy_(k)
+                layer.cross_v[slot].copy_(v)
 
     @staticmethod
     def _order(inp: StepInput) -> list[tuple[str, int]]:
@@ -300,12 +380,47 @@ class ModelRunner:
         req_ids = [order[i][0] for i in done]
         rows = [RowState(self.seqs[r].sampling, self.generators.get(r), self.seqs[r].tokens,
                          self.seqs[r].prompt_len) for r in req_ids]
+        if self.suppress or self.begin_suppress:
+            logits = self._suppress(logits.float(), rows)
         res = self.sampler(logits, rows)
         np_ = lambda x: None if x is None else x.cpu().numpy()  # noqa: E731
         return StepOutput(req_ids, np_(res.token_ids), np_(res.logprobs), np_(res.top_ids),
                           np_(res.top_logprobs), self.group.comm_seconds - comm0,
                           time.perf_counter() - t0,
                           {req_ids[i]: why for i, why in res.failed.items()})
+
+
+    def _suppress(self, logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+        """The generation config's ``suppress_tokens`` never come; ``begin_suppress_tokens``
+        not as the first generated token (as transformers' logits processors do)."""
+        if self.suppress:
+            logits[:, self.suppress] = _SUPPRESSED
+        first = [i for i, r in enumerate(rows) if len(r.tokens) == r.prompt_len]
+        if self.begin_suppress and first:
+            logits[torch.tensor(first)[:, None], torch.tensor(self.begin_suppress)[None]] = \
+                _SUPPRESSED
+        return logits
+
+
+# A suppressed token's logit: far below any real one (no temperature or penalty brings it
+# back), and finite, so the sampler's check for broken logits does not fail the row.
+_SUPPRESSED = -1e30
+
+
+def _suppressed_tokens(config: ModelConfig) -> tuple[list[int], list[int]]:
+    """``suppress_tokens`` and ``begin_suppress_tokens`` of the checkpoint's generation config
+    (config.json's where the generation config has none), within the vocabulary."""
+    found: dict[str, list[int]] = {}
+    for name in ("config.json", "generation_config.json"):
+        path = Path(config.path) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for key in ("suppress_tokens", "begin_suppress_tokens"):
+                if data.get(key):
+                    found[key] = [int(t) for t in data[key]]
+    vocab = config.spec.vocab_size
+    return tuple([t for t in found.get(k, []) if 0 <= t < vocab]
+                 for k in ("suppress_tokens", "begin_suppress_tokens"))
 
 
 def _quantize(model: torch.nn.Module, quantization: str | None) -> torch.nn.Module:

@@ -1,0 +1,94 @@
+"""A speech model's requests: audio in, what the engine takes out.
+
+``SpeechInput`` reads a Whisper folder's ``preprocessor_config.json`` (the log-mel front end)
+and ``generation_config.json`` (its language and task tokens) and turns a request into the
+engine's inputs: the audio's log-mel features (one window: up to ``chunk_length`` seconds,
+resampled to the model's rate) and the forced start tokens, ``<|startoftranscript|>``, the
+language, the task and ``<|notimestamps|>``, as transformers' Whisper ``generate`` forces
+them. Bad audio, a language or task the model does not have, or audio longer than one window
+raise ``InvalidRequest`` naming the field and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shardserve.audio import ACCEPTED, AudioError, LogMel, decode_wav, resample
+from shardserve.engine.errors import InvalidRequest
+from shardserve.planner.specs import WhisperSpec
+
+TASKS = ("transcribe", "translate")
+
+
+class SpeechInput:
+    def __init__(self, folder: str | Path, spec: WhisperSpec) -> None:
+        folder = Path(folder)
+        if not (folder / "preprocessor_config.json").is_file():
+            raise ValueError(f"{folder} lacks preprocessor_config.json (the audio front end's "
+                             "settings a Whisper folder carries)")
+        self.mel = LogMel.from_folder(folder)
+        if self.mel.n_mels != spec.num_mel_bins or self.mel.frames != spec.encoder_frames:
+            raise ValueError(f"{folder}: preprocessor_config.json gives {self.mel.n_mels} mels "
+                             f"x {self.mel.frames} frames; the model takes "
+                             f"{spec.num_mel_bins} x {spec.encoder_frames}")
+        path = folder / "generation_config.json"
+        gen = json.loads(path.read_text()) if path.is_file() else {}
+        self.start = int(gen.get("decoder_start_token_id", spec.decoder_start_token_id))
+        self.languages = {k.strip("<|>"): int(v) for k, v in
+                          (gen.get("lang_to_id") or {}).items()}
+        self.tasks = {k: int(v) for k, v in (gen.get("task_to_id") or {}).items()}
+        self.multilingual = bool(gen.get("is_multilingual", bool(self.languages)))
+        self.no_timestamps = gen.get("no_timestamps_token_id")
+        self.max_seconds = self.mel.chunk_length
+
+    def prompt(self, language: str | None = None, task: str = "transcribe") -> list[int]:
+        """The forced start tokens. ``language`` (an ISO 639-1 code the model knows) defaults
+        to English; an English-only model takes ``en`` or none, and only ``transcribe``."""
+        ids = [self.start]
+        if task not in TASKS:
+            raise InvalidRequest(f"task must be one of {', '.join(TASKS)}, got {task!r}",
+                                 "task")
+        if self.multilingual:
+            lang = (language or "en").lower()
+            if lang not in self.languages:
+                raise InvalidRequest(f"language {language!r} is not one this model knows; "
+                                     f"known: {', '.join(sorted(self.languages))}", "language")
+            if task not in self.tasks:
+                raise InvalidRequest(f"task {task!r} is not one this model knows; known: "
+                                     f"{', '.join(sorted(self.tasks))}", "task")
+            ids += [self.languages[lang], self.tasks[task]]
+        elif (language or "en").lower() != "en" or task != "transcribe":
+            raise InvalidRequest("this model is English-only: language must be en and task "
+                                 "transcribe", "language")
+        if self.no_timestamps is not None:
+            ids.append(int(self.no_timestamps))
+        return ids
+
+    def features(self, audio: bytes | np.ndarray, rate: int | None = None) -> np.ndarray:
+        """Log-mel features of a WAV file's bytes, or of mono samples in [-1, 1] at
+        ``rate``."""
+        try:
+            if isinstance(audio, bytes | bytearray | memoryview):
+                samples, rate = decode_wav(bytes(audio))
+            else:
+                samples = np.asarray(audio, dtype=np.float32)
+                if samples.ndim != 1:
+                    raise AudioError(f"audio samples must be one mono channel, got shape "
+                                     f"{list(samples.shape)}")
+                if rate is None or rate <= 0:
+                    raise AudioError("raw audio samples need their sample rate")
+        except AudioError as e:
+            raise InvalidRequest(str(e), "file") from None
+        if len(samples) == 0:
+            raise InvalidRequest(f"the audio holds no samples; send {ACCEPTED}", "file")
+        if not np.isfinite(samples).all():
+            raise InvalidRequest("the audio holds NaN or infinite samples", "file")
+        seconds = len(samples) / rate
+        if seconds > self.max_seconds + 1e-6:
+            raise InvalidRequest(f"the audio is {seconds:.1f} s long; this model transcribes "
+                                 f"at most {self.max_seconds} s a request: cut it into pieces",
+                                 "file")
+        return self.mel(resample(samples, rate, self.mel.rate))
