@@ -87,10 +87,12 @@ class ModelConfig:
 
     @property
     def kind(self) -> str:
-        """The deployment kind that serves this model: llm (speech models too: the same
-        engine), encoder or recommender."""
+        """The deployment kind that serves this model: llm, speech (the same engine, audio
+        in), encoder or recommender."""
         if isinstance(self.spec, EncoderSpec):
             return "encoder"
+        if isinstance(self.spec, WhisperSpec):
+            return "speech"
         return "recommender" if isinstance(self.spec, DLRMSpec) else "llm"
 
     @cached_property
@@ -240,9 +242,10 @@ class DeploymentConfig:
     name: str = field(metadata={"help": "the name clients call the model by"})
     path: str = field(metadata={"help": "the model folder (config.json, *.safetensors)"})
     kind: str = field(default="llm", metadata={
-        "help": "llm (generative, continuous batching), encoder (embeddings / classifier, "
-                "dynamic batching) or recommender (DLRM scores, dynamic batching; its tables "
-                "sharded over tp devices)"})
+        "help": "llm (generative, continuous batching), speech (Whisper: audio in, text out, "
+                "continuous batching), encoder (embeddings / classifier, dynamic batching) or "
+                "recommender (DLRM scores, dynamic batching; its tables sharded over tp "
+                "devices)"})
     dtype: str = field(default="auto", metadata={"help": "as ModelConfig.dtype"})
     quantization: str | None = field(default=None, metadata={
         "help": "as ModelConfig.quantization (int8)"})
@@ -318,9 +321,9 @@ class DeploymentConfig:
             cfg = DeploymentConfig(path=weights, **data)
         except TypeError as e:
             raise ValueError(f"{file}: {e}") from None
-        if cfg.kind not in ("llm", "encoder", "recommender"):
-            raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm, encoder or "
-                             "recommender")
+        if cfg.kind not in ("llm", "speech", "encoder", "recommender"):
+            raise ValueError(f"{file}: kind {cfg.kind!r} is not served; use llm, speech, "
+                             "encoder or recommender")
         _check_fields(file, cfg)
         try:
             check_quantization(cfg.quantization)
@@ -399,6 +402,9 @@ def repository_configs(folder: str) -> list[DeploymentConfig]:
 class ServerLimits:
     max_body_bytes: int = field(default=1 << 20, metadata={
         "help": "largest request body accepted (bytes); larger ones get 413"})
+    max_audio_bytes: int = field(default=25 << 20, metadata={
+        "help": "largest body of an audio upload (/v1/audio/*) or a binary v2 inference "
+                "request (bytes); larger ones get 413"})
     max_n: int = field(default=16, metadata={"help": "most completions one request may ask"})
     max_queue: int = field(default=256, metadata={
         "help": "requests a model holds beyond its max_num_seqs before answering 429"})
@@ -419,7 +425,8 @@ class ServerLimits:
                 "https://app.example.com); requests carrying any other Origin get 403"})
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_n", "max_queue", "request_timeout_s",
+        for name in ("max_body_bytes", "max_audio_bytes", "max_n", "max_queue",
+                     "request_timeout_s",
                      "header_timeout_s", "body_timeout_s", "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -88,6 +88,13 @@ WHISPER_SIZES = {
                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
     "small": dict(d_model=256, encoder_layers=4, encoder_attention_heads=4, decoder_layers=4,
                   decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024),
+    # the widths and depths of OpenAI's whisper-tiny and whisper-base (our small vocabulary)
+    "openai-tiny": dict(d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                        decoder_layers=4, decoder_attention_heads=6, encoder_ffn_dim=1536,
+                        decoder_ffn_dim=1536),
+    "openai-base": dict(d_model=512, encoder_layers=6, encoder_attention_heads=8,
+                        decoder_layers=6, decoder_attention_heads=8, encoder_ffn_dim=2048,
+                        decoder_ffn_dim=2048),
 }
 # Whisper's special tokens after the text vocabulary, in its order (the first languages of
 # its list), and 1501 timestamps <|0.00|> .. <|30.00|>.
@@ -392,7 +399,61 @@ def write_repository(root: str | Path) -> Path:
         (recommend / "items.json").write_text(json.dumps(catalogue(
             dlrm_config("small")), indent=1))
         (recommend / "pipeline.yaml").write_text(RECOMMEND_PIPELINE)
+    whisper = root / "whisper-tiny-random"
+    if not (whisper / "model.yaml").is_file():
+        write(whisper, "whisper", "tiny", seed=0)
+        (whisper / "model.yaml").write_text(
+            "# random weights, Whisper's architecture: the words are nonsense, the machinery "
+            "real\nname: whisper-tiny-random\nkind: speech\ntp: 1\nmax_num_seqs: 8\n")
+    assistant = root / "assistant"
+    if weights is not None and not (assistant / "pipeline.yaml").is_file():
+        assistant.mkdir(parents=True, exist_ok=True)
+        (assistant / "pipeline.yaml").write_text(ASSISTANT_PIPELINE)
     return root
+
+
+SAMPLE_SENTENCE = "will it rain tomorrow"
+
+
+def sample_speech(path: str | Path) -> Path:
+    """A WAV file of speech to try a speech model with: ``SAMPLE_SENTENCE`` spoken by
+    espeak-ng (22.05 kHz, 16-bit) where it is installed, else a two-second chirp at 16 kHz.
+    Written once; kept if present."""
+    import shutil
+    import subprocess
+    import wave
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    espeak = shutil.which("espeak-ng")
+    if espeak is not None:
+        subprocess.run([espeak, "-w", str(path), SAMPLE_SENTENCE], check=True, timeout=60,
+                       capture_output=True)
+        return path
+    t = torch.arange(32000, dtype=torch.float64) / 16000
+    chirp = 0.4 * torch.sin(2 * torch.pi * (200 * t + 400 * t * t))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((chirp * 32767).round().to(torch.int16).numpy().tobytes())
+    return path
+
+
+def sample_infer_request(wav: Path, out: Path) -> Path:
+    """A KServe v2 infer body for an audio pipeline: ``wav``'s samples as ``audio`` FP32
+    [samples] with its ``sample_rate``. Written once; kept if present."""
+    from shardserve.audio import decode_wav
+
+    if not out.is_file():
+        samples, rate = decode_wav(wav.read_bytes())
+        out.write_text(json.dumps({
+            "parameters": {"sample_rate": rate},
+            "inputs": [{"name": "audio", "datatype": "FP32", "shape": [len(samples)],
+                        "data": [round(float(x), 5) for x in samples]}]}))
+    return out
 
 
 # A small shop: what the recommend pipeline retrieves by text and ranks by the DLRM.
@@ -430,8 +491,34 @@ steps:
 """
 
 
-# The voice-assistant chain: understand (embed, nearest intent), then answer with a template
-# for that intent.
+# The voice assistant end to end: hear (Whisper), understand (embed the transcript, nearest
+# intent), answer (the LM, with a template for that intent). Three models side by side.
+ASSISTANT_PIPELINE = """\
+name: assistant
+steps:
+  - {name: heard, kind: transcribe, model: whisper-tiny-random, language: en, max_tokens: 48}
+  - {name: embed, kind: embed, model: all-minilm-l6-v2, source: heard}
+  - name: intent
+    kind: nearest
+    source: embed
+    labels:
+      weather: [will it rain tomorrow, how hot is it today, is it sunny outside]
+      greeting: [hello there, good morning, hi how are you]
+      time: [what time is it, what is the date today, how late is it]
+  - name: answer
+    kind: generate
+    model: demo-llama-random
+    by: intent
+    max_tokens: 24
+    template:
+      weather: "The forecast, asked as '{heard}':"
+      greeting: "A friendly reply to '{heard}':"
+      time: "The time, asked as '{heard}':"
+"""
+
+
+# The voice-assistant chain on text: understand (embed, nearest intent), then answer with a
+# template for that intent.
 ROUTE_PIPELINE = """\
 name: route
 steps:

@@ -1,7 +1,7 @@
 """Whisper against transformers on the same random-weight checkpoint and the same audio, at
 tp=1 and tp=2: encoder states and logits within 1e-4, and greedy token ids equal for the
-whole transcription (444 tokens: a random Whisper never says <|endoftext|>), with the
-generation config's suppressed tokens applied by transformers' own logits processors. The
+whole transcription (444 tokens: a random Whisper never says <|endoftext|>) against
+transformers' greedy generate (which applies the generation config's suppressed tokens). The
 audio is made here: a sine sweep, noise, and speech from espeak-ng (22.05 kHz, so the
 resampler is on the path)."""
 
@@ -57,32 +57,16 @@ def reference(whisper):
 
 
 def hf_greedy(hf, features: np.ndarray, prompt: list[int], max_new: int) -> list[int]:
-    from transformers.generation.logits_process import (
-        SuppressTokensAtBeginLogitsProcessor,
-        SuppressTokensLogitsProcessor,
-    )
+    """transformers' own greedy generate from the forced start tokens (the generic one: its
+    Whisper override adds long-form and timestamp logic past ``max_new_tokens``), which
+    applies the generation config's suppressed tokens."""
+    from transformers.generation.utils import GenerationMixin
 
-    gen = hf.generation_config
-    procs = [SuppressTokensLogitsProcessor(gen.suppress_tokens),
-             SuppressTokensAtBeginLogitsProcessor(gen.begin_suppress_tokens, len(prompt))]
-    ids = torch.tensor([prompt])
     with torch.no_grad():
-        enc = hf.model.encoder(torch.from_numpy(features)[None]).last_hidden_state
-        cache = None
-        step = ids
-        for _ in range(max_new):
-            out = hf(encoder_outputs=(enc,), decoder_input_ids=step, cache=cache,
-                     use_cache=True)
-            cache = out.cache
-            scores = out.logits[:, -1]
-            for p in procs:
-                scores = p(ids, scores)
-            nxt = scores.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], 1)
-            step = nxt
-            if int(nxt) == gen.eos_token_id:
-                break
-    return ids[0, len(prompt):].tolist()
+        out = GenerationMixin.generate(hf, input_features=torch.from_numpy(features)[None],
+                                       decoder_input_ids=torch.tensor([prompt]),
+                                       max_new_tokens=max_new, do_sample=False)
+    return out[0, len(prompt):].tolist()
 
 
 def test_encoder_states_match_transformers_at_tp_1_and_2(whisper, reference, audio):

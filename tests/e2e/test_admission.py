@@ -143,9 +143,12 @@ def test_the_embedded_default_answers_its_printed_curl_line(tmp_path):
         replies = [json.loads(subprocess.run(shlex.split(c), capture_output=True, text=True,
                                              timeout=120).stdout) for c in curls]
         assert all("error" not in r for r in replies), replies
-        by_model = {r.get("model") or r["model_name"]: r for r in replies}
+        by_model = {_called(c): r for c, r in zip(curls, replies, strict=True)}
         assert set(by_model) == {"demo-llama-random", "all-minilm-l6-v2", "dlrm-ranker",
-                                 "route", "recommend"}
+                                 "route", "recommend", "whisper-tiny-random", "assistant"}
+        assert isinstance(by_model["whisper-tiny-random"]["text"], str)
+        heard = {o["name"]: o["data"][0] for o in by_model["assistant"]["outputs"]}
+        assert heard["intent"] in ("weather", "greeting", "time") and "heard" in heard
         completion = by_model["demo-llama-random"]
         assert completion["choices"][0]["finish_reason"] in ("length", "stop")
         embedding = by_model["all-minilm-l6-v2"]["data"][0]["embedding"]
@@ -156,6 +159,12 @@ def test_the_embedded_default_answers_its_printed_curl_line(tmp_path):
         assert len(ranked.split(", ")) == 3
     finally:
         assert _stop(proc) == 0
+
+
+def _called(curl: str) -> str:
+    """The model or pipeline a printed curl line calls."""
+    found = re.search(r"/v2/models/([^/]+)/|-F model=(\S+)|\"model\": \"([^\"]+)\"", curl)
+    return next(g for g in found.groups() if g)
 
 
 def test_bench_reports_latencies_and_a_plot(server, tmp_path):

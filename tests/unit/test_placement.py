@@ -34,7 +34,7 @@ def test_a_refusal_names_the_need_and_changes_nothing():
 @pytest.mark.parametrize("text,error", [
     ("name: x\ntp: 0\n", "tp must be an integer >= 1"),
     ("name: x\ncolour: blue\n", "unknown field 'colour'"),
-    ("name: x\nkind: vision\n", "kind 'vision' is not served; use llm, encoder or"),
+    ("name: x\nkind: vision\n", "kind 'vision' is not served; use llm, speech, encoder or"),
     ("- a list\n", "expected a mapping"),
     ("name: [unclosed\n", "cannot read"),
 ])

@@ -35,7 +35,7 @@ class FakeEngine:
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.aborts = []
 
-    def add_request(self, rid, tokens, params, prompt=None, salt=None):
+    def add_request(self, rid, tokens, params, prompt=None, salt=None, features=None):
         if not tokens:
             raise InvalidRequest("prompt is empty", "prompt")
         self.reqs[rid] = (params.max_tokens, [])

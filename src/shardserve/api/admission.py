@@ -110,7 +110,7 @@ async def within(awaitable: Awaitable[T], deadline: float) -> T:
 
 async def start_generation(request: Request, dep, ids: list[int], params, request_id: str,
                            prompt: str | None, who: Principal, param: str = "prompt",
-                           stream: bool = False) -> Generation:
+                           stream: bool = False, features=None) -> Generation:
     """Admit a generation and wait for its first output; refusals raise ``APIError``. With
     ``stream`` the outputs are deltas (new tokens and text only); without, there is one
     output, the final one."""
@@ -130,7 +130,7 @@ async def start_generation(request: Request, dep, ids: list[int], params, reques
     timer.metrics.replica_requests.labels(name, str(dep.replicas.index(replica))).inc()
     kind = OutputKind.DELTA if stream else OutputKind.FINAL
     gen = Generation(replica.engine.generate(ids, params, request_id, prompt, who.tenant, kind,
-                                             timer.observe),
+                                             timer.observe, features),
                      ticket, time.monotonic() + limits.request_timeout_s, timer)
     try:
         await until_disconnected(request, gen.first())

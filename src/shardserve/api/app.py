@@ -14,7 +14,7 @@ from shardserve.api.auth import Auth, Principal, principal
 from shardserve.api.errors import APIError, api_error_handler, validation_handler
 from shardserve.api.guard import RequestGuard
 from shardserve.api.metrics import Metrics
-from shardserve.api.routes import kserve, openai, repository
+from shardserve.api.routes import audio, kserve, openai, repository
 from shardserve.config import ServerLimits
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def create_app(host: ModelHost, auth: Auth | None = None, repository_dir: str | 
     app.state.limits, app.state.metrics, app.state.pool = limits, Metrics(host), pool
     app.add_middleware(RequestGuard, max_bytes=limits.max_body_bytes,
                        body_timeout_s=limits.body_timeout_s, origins=limits.origins,
-                       loopback_only=loopback_only)
+                       loopback_only=loopback_only, max_audio_bytes=limits.max_audio_bytes)
 
     @app.get("/metrics")
     async def metrics(request: Request, who: Principal = Depends(principal)) -> Response:
@@ -58,6 +58,7 @@ def create_app(host: ModelHost, auth: Auth | None = None, repository_dir: str | 
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.include_router(openai.router)
+    app.include_router(audio.router)
     app.include_router(kserve.router)
     app.include_router(repository.router)
     return app

@@ -10,9 +10,12 @@
   read as JSON, as tritonclient sends it), except ``application/octet-stream`` with an
   ``Inference-Header-Content-Length`` header (KServe's binary tensors: JSON, then raw data).
   Browsers send neither a custom header nor that type without a CORS preflight, which the
-  Origin check refuses.
-- **Body**: over ``max_body_bytes`` is 413 (by Content-Length, or while it streams in); a body
-  that has not fully arrived ``body_timeout_s`` after the request began is 408.
+  Origin check refuses. The audio uploads (``/v1/audio/*``) are ``multipart/form-data``, as
+  OpenAI's API has them: a type a browser form may send without a preflight, but with an
+  Origin header, which the Origin check refuses.
+- **Body**: over ``max_body_bytes`` is 413 (``max_audio_bytes`` for audio uploads and binary
+  tensors), by Content-Length or while it streams in; a body that has not fully arrived
+  ``body_timeout_s`` after the request began is 408.
 
 Errors are in the shape of the path's protocol and never echo the request.
 """
@@ -30,14 +33,18 @@ _LOCAL_NAMES = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 class RequestGuard:
     def __init__(self, app, max_bytes: int, body_timeout_s: float, origins: frozenset[str],
-                 loopback_only: bool) -> None:
+                 loopback_only: bool, max_audio_bytes: int | None = None) -> None:
         self.app, self.max_bytes, self.body_timeout_s = app, max_bytes, body_timeout_s
         self.origins, self.loopback_only = origins, loopback_only
+        self.max_audio_bytes = max_audio_bytes or max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refusal = self._check_headers(dict(scope["headers"]))
+        headers = dict(scope["headers"])
+        audio = scope["path"].startswith(AUDIO_PREFIX)
+        limit = self.max_audio_bytes if audio or _binary(headers) else self.max_bytes
+        refusal = self._check_headers(headers, audio, limit)
         if refusal is not None:
             return await _refuse(scope, send, *refusal)
         deadline = time.monotonic() + self.body_timeout_s
@@ -55,8 +62,8 @@ class RequestGuard:
                                     f"{self.body_timeout_s:.0f}s") from None
             seen += len(message.get("body", b""))
             complete = not message.get("more_body", False)
-            if seen > self.max_bytes:
-                raise APIError(413, f"request body is over {self.max_bytes} bytes")
+            if seen > limit:
+                raise APIError(413, f"request body is over {limit} bytes")
             return message
 
         started = False
@@ -72,7 +79,8 @@ class RequestGuard:
             if not started:
                 await _refuse(scope, send, e.status, e.message)
 
-    def _check_headers(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+    def _check_headers(self, headers: dict[bytes, bytes], audio: bool,
+                       limit: int) -> tuple[int, str] | None:
         if self.loopback_only and _host_name(headers.get(b"host", b"")) not in _LOCAL_NAMES:
             return 403, ("this server answers only requests addressed to localhost, "
                          "127.0.0.1 or [::1]")
@@ -81,16 +89,29 @@ class RequestGuard:
             return 403, ("cross-origin browser requests are not allowed; list the origin in "
                          "--allowed-origins")
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return 413, f"request body is over {self.max_bytes} bytes"
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return 413, f"request body is over {limit} bytes"
         kind = headers.get(b"content-type")
+        if audio:
+            media = (kind or b"").decode("latin-1").split(";")[0].strip().lower()
+            if media != "multipart/form-data":
+                return 415, ("an audio upload is a form: send Content-Type: multipart/form-data "
+                             "with the file in the field `file`")
+            return None
         if kind is not None and int(length or b"1") > 0:
             media = kind.decode("latin-1").split(";")[0].strip().lower()
-            binary = media == "application/octet-stream" and \
-                b"inference-header-content-length" in headers
-            if media != "application/json" and not binary:
+            if media != "application/json" and not _binary(headers):
                 return 415, "the request body must be JSON: send Content-Type: application/json"
         return None
+
+
+AUDIO_PREFIX = "/v1/audio/"
+
+
+def _binary(headers: dict[bytes, bytes]) -> bool:
+    """KServe's binary tensor extension: JSON, then raw data."""
+    kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+    return kind == "application/octet-stream" and b"inference-header-content-length" in headers
 
 
 def _host_name(host: bytes) -> str:

@@ -128,7 +128,7 @@ class _HostCollector:
             ready.add_metric([name], float(dep.ready))
             admitted.add_metric([name], dep.inflight)
             restarts.add_metric([name], sum(r.engine.status.restarts for r in dep.replicas))
-            if dep.kind != "llm":  # dynamic batching
+            if dep.kind in ("encoder", "recommender"):  # dynamic batching
                 batchers = [r.engine.batcher for r in dep.replicas]
                 batches.add_metric([name], sum(b.batches for b in batchers))
                 batched.add_metric([name], sum(b.items for b in batchers))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -161,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", default="llama",
                    choices=["llama", "mistral", "qwen2", "bert", "dlrm", "whisper"])
     m.add_argument("--size", default="tiny",
-                   choices=["tiny", "small", "llama-110m", "tinyllama"])
+                   choices=["tiny", "small", "llama-110m", "tinyllama", "openai-tiny",
+                            "openai-base"])
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -391,7 +393,6 @@ def _server_class():
 def _serve(args: argparse.Namespace) -> None:
     import ipaddress
     import logging
-    import os
     from pathlib import Path
 
     import uvicorn
@@ -424,8 +425,7 @@ def _serve(args: argparse.Namespace) -> None:
             args.kind = ModelConfig(args.path).kind
         configs = [_build(DeploymentConfig, args)]
     else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"
-        repo = args.repository or str(test_models.write_repository(cache / "repository"))
+        repo = args.repository or str(test_models.write_repository(_cache_dir() / "repository"))
         configs = repository_configs(repo)
     repo = None if args.model else repo
     pipelines = []
@@ -462,13 +462,21 @@ def _serve(args: argparse.Namespace) -> None:
         host.shutdown(limits.drain_timeout_s)
 
 
+def _cache_dir() -> Path:
+    """Where ``serve`` keeps what it writes itself (the default repository, samples)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardserve"
+
+
 def _try_lines(url: str, host) -> list[str]:
     """A curl line for each loaded model and pipeline that it answers as is."""
     def v2(name: str, inputs: list[dict]) -> str:
         return (f"curl {url}/v2/models/{name}/infer -H 'Content-Type: application/json' -d "
                 f"'{json.dumps({'inputs': inputs})}'")
 
+    from shardserve import test_models
+
     lines = []
+    samples = _cache_dir() / "samples"
     for dep in host.deployments.values():
         name = dep.config.name
         if dep.kind == "recommender":  # one sample: id 0 of every table
@@ -481,13 +489,23 @@ def _try_lines(url: str, host) -> list[str]:
                 {"name": "sparse_lengths", "datatype": "INT32", "shape": [spec.num_tables, 1],
                  "data": [1] * spec.num_tables}]))
             continue
+        if dep.speech is not None:  # a WAV file of speech, written for trying it
+            lines.append(f"curl {url}/v1/audio/transcriptions -F model={name} "
+                         f"-F file=@{test_models.sample_speech(samples / 'speech.wav')}")
+            continue
         route, body = (("embeddings", {"input": "The quick brown fox"}) if dep.is_encoder
                        else ("completions", {"prompt": "The quick brown fox",
                                              "max_tokens": 16}))
         lines.append(f"curl {url}/v1/{route} -H 'Content-Type: application/json' -d "
                      f"'{json.dumps({'model': name, **body})}'")
     asks = {"recommend": "boots for a mountain hike", "route": "will it rain tomorrow"}
-    for name in host.pipelines:
+    for name, pipe in host.pipelines.items():
+        if pipe.config.takes_audio:  # the same speech, as an infer body in a file
+            body = test_models.sample_infer_request(
+                test_models.sample_speech(samples / "speech.wav"), samples / f"{name}.json")
+            lines.append(f"curl {url}/v2/models/{name}/infer -H 'Content-Type: "
+                         f"application/json' -d @{body}")
+            continue
         lines.append(v2(name, [{"name": "text_input", "datatype": "BYTES", "shape": [1],
                                 "data": [asks.get(name, "hello there")]}]))
     return lines

@@ -139,17 +139,18 @@ class AsyncLLMEngine:
                        request_id: str, prompt: str | None = None,
                        cache_salt: str | None = None,
                        kind: OutputKind = OutputKind.CUMULATIVE,
-                       observe: Callable[[float, RequestDelta], None] | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       observe: Callable[[float, RequestDelta], None] | None = None,
+                       features=None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs of ``kind``; the last has ``finished`` set. Raises
         ``InvalidRequest``, ``RequestFailed`` or ``EngineUnavailable``. Leaving the iteration
         early aborts the request. ``observe`` sees each delta with the time it arrived from
-        the core (``time.perf_counter``), for latency metrics."""
+        the core (``time.perf_counter``), for latency metrics. ``features``: a speech
+        model's audio (``engine/speech.py``)."""
         state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer,
                              kind)
         stream = self._register(request_id, state)
         stream.client.send(AddRequest(request_id, list(prompt_token_ids),
-                                      dataclasses.asdict(params), prompt, cache_salt))
+                                      dataclasses.asdict(params), prompt, cache_salt, features))
         try:
             while not state.finished:
                 await stream.ready.wait()

@@ -116,7 +116,7 @@ class EngineCore:
         try:
             params = SamplingParams(**cmd.params)
             self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, params, cmd.prompt,
-                                    cmd.cache_salt)
+                                    cmd.cache_salt, cmd.features)
         except InvalidRequest as e:
             out.refused.append(Refusal(cmd.request_id, "invalid", str(e), e.param))
         except EngineUnavailable as e:

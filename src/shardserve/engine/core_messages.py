@@ -59,6 +59,7 @@ class AddRequest:
     params: dict[str, Any]  # SamplingParams' fields
     prompt: str | None = None
     cache_salt: str | None = None
+    features: Any = None  # a speech request's log-mel features: (mels, frames) float32 ndarray
 
 
 @dataclass

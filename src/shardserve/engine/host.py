@@ -31,12 +31,14 @@ from shardserve.engine.encoder_engine import EncoderEngine
 from shardserve.engine.errors import EngineUnavailable
 from shardserve.engine.pipeline import Pipeline, PipelineConfig
 from shardserve.engine.recommender import RecommenderEngine
+from shardserve.engine.speech import SpeechInput
 from shardserve.engine.supervisor import RestartPolicy, State
 from shardserve.engine.tokenizer import load_chat_template, load_tokenizer
 from shardserve.models.registry import check_architecture
 from shardserve.planner.memory import stage_bytes, weight_bytes_per_device
 from shardserve.planner.placement import Need, Plan, place, release
 from shardserve.planner.recsys import plan_tables
+from shardserve.planner.specs import WhisperSpec
 from shardserve.runtime.devices import Device
 from shardserve.runtime.precision import Precision, choose
 
@@ -66,6 +68,7 @@ class Deployment:
     chat_template: str | None
     bytes_per_device: int
     precision: Precision
+    speech: SpeechInput | None = None  # a speech model's audio front end
 
     @property
     def is_encoder(self) -> bool:
@@ -212,6 +215,8 @@ class ModelHost:
             tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
             keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
             on_ray = cfg.executor == "ray"
+            speech = SpeechInput(model.path, model.spec) \
+                if isinstance(model.spec, WhisperSpec) else None  # its files are checked now
             if not on_ray:
                 place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
                       self.plan)  # every replica fits, or none is placed
@@ -239,7 +244,7 @@ class ModelHost:
                     raise ValueError(f"model {cfg.name!r} failed to start: {e}") from e
                 raise
             dep = Deployment(cfg, model, replicas, tokenizer, template, need.bytes_per_device,
-                             precision)
+                             precision, speech)
             level = logging.INFO if precision.kernels == "native" else logging.WARNING
             log.log(level, "%s: %s (%s)", cfg.name, precision.label, precision.note)
             self.deployments[cfg.name] = dep

@@ -26,6 +26,14 @@ catalogue embedded once, by the source step's model); ``rank`` scores them with 
 recommender (one call, one sample an item) and gives the ``top_k`` names, best first, joined
 by ", ".
 
+Speech, the voice assistant's first stage: a pipeline whose first step is ``transcribe``
+takes audio (mono samples and their rate) as its input, and later steps read the transcript
+by the step's name (an ``embed`` step's ``source`` names the text it embeds; ``{input}`` is
+the audio, so templates use the transcript's name):
+
+      - {name: heard, kind: transcribe, model: whisper, language: en}
+      - {name: embed, kind: embed, model: all-minilm-l6-v2, source: heard}
+
 The steps reach their models through ``PipelineOps`` that the caller supplies (the server's
 admission: the caller's tenant must be allowed every step model, each step counts against
 its model's queue, and the request's deadline and connection hold for the whole pipeline).
@@ -43,7 +51,7 @@ import numpy as np
 from shardserve.engine.errors import PipelineError
 
 _KINDS = {"embed": "encoder", "nearest": None, "generate": "llm", "retrieve": None,
-          "rank": "recommender"}
+          "rank": "recommender", "transcribe": "speech"}
 
 
 class PipelineOps(Protocol):
@@ -53,6 +61,8 @@ class PipelineOps(Protocol):
     async def generate(self, model: str, prompt: str, max_tokens: int) -> str: ...
     async def score(self, model: str, dense: np.ndarray, values: np.ndarray,
                     lengths: np.ndarray) -> np.ndarray: ...
+    async def transcribe(self, model: str, audio: np.ndarray, rate: int,
+                         language: str | None, max_tokens: int | None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,11 @@ class Step:
     labels: dict[str, list[str]] = field(default_factory=dict)
     template: str | dict[str, str] = "{input}"
     by: str | None = None
-    max_tokens: int = 32
+    max_tokens: int | None = None  # generate: 32 by default; transcribe: the model's most
     catalogue: str | None = None  # retrieve: a JSON file of items beside pipeline.yaml
     k: int = 8  # retrieve: candidates
     top_k: int = 3  # rank: items in the answer
+    language: str | None = None  # transcribe: the audio's language (default: English)
     items: tuple = ()  # the catalogue, read at load
 
 
@@ -97,13 +108,20 @@ class PipelineConfig:
                 raise ValueError(f"{file}: step {i + 1}: {e}") from None
             if step.catalogue is not None:
                 step = Step(**{**step.__dict__, "items": _catalogue(folder, file, step)})
-            _check_step(file, step, seen)
+            _check_step(file, step, seen, audio=(steps[0] if steps else step).kind
+                        == "transcribe")
             seen.add(step.name)
             steps.append(step)
         return PipelineConfig(str(data.get("name") or Path(folder).name), tuple(steps), file)
 
+    @property
+    def takes_audio(self) -> bool:
+        """The input is audio (the first step transcribes it), not text."""
+        return self.steps[0].kind == "transcribe"
 
-def _check_step(file: str, step: Step, seen: set[str]) -> None:
+
+def _check_step(file: str, step: Step, seen: set[str], audio: bool) -> None:
+    """``audio``: the pipeline's input is audio (its first step transcribes)."""
     where = f"{file}: step {step.name!r}"
     if step.name in seen or step.name == "input":
         raise ValueError(f"{where}: the name is taken")
@@ -111,6 +129,14 @@ def _check_step(file: str, step: Step, seen: set[str]) -> None:
         raise ValueError(f"{where}: kind {step.kind!r} is not one of {sorted(_KINDS)}")
     if _KINDS[step.kind] and not step.model:
         raise ValueError(f"{where}: needs a model")
+    if step.kind == "transcribe" and seen:
+        raise ValueError(f"{where}: transcribe must be the first step (it reads the "
+                         "pipeline's audio input)")
+    if step.kind == "embed" and step.source is not None and step.source not in seen:
+        raise ValueError(f"{where}: source names no earlier step")
+    if audio and step.kind == "embed" and step.source is None:
+        raise ValueError(f"{where}: the input is audio; name the text to embed with source "
+                         "(the transcribe step)")
     if step.kind == "nearest" and (step.source not in seen or not step.labels):
         raise ValueError(f"{where}: needs source (an earlier embed step) and labels")
     if step.kind == "retrieve" and (step.source not in seen or not step.items or step.k < 1):
@@ -126,6 +152,9 @@ def _check_step(file: str, step: Step, seen: set[str]) -> None:
             if key is not None and key not in seen | {"input"}:
                 raise ValueError(f"{where}: template uses {{{key}}}, which is neither "
                                  "input nor an earlier step")
+            if key == "input" and audio and step.kind == "generate":
+                raise ValueError(f"{where}: the input is audio; the template names the "
+                                 "transcribe step's text instead of {input}")
 
 
 class Pipeline:
@@ -153,11 +182,13 @@ class Pipeline:
     def models(self) -> set[str]:
         return {s.model for s in self.config.steps if s.model}
 
-    async def run(self, text: str, ops: PipelineOps) -> dict[str, Any]:
-        """Every step's output by name, and ``output``: the last step's. A step's failure is a
+    async def run(self, request: str | tuple[np.ndarray, int], ops: PipelineOps
+                  ) -> dict[str, Any]:
+        """Every step's output by name, and ``output``: the last step's. ``request``: text,
+        or ``(samples, rate)`` for a pipeline that takes audio. A step's failure is a
         ``PipelineError`` whose message starts with the step's name and whose ``__cause__``
         is what the step raised (the caller maps it: a refusal stays a refusal)."""
-        ctx: dict[str, Any] = {"input": text}
+        ctx: dict[str, Any] = {"input": request}
         for step in self.config.steps:
             try:
                 ctx[step.name] = await getattr(self, f"_{step.kind}")(step, ctx, ops)
@@ -180,7 +211,11 @@ class Pipeline:
         return out
 
     async def _embed(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> np.ndarray:
-        return (await ops.embed(step.model, [ctx["input"]]))[0]
+        return (await ops.embed(step.model, [ctx[step.source or "input"]]))[0]
+
+    async def _transcribe(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> str:
+        samples, rate = ctx["input"]
+        return await ops.transcribe(step.model, samples, rate, step.language, step.max_tokens)
 
     async def _nearest(self, step: Step, ctx: dict[str, Any], ops: PipelineOps) -> str:
         if step.name not in self._examples:  # the examples' vectors, computed once
@@ -221,7 +256,7 @@ class Pipeline:
         if isinstance(template, dict):
             template = template[ctx[step.by]]
         prompt = template.format(**{k: v for k, v in ctx.items() if isinstance(v, str)})
-        return await ops.generate(step.model, prompt, step.max_tokens)
+        return await ops.generate(step.model, prompt, step.max_tokens or 32)
 
 
 def _catalogue(folder: str, file: str, step: Step) -> tuple:

@@ -70,6 +70,11 @@ class SpeechInput:
     def features(self, audio: bytes | np.ndarray, rate: int | None = None) -> np.ndarray:
         """Log-mel features of a WAV file's bytes, or of mono samples in [-1, 1] at
         ``rate``."""
+        return self.load(audio, rate)[0]
+
+    def load(self, audio: bytes | np.ndarray, rate: int | None = None
+             ) -> tuple[np.ndarray, float]:
+        """``(features, seconds of audio)``, as ``features``."""
         try:
             if isinstance(audio, bytes | bytearray | memoryview):
                 samples, rate = decode_wav(bytes(audio))
@@ -91,4 +96,4 @@ class SpeechInput:
             raise InvalidRequest(f"the audio is {seconds:.1f} s long; this model transcribes "
                                  f"at most {self.max_seconds} s a request: cut it into pieces",
                                  "file")
-        return self.mel(resample(samples, rate, self.mel.rate))
+        return self.mel(resample(samples, rate, self.mel.rate)), seconds

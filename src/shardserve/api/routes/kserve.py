@@ -7,6 +7,7 @@ restarts or after it failed); the server is ready while every model is."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -28,6 +29,7 @@ from shardserve.api.admission import (
 from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError, invalid_body
 from shardserve.api.protocol import GenerateRequest, InferRequest
+from shardserve.api.routes.audio import speech_model, transcribe
 from shardserve.api.routes.openai import deployment, encode, generative
 from shardserve.engine.errors import InvalidRequest, PipelineError
 from shardserve.sampling_params import SamplingParams
@@ -61,7 +63,9 @@ async def model_metadata(name: str, request: Request,
                          who: Principal = Depends(principal)) -> dict:
     pipe = _pipeline(request, name, who)
     if pipe is not None:
-        text = [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
+        text = [{"name": "audio", "datatype": "FP32", "shape": [-1]}] \
+            if pipe.config.takes_audio else [{"name": "text_input", "datatype": "BYTES",
+                                              "shape": [1]}]
         return {"name": name, "versions": ["1"], "platform": "shardserve_pipeline",
                 "inputs": text, "outputs": [
                     {"name": "text_output", "datatype": "BYTES", "shape": [1]}] + [
@@ -77,6 +81,12 @@ async def model_metadata(name: str, request: Request,
                            {"name": "sparse_lengths", "datatype": "INT32",
                             "shape": [spec.num_tables, -1]}],
                 "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1]}]}
+    if dep.speech is not None:
+        return {"name": name, "versions": ["1"], "platform": "shardserve_speech",
+                "inputs": [{"name": "audio", "datatype": "FP32", "shape": [-1, -1]}],
+                "outputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"sample_rate": dep.speech.mel.rate,
+                               "max_seconds": dep.speech.max_seconds}}
     if dep.is_encoder:
         width = dep.model.spec.num_labels or dep.model.spec.hidden_size
         return {"name": name, "versions": ["1"], "platform": "shardserve_encoder",
@@ -122,6 +132,8 @@ async def infer(name: str, request: Request, who: Principal = Depends(principal)
     dep = deployment(request, name, who)
     if dep.kind == "recommender":
         return _answer(await _infer_recommender(request, dep, body), binary)
+    if dep.speech is not None:
+        return _answer(await _infer_speech(request, dep, body, who), binary)
     if dep.is_encoder:
         return _answer(await _infer_encoder(request, dep, body), binary)
     text = await _complete(request, name, who, _single_text(body), body.parameters)
@@ -242,6 +254,28 @@ def _answer(payload: dict, binary: set[str] | bool) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
+def _single_audio(body: InferRequest) -> tuple[np.ndarray, int]:
+    """The one audio of a request whose only input is ``audio``, FP32 ``[samples]`` (or
+    ``[1, samples]``), at its ``sample_rate`` parameter (default 16000)."""
+    if len(body.inputs) != 1 or body.inputs[0].name != "audio":
+        raise APIError(400, "expected exactly one input, named audio (FP32 [samples], mono, "
+                            "with a sample_rate parameter)")
+    t = body.inputs[0]
+    if t.datatype != "FP32" or len(t.shape) not in (1, 2) or (len(t.shape) == 2
+                                                              and t.shape[0] != 1) \
+            or any(d < 1 for d in t.shape) or len(t.data) != int(np.prod(t.shape)):
+        raise APIError(400, f"audio must be FP32 [samples] with its values; got "
+                            f"{t.datatype} {t.shape} holding {len(t.data)} values", "audio")
+    rate = body.parameters.get("sample_rate", 16000)
+    if type(rate) is not int or not 0 < rate <= 384000:
+        raise APIError(400, "parameter sample_rate must be an integer in 1..384000 (Hz)",
+                       "sample_rate")
+    try:
+        return np.asarray(t.data, dtype=np.float32).reshape(-1), rate
+    except (TypeError, ValueError):
+        raise APIError(400, "audio: its data are not all numbers", "audio") from None
+
+
 def _single_text(body: InferRequest) -> str:
     """The one string of a request whose only input is text_input, BYTES, shape [1]."""
     if len(body.inputs) != 1 or body.inputs[0].name != "text_input":
@@ -285,6 +319,12 @@ class _Ops:
             raise APIError(400, f"model `{model}` is of kind {dep.kind}, not a recommender")
         return await score(self.request, dep, dense, values, lengths)
 
+    async def transcribe(self, model: str, audio: np.ndarray, rate: int,
+                         language: str | None, max_tokens: int | None) -> str:
+        dep = speech_model(deployment(self.request, model, self.who))
+        return (await transcribe(self.request, dep, self.who, audio, rate, language,
+                                 max_tokens=max_tokens)).text
+
     async def generate(self, model: str, prompt: str, max_tokens: int) -> str:
         dep = generative(deployment(self.request, model, self.who))
         ids = await in_pool(self.request, encode, dep, prompt)
@@ -295,12 +335,14 @@ class _Ops:
 
 
 async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Principal) -> dict:
-    """A pipeline: text_input in; text_output (the last step's) and every labelled or
+    """A pipeline: text_input in (``audio`` FP32 [samples] and a ``sample_rate`` parameter
+    for one that transcribes); text_output (the last step's) and every labelled or
     generated step's output by name. A step's refusal keeps its status (400, 404, 429, 503),
     its message naming the step."""
     limits = request.app.state.limits
+    given = _single_audio(body) if pipe.config.takes_audio else _single_text(body)
     try:
-        ctx = await within(pipe.run(_single_text(body), _Ops(request, who)),
+        ctx = await within(pipe.run(given, _Ops(request, who)),
                            time.monotonic() + limits.request_timeout_s)
     except PipelineError as e:
         cause = http_error(e.__cause__ or e)
@@ -385,6 +427,42 @@ async def _infer_recommender(request: Request, dep, body: InferRequest) -> dict:
     return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
             "outputs": [{"name": "score", "datatype": "FP32", "shape": [len(scores)],
                          "data": np.asarray(scores, np.float32)}]}
+
+
+async def _infer_speech(request: Request, dep, body: InferRequest, who: Principal) -> dict:
+    """Whisper: ``audio`` FP32 ``[N, samples]`` (mono, in [-1, 1]; ``[samples]`` for one) at
+    the request's ``sample_rate`` parameter (default: the model's, 16000), optional
+    ``language`` and ``task`` parameters; ``text`` BYTES ``[N]`` out, each row transcribed as
+    a request of its own."""
+    if len(body.inputs) != 1 or body.inputs[0].name != "audio":
+        raise APIError(400, "expected exactly one input, named audio (FP32 [N, samples])")
+    t = body.inputs[0]
+    if t.datatype != "FP32" or len(t.shape) not in (1, 2) or any(d < 1 for d in t.shape) \
+            or len(t.data) != int(np.prod(t.shape)):
+        raise APIError(400, f"audio must be FP32 [N, samples] with its values; got "
+                            f"{t.datatype} {t.shape} holding {len(t.data)} values", "audio")
+    params = body.parameters
+    rate = params.get("sample_rate", dep.speech.mel.rate)
+    if type(rate) is not int or not 0 < rate <= 384000:
+        raise APIError(400, "parameter sample_rate must be an integer in 1..384000 (Hz)",
+                       "sample_rate")
+    language, task = params.get("language"), params.get("task", "transcribe")
+    if not (language is None or isinstance(language, str)) or not isinstance(task, str):
+        raise APIError(400, "parameters language and task must be strings", "language")
+    try:
+        rows = np.asarray(t.data, dtype=np.float32).reshape(-1, t.shape[-1])
+    except (TypeError, ValueError):
+        raise APIError(400, "audio: its data are not all numbers", "audio") from None
+    try:  # a row refused or failed ends the others (their generations are aborted)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(transcribe(request, dep, who, row, rate, language, task))
+                     for row in rows]
+    except* APIError as errors:
+        raise errors.exceptions[0] from None
+    outs = [task.result() for task in tasks]
+    return {"model_name": dep.config.name, "model_version": "1", "id": body.id or "",
+            "outputs": [{"name": "text", "datatype": "BYTES", "shape": [len(outs)],
+                         "data": [o.text for o in outs]}]}
 
 
 async def _complete(request: Request, name: str, who: Principal, prompt: str,

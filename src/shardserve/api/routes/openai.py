@@ -120,6 +120,9 @@ def generative(dep):
     if dep.kind == "recommender":
         raise APIError(400, f"model `{dep.config.name}` is a recommender; score with "
                             f"POST /v2/models/{dep.config.name}/infer", "model")
+    if dep.speech is not None:
+        raise APIError(400, f"model `{dep.config.name}` is a speech model; use "
+                            "/v1/audio/transcriptions", "model")
     return dep
 
 

@@ -1,0 +1,154 @@
+"""A Whisper served beside an encoder and an LM: OpenAI's audio endpoints through the official
+`openai` client (every response format; the tokens equal the offline engine's), KServe v2
+through tritonclient, bad files answered 400/413/415 with the model serving on, and the
+`assistant` pipeline (audio -> transcript -> intent -> answer) answering with every stage's
+output."""
+
+import io
+import json
+import urllib.request
+import wave
+
+import numpy as np
+import pytest
+
+from shardserve import LLM, test_models
+from tests.distributed.test_whisper import speech
+from tests.e2e.test_server import _free_port, _start, _stop
+from tests.unit.test_audio import sweep, wav_bytes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("speech")
+    whisper = test_models.write(repo / "w", "whisper", "tiny")
+    llama = test_models.write(repo / "l", "llama", "tiny")
+    for name, yaml in (
+            ("whisper", f"kind: speech\nweights: {whisper}\ntp: 2\nmax_num_seqs: 4\n"),
+            ("lm", f"weights: {llama}\nmax_num_seqs: 4\n"),
+            ("all-minilm-l6-v2", f"kind: encoder\nweights: {test_models.minilm_folder()}\n")):
+        (repo / name).mkdir()
+        (repo / name / "model.yaml").write_text(yaml)
+    (repo / "assistant").mkdir()
+    (repo / "assistant" / "pipeline.yaml").write_text(
+        test_models.ASSISTANT_PIPELINE.replace("whisper-tiny-random", "whisper")
+        .replace("demo-llama-random", "lm"))
+    port = _free_port()
+    proc = _start(["--repository", str(repo), "--devices", "cpu:2",
+                   "--max-audio-bytes", str(3 << 20)], port)
+    yield port, whisper, tmp_path_factory.mktemp("audio")
+    code = _stop(proc)
+    assert code == 0, proc.stdout.read()[-3000:]
+
+
+def _client(port):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                         max_retries=0)
+
+
+def test_openai_client_transcribes_in_every_format(server):
+    port, whisper, tmp = server
+    wav = speech("the quick brown fox jumps over the lazy dog", tmp)
+    client = _client(port)
+    plain = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav))
+    text = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
+                                              response_format="text")
+    verbose = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
+                                                 response_format="verbose_json")
+    with LLM(str(whisper), tensor_parallel_size=2) as llm:
+        offline = llm.transcribe(wav)[0].outputs[0]
+    assert plain.text == offline.text.strip() and plain.text
+    assert text.strip() == plain.text
+    assert verbose.segments[0].tokens == offline.token_ids
+    seconds = len(decode(wav)) / 22050
+    assert abs(verbose.duration - seconds) < 1e-2 and verbose.language == "en"
+    srt = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
+                                             response_format="srt")
+    assert srt.startswith("1\n00:00:00,000 --> ") and plain.text in srt
+    translated = client.audio.translations.create(model="whisper", file=("a.wav", wav))
+    assert isinstance(translated.text, str)
+
+
+def decode(wav: bytes) -> np.ndarray:
+    with wave.open(io.BytesIO(wav)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2")
+
+
+def test_bad_files_are_refused_and_the_model_keeps_serving(server):
+    import openai
+
+    port, _, _ = server
+    client = _client(port)
+    cases = [(b"ID3" + bytes(200), 400, "MP3 file; accepted: WAV"),
+             (b"", 400, "empty"),
+             (wav_bytes(sweep(31.0), 16000), 400, "at most 30 s"),
+             (wav_bytes(sweep(30.0, 48000), 48000, 2, 2), 413, "over")]  # 5.8 MB
+    for data, status, message in cases:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.audio.transcriptions.create(model="whisper", file=("x.wav", data))
+        assert e.value.status_code == status and message in str(e.value), e.value
+    with pytest.raises(openai.BadRequestError, match="language 'xx'"):
+        client.audio.transcriptions.create(model="whisper", file=("a.wav", wav_bytes(
+            sweep(1.0), 16000)), language="xx")
+    with pytest.raises(openai.BadRequestError, match="speech model"):
+        client.audio.transcriptions.create(model="lm", file=("a.wav", wav_bytes(
+            sweep(1.0), 16000)))
+    with pytest.raises(openai.BadRequestError, match="use /v1/audio/transcriptions"):
+        client.completions.create(model="whisper", prompt="hello")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+                                 b'{"model": "whisper"}',
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 415
+    ok = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav_bytes(
+        sweep(2.0, 8000), 8000)))
+    assert isinstance(ok.text, str)
+
+
+def test_kserve_v2_transcribes_a_batch_through_tritonclient(server):
+    import tritonclient.http as http
+
+    port, whisper, _ = server
+    client = http.InferenceServerClient(f"127.0.0.1:{port}")
+    meta = client.get_model_metadata("whisper")
+    assert meta["platform"] == "shardserve_speech"
+    audio = np.stack([sweep(2.0, 8000), 0.5 * sweep(2.0, 8000, 300.0, 900.0)])
+    inp = http.InferInput("audio", list(audio.shape), "FP32")
+    inp.set_data_from_numpy(audio, binary_data=True)
+    res = client.infer("whisper", [inp], parameters={"sample_rate": 8000})
+    texts = [t.decode() for t in res.as_numpy("text")]
+    with LLM(str(whisper), tensor_parallel_size=2) as llm:
+        want = [o.outputs[0].text.strip() for o in llm.transcribe(list(audio),
+                                                                  sampling_rate=8000)]
+    assert texts == want
+
+
+def test_the_assistant_pipeline_answers_with_every_stage(server):
+    import tritonclient.http as http
+
+    port, _, tmp = server
+    wav = speech("will it rain tomorrow", tmp)
+    samples = decode(wav).astype(np.float32) / 32768
+    client = http.InferenceServerClient(f"127.0.0.1:{port}")
+    meta = client.get_model_metadata("assistant")
+    assert [i["name"] for i in meta["inputs"]] == ["audio"]
+    inp = http.InferInput("audio", [len(samples)], "FP32")
+    inp.set_data_from_numpy(samples, binary_data=True)
+    res = client.infer("assistant", [inp], parameters={"sample_rate": 22050})
+    out = {o["name"]: res.as_numpy(o["name"])[0].decode()
+           for o in res.get_response()["outputs"]}
+    assert set(out) == {"text_output", "heard", "intent", "answer"}
+    assert out["intent"] in ("weather", "greeting", "time")
+    assert out["text_output"] == out["answer"]
+    index = {row["name"]: row for row in json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/v2/repository/index").read())}
+    # the voice assistant's three models side by side, placed on the machine's devices
+    assert {"whisper", "lm", "all-minilm-l6-v2"} <= set(index)
+    assert all(row["state"] == "READY" and row["replicas"][0]["devices"]
+               for row in index.values())
+    assert len(index["whisper"]["replicas"][0]["devices"]) == 2  # tp: 2
