@@ -104,7 +104,7 @@ def ours(path: Path, wavs: list[bytes], tp: int, max_tokens: int
             [o.outputs[0].token_ids for o in outs], outs[0].prompt_token_ids)
 
 
-def served(path: Path, wavs: list[bytes]) -> dict:
+def served(path: Path, wavs: list[bytes], max_tokens: int) -> dict:
     import openai
 
     from benchmarks.serving import served as running
@@ -118,7 +118,8 @@ def served(path: Path, wavs: list[bytes]) -> dict:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
 
         def one(w: bytes) -> str:
-            return client.audio.transcriptions.create(model=path.name, file=("a.wav", w)).text
+            return client.audio.transcriptions.create(
+                model=path.name, file=("a.wav", w), extra_body={"max_tokens": max_tokens}).text
         one(wavs[0])
         for c in (1, 16):
             with ThreadPoolExecutor(c) as pool:
@@ -148,8 +149,10 @@ def main() -> None:
         result["transformers"], hf_tokens = transformers_runs(path, wavs, prompt,
                                                               args.max_tokens)
         result["same_tokens_as_transformers"] = hf_tokens == ref_tokens
+        result["clips_with_the_same_tokens"] = sum(a == b for a, b in zip(hf_tokens, ref_tokens,
+                                                                          strict=True))
         if args.served:
-            result["shardserve_served_tp1"] = served(path, wavs)
+            result["shardserve_served_tp1"] = served(path, wavs, args.max_tokens)
     print(json.dumps(result, indent=2))
     print()
     print("| system | audio s / wall s at concurrency 1 | at concurrency 16 |")

@@ -161,3 +161,18 @@ def test_bfloat16_checkpoint_runs_close_to_its_float32_reference(tmp_path, audio
                   decoder_input_ids=torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(logits, want, atol=0.1, rtol=0)
     assert (logits.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_without_native_kernels_the_tokens_are_the_same(whisper, audio, monkeypatch):
+    """The PyTorch path (cross-attention one sequence at a time over its slot's view) gives
+    the kernel path's tokens, with several sequences decoding together."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    clips = [audio["sweep"], audio["speech"], audio["noise"]]
+    with LLM(str(whisper)) as llm:
+        want = [o.outputs[0].token_ids for o in llm.transcribe(
+            clips, sampling_rate=16000, sampling_params=params)]
+    monkeypatch.setenv("SHARDSERVE_KERNELS", "0")  # the workers read it when they start
+    with LLM(str(whisper)) as llm:
+        got = [o.outputs[0].token_ids for o in llm.transcribe(
+            clips, sampling_rate=16000, sampling_params=params)]
+    assert got == want

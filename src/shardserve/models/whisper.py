@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardserve.kernels import ops
 from shardserve.layers.attention import Attention, AttentionMetadata
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -115,9 +116,13 @@ class WhisperDecoderLayer(nn.Module):
         self.fc1 = ColumnParallelLinear(d, spec.intermediate_size, group, bias=True)
         self.fc2 = RowParallelLinear(spec.intermediate_size, d, group, bias=True)
         self.final_layer_norm = LayerNorm(d, 1e-5)
-        # this layer's cross-attention cache (slots, nh, T, hd): set by the runner
+        # this layer's cross-attention cache, set by the runner: (slots x blocks, rows, nh, hd),
+        # slot s in blocks s * blocks .. (s + 1) * blocks - 1 (``WhisperSpec.cross_blocks``):
+        # the paged KV cache's layout, so the paged attention kernel reads it in place
         self.cross_k: torch.Tensor | None = None
         self.cross_v: torch.Tensor | None = None
+        self.blocks, self.rows = spec.cross_blocks
+        self.states = spec.max_source_positions
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 cross: CrossBatch) -> torch.Tensor:  # (N, d)
@@ -132,25 +137,42 @@ class WhisperDecoderLayer(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(h)))
 
     def _cross(self, q: torch.Tensor, cross: CrossBatch) -> torch.Tensor:
-        """Each token's queries (N, nh, hd) against its sequence's encoder states."""
+        """Each token's queries (N, nh, hd) against its sequence's encoder states: the
+        one-token sequences in one call of the paged attention kernel over their slots' blocks,
+        read in place (gathering 16 sequences' states costs ten times the attention); the
+        rest (and everything without the kernel) one sequence at a time."""
         out = torch.empty_like(q)
         decodes = next((i for i, n in enumerate(cross.rows) if n != 1), len(cross.rows))
-        if decodes:  # one batched call for the one-token sequences
+        done = 0
+        if decodes:
             slots = cross.slots[:decodes]
-            # (the cache may be narrower than the queries: a 16-bit cache, float32 compute)
-            o = F.scaled_dot_product_attention(q[:decodes, :, None],
-                                               self.cross_k[slots].to(q.dtype),
-                                               self.cross_v[slots].to(q.dtype))  # (D, nh, 1, hd)
-            out[:decodes] = o[:, :, 0]
-        at = decodes
-        for i in range(decodes, len(cross.rows)):
-            n, slot = cross.rows[i], cross.slots[i]
-            o = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1)[None],
-                                               self.cross_k[slot][None].to(q.dtype),
-                                               self.cross_v[slot][None].to(q.dtype))
+            tables = slots[:, None] * self.blocks + torch.arange(self.blocks)
+            context = torch.full((decodes,), self.states, dtype=torch.long)
+            o = ops.paged_decode_attention(q[:decodes], self.cross_k, self.cross_v, tables,
+                                           context, q.shape[1], None, q.shape[-1] ** -0.5)
+            if o is not None:
+                out[:decodes], done = o, decodes
+        at = done
+        for i in range(done, len(cross.rows)):
+            n = cross.rows[i]
+            k, v = (self._states(c, int(cross.slots[i])).to(q.dtype)
+                    for c in (self.cross_k, self.cross_v))
+            o = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1)[None], k[None],
+                                               v[None])  # (1, nh, n, hd)
             out[at:at + n] = o[0].transpose(0, 1)
             at += n
         return out.flatten(1)
+
+    def _states(self, cache: torch.Tensor, slot: int) -> torch.Tensor:
+        """A slot's keys or values as (nh, T, hd): a view of its blocks."""
+        b = self.blocks
+        x = cache[slot * b:(slot + 1) * b].reshape(b * self.rows, *cache.shape[2:])
+        return x[:self.states].transpose(0, 1)
+
+    def keep(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a sequence's cross-attention keys and values (nh, T, hd) in ``slot``."""
+        for cache, x in ((self.cross_k, k), (self.cross_v, v)):
+            self._states(cache, slot).copy_(x)
 
 
 class WhisperDecoder(nn.Module):

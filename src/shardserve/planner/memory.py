@@ -219,8 +219,9 @@ def cross_bytes_per_seq(spec: TransformerSpec, tp: int, dtype: str) -> int:
     layer's keys and values of the encoder's states (0 for a decoder-only model)."""
     if not isinstance(spec, WhisperSpec):
         return 0
-    return 2 * spec.num_layers * spec.max_source_positions * (spec.num_heads // tp) * \
-        spec.head_dim * DTYPE_BYTES[dtype]
+    blocks, rows = spec.cross_blocks
+    return 2 * spec.num_layers * blocks * rows * (spec.num_heads // tp) * spec.head_dim * \
+        DTYPE_BYTES[dtype]
 
 
 def check_stages_fit(spec: TransformerSpec, tp: int, stages: list[Stage], dtype: str,

@@ -125,10 +125,10 @@ class ModelRunner:
         return need
 
     def _allocate_cross(self, slots: int) -> None:
-        spec = self.config.spec
+        blocks, rows = self.config.spec.cross_blocks
         for layer in self.model.decoder_layers:
             c = layer.encoder_attn
-            shape = (slots, c.num_heads, spec.max_source_positions, c.head_dim)
+            shape = (slots * blocks, rows, c.num_heads, c.head_dim)
             layer.cross_k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             layer.cross_v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.free_slots = list(range(slots))
@@ -335,8 +335,7 @@ class ModelRunner:
             states = self.model.encode(x)[0]
             for layer, (k, v) in zip(self.model.decoder_layers, self.model.cross_kv(states),
                                      strict=True):
-                layer.cross_k[slot].copy_(k)
-                layer.cross_v[slot].copy_(v)
+                layer.keep(slot, k, v)
 
     @staticmethod
     def _order(inp: StepInput) -> list[tuple[str, int]]:

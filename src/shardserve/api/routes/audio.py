@@ -1,6 +1,7 @@
 """OpenAI's audio endpoints for speech models: ``/v1/audio/transcriptions`` and
 ``/v1/audio/translations`` (multipart form: ``file``, ``model``, ``language``,
-``response_format`` json / text / verbose_json / srt / vtt, ``temperature``).
+``response_format`` json / text / verbose_json / srt / vtt, ``temperature``; and, beyond
+OpenAI's fields, ``max_tokens``).
 
 A file is decoded, resampled and turned into log-mel features on the server's CPU pool (off
 the event loop), then generated like any request: admitted, queued, answered once. Audio over
@@ -70,11 +71,19 @@ async def _audio(request: Request, who: Principal, task: str):
         raise APIError(400, "temperature must be a number in [0, 1]", "temperature") from None
     if not 0 <= temperature <= 1:
         raise APIError(400, "temperature must be a number in [0, 1]", "temperature")
+    most = None  # a shardserve extension: at most this many tokens
+    if form.get("max_tokens") is not None:
+        try:
+            most = int(str(form.get("max_tokens")))
+        except ValueError:
+            most = 0
+        if most < 1:
+            raise APIError(400, "max_tokens must be an integer >= 1", "max_tokens")
     language = form.get("language") if task == "transcribe" else None
     dep = speech_model(deployment(request, model, who))
     data = await upload.read()
     out = await transcribe(request, dep, who, data, None, language or None, task,
-                           temperature)
+                           temperature, most)
     if fmt == "text":
         return PlainTextResponse(out.text + "\n")
     if fmt in ("srt", "vtt"):
