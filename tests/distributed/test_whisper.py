@@ -176,3 +176,19 @@ def test_without_native_kernels_the_tokens_are_the_same(whisper, audio, monkeypa
         got = [o.outputs[0].token_ids for o in llm.transcribe(
             clips, sampling_rate=16000, sampling_params=params)]
     assert got == want
+
+
+def test_preempted_sequences_are_encoded_again_and_finish_the_same(whisper, audio):
+    """A cache too small for every sequence at once: the engine preempts some (their slots
+    freed), brings them back (the audio encoded again) and each finishes with the tokens it
+    gets with room to spare."""
+    params = SamplingParams(temperature=0, max_tokens=120)
+    clips = [audio["sweep"], audio["speech"], audio["noise"], audio["speech"]]
+    with LLM(str(whisper)) as llm:
+        want = [o.outputs[0].token_ids for o in llm.transcribe(
+            clips, sampling_rate=16000, sampling_params=params)]
+    with LLM(str(whisper), num_blocks=24, block_size=16) as llm:  # 384 tokens for 4 x 124
+        outs = llm.transcribe(clips, sampling_rate=16000, sampling_params=params)
+        preempted = llm.engine.scheduler.num_preemptions
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert preempted > 0

@@ -18,7 +18,7 @@ from shardserve.planner import cost
 from shardserve.planner.memory import head_in_layers, stage_bytes, weight_bytes_per_device
 from shardserve.planner.partition import split_layers
 from shardserve.planner.recsys import plan_tables
-from shardserve.planner.specs import DLRMSpec, EncoderSpec, TransformerSpec
+from shardserve.planner.specs import DLRMSpec, EncoderSpec, TransformerSpec, WhisperSpec
 
 
 @dataclass(frozen=True)
@@ -168,8 +168,9 @@ def candidates(spec: TransformerSpec, nodes: Nodes, precision, sched, target: Ta
     out = []
     for t in tps:
         groups = nodes.count * (dpn // t) if dpn % t == 0 else 1
+        # pipeline stages split a decoder's layers; Whisper's encoder-decoder runs in one
         depths = pipeline_sizes(groups, spec.num_layers) if isinstance(
-            spec, TransformerSpec) else [1]
+            spec, TransformerSpec) and not isinstance(spec, WhisperSpec) else [1]
         for p in [pp] if pp else depths:
             out.append(plan(spec, t, p, nodes, precision, sched, target, context,
                             split if pp else None))
