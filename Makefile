@@ -6,13 +6,14 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: setup test serve lint bench peers peer-llamacpp peer-infinity clean
 
-# System tools the tests use, installed where missing: espeak-ng speaks the speech tests'
-# audio. apt-get as root, else through sudo.
+# System tools the tests use (command:Debian package), installed where missing: espeak-ng
+# speaks the speech tests' audio; chromium and its driver run the dashboard's browser test.
+# apt-get as root, else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_TOOLS := espeak-ng
+SYSTEM_TOOLS := espeak-ng:espeak-ng chromium:chromium chromedriver:chromium-driver
 
 $(BIN)/.installed: pyproject.toml
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

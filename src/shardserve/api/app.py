@@ -14,7 +14,7 @@ from shardserve.api.auth import Auth, Principal, principal
 from shardserve.api.errors import APIError, api_error_handler, validation_handler
 from shardserve.api.guard import RequestGuard
 from shardserve.api.metrics import Metrics
-from shardserve.api.routes import audio, kserve, openai, repository
+from shardserve.api.routes import audio, kserve, openai, repository, status
 from shardserve.config import ServerLimits
 
 if TYPE_CHECKING:
@@ -61,4 +61,5 @@ def create_app(host: ModelHost, auth: Auth | None = None, repository_dir: str | 
     app.include_router(audio.router)
     app.include_router(kserve.router)
     app.include_router(repository.router)
+    app.include_router(status.router)
     return app

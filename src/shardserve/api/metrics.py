@@ -10,6 +10,7 @@ series of the models a caller may see (a tenant's key sees its own models' serie
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class Metrics:
         self.replica_requests = Counter("shardserve:replica_requests", "Requests admitted, by "
                                         "replica.", m + ["replica"], registry=r)
         r.register(_HostCollector(host))
+        self.recent = Recent()
 
     def render(self, visible: Callable[[str], bool] | None = None) -> bytes:
         """The exposition text; with ``visible``, only series of models it accepts."""
@@ -70,19 +72,26 @@ class RequestTimer:
     model: str
     prompt_tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
     last: float | None = None
     tokens: int = 0
 
     def observe(self, at: float, delta) -> None:
         """``delta`` (a ``RequestDelta``) arrived at ``at`` (``time.perf_counter``)."""
         new = sum(len(s.token_ids) for s in delta.seqs)
+        recent = self.metrics.recent
         if new > 0:
             if self.last is None:
                 self.metrics.ttft.labels(self.model).observe(at - self.start)
+                recent.add("ttft", self.model, at - self.start)
+                self.first = at
             else:
                 for _ in range(new):
                     self.metrics.itl.labels(self.model).observe((at - self.last) / new)
             self.last, self.tokens = at, self.tokens + new
+            recent.add("tokens", self.model, new)
+        if delta.finished and self.tokens > 1 and self.first is not None:
+            recent.add("tpot", self.model, (self.last - self.first) / (self.tokens - 1))
         m = self.metrics
         for s in delta.seqs:
             if s.finish_reason is not None:
@@ -91,6 +100,49 @@ class RequestTimer:
             m.e2e.labels(self.model).observe(at - self.start)
             m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
             m.generation_tokens.labels(self.model).inc(self.tokens)
+
+
+class Recent:
+    """Each model's last ``window_s`` seconds of requests, for the device map's live figures:
+    time to first token and time per output token (TPOT: a request's time from its first to
+    its last token over its other tokens, as vLLM's benchmarks count it) as p50/p99, and
+    generated tokens per second. Fed by ``RequestTimer`` on the event loop; read there."""
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 ) -> None:
+        self.window_s, self.clock = window_s, clock
+        self._samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+
+    def add(self, what: str, model: str, value: float) -> None:
+        self._samples.setdefault((what, model), deque()).append((self.clock(), value))
+
+    def _values(self, what: str, model: str) -> list[float]:
+        q = self._samples.get((what, model))
+        if q is None:
+            return []
+        cut = self.clock() - self.window_s
+        while q and q[0][0] < cut:
+            q.popleft()
+        return [v for _, v in q]
+
+    def summary(self, model: str) -> dict:
+        """``ttft_ms`` and ``tpot_ms`` (``p50``, ``p99``; None without requests) and
+        ``tokens_per_s`` over the window."""
+        out: dict = {}
+        for what in ("ttft", "tpot"):
+            values = sorted(self._values(what, model))
+            out[f"{what}_ms"] = {f"p{q}": (1e3 * _quantile(values, q / 100) if values else None)
+                                 for q in (50, 99)} | {"requests": len(values)}
+        out["tokens_per_s"] = sum(self._values("tokens", model)) / self.window_s
+        return out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted ``values``, interpolated between neighbours."""
+    at = q * (len(values) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (at - lo)
 
 
 class _HostCollector:

@@ -137,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     _add_fields(sv, ServerLimits)
 
+    t = sub.add_parser("top", help="the device map of a running server in the terminal "
+                                   "(what /dashboard shows), redrawn every second")
+    t.add_argument("--url", default="http://127.0.0.1:8000")
+    t.add_argument("--api-key", help="a key, when the server runs with --auth (an admin's "
+                                     "sees every model, a tenant's its own)")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    t.add_argument("--once", action="store_true", help="print the map once and exit")
+
     b = sub.add_parser("bench", help="streaming load against a server's completions endpoint")
     b.add_argument("--url", default="http://127.0.0.1:8000")
     b.add_argument("--model", required=True)
@@ -577,12 +585,20 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {out} (profile `local`: shardserve plan --hardware local)")
 
 
+def _top(args: argparse.Namespace) -> int:
+    from shardserve.cli import top
+
+    return top.run(args.url, args.api_key, args.interval, args.once)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "plan": _plan, "serve": _serve, "bench": _bench,
-         "hash-key": _hash_key, "calibrate": _calibrate,
-         "make-test-model": _make_test_model}[args.command](args)
+        code = {"generate": _generate, "plan": _plan, "serve": _serve, "bench": _bench,
+                "hash-key": _hash_key, "calibrate": _calibrate, "top": _top,
+                "make-test-model": _make_test_model}[args.command](args)
+        if code:
+            return code
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

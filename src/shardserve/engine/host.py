@@ -35,7 +35,7 @@ from shardserve.engine.speech import SpeechInput
 from shardserve.engine.supervisor import RestartPolicy, State
 from shardserve.engine.tokenizer import load_chat_template, load_tokenizer
 from shardserve.models.registry import check_architecture
-from shardserve.planner.memory import stage_bytes, weight_bytes_per_device
+from shardserve.planner.memory import cross_bytes_per_seq, stage_bytes, weight_bytes_per_device
 from shardserve.planner.placement import Need, Plan, place, release
 from shardserve.planner.recsys import plan_tables
 from shardserve.planner.specs import WhisperSpec
@@ -124,19 +124,26 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
         tables = max(plan_tables(spec, cfg.tp, precision.weights).bytes_per_device())
         batch = cfg.max_batch_size * 64  # samples a batch may carry, generously
         act = batch * (spec.num_tables + 1) * (spec.embedding_dim + spec.num_tables) * 4 * 2
-        return Need(cfg.name, cfg.tp, tables + act)
+        return Need(cfg.name, cfg.tp, tables + act,
+                    parts=(("weights", tables), ("activations", act)))
     if model.is_encoder:
         weights = weight_bytes_per_device(spec, cfg.tp, precision.weights, precision.compute,
                                           precision.quantization)
         per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size // cfg.tp) * 4
         act = cfg.max_batch_size * model.context_len * per_token
-        return Need(cfg.name, cfg.tp, weights + act)
+        return Need(cfg.name, cfg.tp, weights + act,
+                    parts=(("weights", weights), ("activations", act)))
     block = cfg.block_size
     tokens = cfg.max_num_seqs * -(-model.context_len // block) * block
     needs = stage_bytes(spec, cfg.tp, parallel.stages(spec), precision.weights, dtype,
                         precision.kv, precision.quantization, cfg.max_num_batched_tokens,
                         cfg.max_num_seqs)
-    return Need(cfg.name, cfg.tp, max(n.total(tokens) for n in needs), cfg.pp)
+    big = max(needs, key=lambda n: n.total(tokens))
+    # a speech model's cross-attention cache is in the activations' reserve: show it as cache
+    cross = cfg.max_num_seqs * cross_bytes_per_seq(spec, cfg.tp, precision.kv)
+    return Need(cfg.name, cfg.tp, big.total(tokens), cfg.pp,
+                (("weights", big.weights), ("kv_cache", tokens * big.kv_per_token + cross),
+                 ("activations", big.activations - cross)))
 
 
 def resolve_tp(cfg: DeploymentConfig, model: ModelConfig, precision: Precision,
@@ -202,6 +209,7 @@ class ModelHost:
         self.plan = Plan({d.name: d.memory_budget for d in devices})
         self.deployments: dict[str, Deployment] = {}
         self.pipelines: dict[str, Pipeline] = {}
+        self.changing: dict[str, str] = {}  # name -> "LOADING" or "UNLOADING", while it does
         self._lock = threading.Lock()  # load/unload one at a time; serving is not blocked
 
     def load(self, cfg: DeploymentConfig) -> Deployment:
@@ -209,46 +217,54 @@ class ModelHost:
         with self._lock:
             if cfg.name in self.deployments:
                 raise ValueError(f"model {cfg.name!r} is already loaded")
-            model = cfg.model_config()
-            precision = choose(model, next(iter(self.devices.values())).kind)
-            cfg, need = resolve_tp(cfg, model, precision, self.plan)
-            tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
-            keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
-            on_ray = cfg.executor == "ray"
-            speech = SpeechInput(model.path, model.spec) \
-                if isinstance(model.spec, WhisperSpec) else None  # its files are checked now
-            if not on_ray:
-                place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
-                      self.plan)  # every replica fits, or none is placed
-            replicas: list[Replica] = []
+            self.changing[cfg.name] = "LOADING"
             try:
-                for key in keys:
-                    if on_ray:
-                        names = [f"ray:{key}:rank{r}" for r in range(need.num_devices)]
-                        devices = [Device("cpu", r, tuple(range(cfg.ray_cpus_per_device)),
-                                          need.bytes_per_device)
-                                   for r in range(need.num_devices)]
-                    else:
-                        names = self.plan.assigned[key]
-                        devices = [dataclasses.replace(self.devices[n],
-                                                       memory_budget=need.bytes_per_device)
-                                   for n in names]
-                    replicas.append(Replica(_start_replica(cfg, model, devices, key, tokenizer,
-                                                           self.spare_cores, precision), names))
-            except BaseException as e:
-                for r in replicas:
-                    r.shutdown(0)
-                for key in keys:
-                    release(self.plan, key)
-                if isinstance(e, Exception) and not isinstance(e, ValueError):
-                    raise ValueError(f"model {cfg.name!r} failed to start: {e}") from e
-                raise
-            dep = Deployment(cfg, model, replicas, tokenizer, template, need.bytes_per_device,
-                             precision, speech)
-            level = logging.INFO if precision.kernels == "native" else logging.WARNING
-            log.log(level, "%s: %s (%s)", cfg.name, precision.label, precision.note)
-            self.deployments[cfg.name] = dep
-            return dep
+                return self._load(cfg)
+            finally:
+                self.changing.pop(cfg.name, None)
+
+    def _load(self, cfg: DeploymentConfig) -> Deployment:
+        """``load``'s work; the caller holds the lock."""
+        model = cfg.model_config()
+        precision = choose(model, next(iter(self.devices.values())).kind)
+        cfg, need = resolve_tp(cfg, model, precision, self.plan)
+        tokenizer, template = load_tokenizer(model), load_chat_template(cfg.path)
+        keys = [f"{cfg.name}/{i}" for i in range(cfg.replicas)]
+        on_ray = cfg.executor == "ray"
+        speech = SpeechInput(model.path, model.spec) \
+            if isinstance(model.spec, WhisperSpec) else None  # its files are checked now
+        if not on_ray:
+            place(self.plan.budgets, [dataclasses.replace(need, name=k) for k in keys],
+                  self.plan)  # every replica fits, or none is placed
+        replicas: list[Replica] = []
+        try:
+            for key in keys:
+                if on_ray:
+                    names = [f"ray:{key}:rank{r}" for r in range(need.num_devices)]
+                    devices = [Device("cpu", r, tuple(range(cfg.ray_cpus_per_device)),
+                                      need.bytes_per_device)
+                               for r in range(need.num_devices)]
+                else:
+                    names = self.plan.assigned[key]
+                    devices = [dataclasses.replace(self.devices[n],
+                                                   memory_budget=need.bytes_per_device)
+                               for n in names]
+                replicas.append(Replica(_start_replica(cfg, model, devices, key, tokenizer,
+                                                       self.spare_cores, precision), names))
+        except BaseException as e:
+            for r in replicas:
+                r.shutdown(0)
+            for key in keys:
+                release(self.plan, key)
+            if isinstance(e, Exception) and not isinstance(e, ValueError):
+                raise ValueError(f"model {cfg.name!r} failed to start: {e}") from e
+            raise
+        dep = Deployment(cfg, model, replicas, tokenizer, template, need.bytes_per_device,
+                         precision, speech)
+        level = logging.INFO if precision.kernels == "native" else logging.WARNING
+        log.log(level, "%s: %s (%s)", cfg.name, precision.label, precision.note)
+        self.deployments[cfg.name] = dep
+        return dep
 
     def add_pipeline(self, config: PipelineConfig) -> Pipeline:
         """Validate ``config`` against the loaded models and serve it under its name."""
@@ -269,9 +285,13 @@ class ModelHost:
             dep = self.deployments.pop(name, None)
             if dep is None:
                 raise KeyError(name)
-            for i, replica in enumerate(dep.replicas):
-                replica.shutdown(drain_timeout_s)
-                release(self.plan, f"{name}/{i}")
+            self.changing[name] = "UNLOADING"
+            try:
+                for i, replica in enumerate(dep.replicas):
+                    replica.shutdown(drain_timeout_s)
+                    release(self.plan, f"{name}/{i}")
+            finally:
+                self.changing.pop(name, None)
 
     def get(self, name: str) -> Deployment:
         return self.deployments[name]
@@ -290,6 +310,45 @@ class ModelHost:
                          "executor": dep.config.executor,
                          "precision": dep.precision.label})
         return rows
+
+    def status(self) -> dict:
+        """The device map: each device's budget and what each replica placed on it holds
+        (weights, KV cache, activation reserve: the planner's bytes), and each deployment's
+        state, parallelism, devices and load (``api/routes/status.py`` adds latencies and
+        filters by caller)."""
+        devices = []
+        for d, budget in self.plan.budgets.items():
+            parts = []
+            for key, devs in list(self.plan.assigned.items()):
+                if d not in devs:
+                    continue
+                name, replica = key.rsplit("/", 1)
+                need = self.plan.needs[key]
+                parts.append({"deployment": name, "replica": int(replica),
+                              "bytes": need.bytes_per_device, **dict(need.parts)})
+            devices.append({"name": d, "budget": budget, "used": self.plan.used(d),
+                            "parts": parts})
+        deployments = []
+        for name, dep in list(self.deployments.items()):
+            engines = [r.engine for r in dep.replicas]
+            row = {"name": name, "kind": dep.kind, "state": dep.state.value,
+                   "tp": dep.config.tp, "pp": dep.config.pp, "precision": dep.precision.label,
+                   "replicas": [{"devices": r.devices, "state": r.engine.status.state.value,
+                                 "restarts": r.engine.status.restarts,
+                                 "reason": r.engine.status.reason} for r in dep.replicas]}
+            if dep.kind in ("encoder", "recommender"):  # dynamic batching
+                row |= {"running": 0, "waiting": sum(len(e.batcher.queue) for e in engines),
+                        "batches": sum(e.batcher.batches for e in engines)}
+            else:
+                loads = [e.load for e in engines]
+                row |= {"running": sum(x.running for x in loads),
+                        "waiting": sum(x.waiting for x in loads),
+                        "kv_cache_usage": sum(x.kv_usage for x in loads) / len(loads)}
+            deployments.append(row)
+        for name, what in list(self.changing.items()):
+            if name not in self.deployments:
+                deployments.append({"name": name, "state": what, "replicas": []})
+        return {"devices": devices, "deployments": deployments}
 
     def device_usage(self) -> list[dict]:
         """Each device's budget, bytes planned, and the replicas on it with the kernel path

@@ -18,6 +18,9 @@ class Need:
     tp: int
     bytes_per_device: int  # on each of its devices (the largest pipeline stage's need)
     pp: int = 1
+    # what those bytes hold, summing to them: ("weights", n), ("kv_cache", n),
+    # ("activations", n) (the device map shows them)
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def num_devices(self) -> int:
