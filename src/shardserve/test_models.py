@@ -491,13 +491,9 @@ steps:
 """
 
 
-# The voice assistant end to end: hear (Whisper), understand (embed the transcript, nearest
-# intent), answer (the LM, with a template for that intent). Three models side by side.
-ASSISTANT_PIPELINE = """\
-name: assistant
-steps:
-  - {name: heard, kind: transcribe, model: whisper-tiny-random, language: en, max_tokens: 48}
-  - {name: embed, kind: embed, model: all-minilm-l6-v2, source: heard}
+# Understand (nearest intent of the embedded text) and answer (the LM, with a template for
+# that intent): the voice assistant's last two stages, after the step whose text is TEXT.
+_UNDERSTAND_AND_ANSWER = """\
   - name: intent
     kind: nearest
     source: embed
@@ -511,35 +507,24 @@ steps:
     by: intent
     max_tokens: 24
     template:
-      weather: "The forecast, asked as '{heard}':"
-      greeting: "A friendly reply to '{heard}':"
-      time: "The time, asked as '{heard}':"
+      weather: "The forecast, asked as '{TEXT}':"
+      greeting: "A friendly reply to '{TEXT}':"
+      time: "The time, asked as '{TEXT}':"
 """
 
+# The voice-assistant chain on text: understand, then answer.
+ROUTE_PIPELINE = ("name: route\nsteps:\n"
+                  "  - {name: embed, kind: embed, model: all-minilm-l6-v2}\n"
+                  + _UNDERSTAND_AND_ANSWER.replace("TEXT", "input"))
 
-# The voice-assistant chain on text: understand (embed, nearest intent), then answer with a
-# template for that intent.
-ROUTE_PIPELINE = """\
-name: route
-steps:
-  - {name: embed, kind: embed, model: all-minilm-l6-v2}
-  - name: intent
-    kind: nearest
-    source: embed
-    labels:
-      weather: [will it rain tomorrow, how hot is it today, is it sunny outside]
-      greeting: [hello there, good morning, hi how are you]
-      time: [what time is it, what is the date today, how late is it]
-  - name: answer
-    kind: generate
-    model: demo-llama-random
-    by: intent
-    max_tokens: 24
-    template:
-      weather: "The forecast, asked as '{input}':"
-      greeting: "A friendly reply to '{input}':"
-      time: "The time, asked as '{input}':"
-"""
+# The voice assistant end to end: hear (Whisper), understand (embed the transcript), answer.
+# Three models side by side.
+ASSISTANT_PIPELINE = (
+    "name: assistant\nsteps:\n"
+    "  - {name: heard, kind: transcribe, model: whisper-tiny-random, language: en,"
+    " max_tokens: 48}\n"
+    "  - {name: embed, kind: embed, model: all-minilm-l6-v2, source: heard}\n"
+    + _UNDERSTAND_AND_ANSWER.replace("TEXT", "heard"))
 
 
 def minilm_folder() -> str | None:
