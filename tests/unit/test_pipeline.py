@@ -1,7 +1,13 @@
 import pytest
 
 from shardserve.engine.pipeline import Pipeline, PipelineConfig
-from shardserve.test_models import RECOMMEND_PIPELINE, ROUTE_PIPELINE, catalogue, dlrm_config
+from shardserve.test_models import (
+    ASSISTANT_PIPELINE,
+    RECOMMEND_PIPELINE,
+    ROUTE_PIPELINE,
+    catalogue,
+    dlrm_config,
+)
 
 
 def _write(tmp_path, text):
@@ -23,6 +29,13 @@ def test_the_shipped_route_pipeline_parses(tmp_path):
     ("steps:\n  - {name: g, kind: generate, model: m, template: '{later}'}\n",
      "step 'g': template uses {later}"),
     ("steps:\n  - {name: a, kind: embed, model: m, colour: red}\n", "step 1"),
+    ("steps:\n  - {name: e, kind: embed, model: m}\n  - {name: h, kind: transcribe, model: w}\n",
+     "step 'h': transcribe must be the first step"),
+    ("steps:\n  - {name: h, kind: transcribe, model: w}\n  - {name: e, kind: embed, model: m}\n",
+     "step 'e': the input is audio; name the text to embed with source"),
+    ("steps:\n  - {name: h, kind: transcribe, model: w}\n"
+     "  - {name: g, kind: generate, model: m, template: 'say {input}'}\n",
+     "step 'g': the input is audio; the template names the transcribe step's text"),
 ])
 def test_bad_pipeline_files_name_the_file_and_step(tmp_path, text, error):
     with pytest.raises(ValueError, match=error) as e:
@@ -86,3 +99,42 @@ def test_recommend_retrieves_by_text_and_ranks_by_score(tmp_path):
     assert ctx["ranked"] == ", ".join(picked[i][0] for i in best)
     outs = dict(pipe.outputs(ctx))
     assert outs["candidates"].split(", ") == [p[0] for p in picked]
+
+
+def test_the_assistant_transcribes_then_understands_and_answers(tmp_path):
+    """The shipped assistant: audio in, the transcript embedded, its intent's template
+    filled with the transcript; every step's output by name."""
+    import asyncio
+
+    import numpy as np
+
+    cfg = PipelineConfig.from_folder(_write(tmp_path, ASSISTANT_PIPELINE))
+    assert cfg.takes_audio and [s.kind for s in cfg.steps] == [
+        "transcribe", "embed", "nearest", "generate"]
+    calls = []
+
+    class Ops:
+        async def transcribe(self, model, audio, rate, language, max_tokens):
+            calls.append(("transcribe", model, len(audio), rate, language, max_tokens))
+            return "will it rain tomorrow"
+
+        async def embed(self, model, texts):  # "rain" texts near axis 0, the rest axis 1
+            return np.array([[1.0, 0.0] if "rain" in t else [0.0, 1.0] for t in texts])
+
+        async def generate(self, model, prompt, max_tokens):
+            calls.append(("generate", model, prompt))
+            return "sunny"
+
+    class Host:
+        deployments = {}
+
+    pipe = object.__new__(Pipeline)
+    pipe.config, pipe.host, pipe._examples = cfg, Host(), {}
+    ctx = asyncio.run(pipe.run((np.zeros(8000, np.float32), 8000), Ops()))
+    assert calls[0] == ("transcribe", "whisper-tiny-random", 8000, 8000, "en", 48)
+    assert ctx["heard"] == "will it rain tomorrow" and ctx["intent"] == "weather"
+    assert calls[1] == ("generate", "demo-llama-random",
+                        "The forecast, asked as 'will it rain tomorrow':")
+    assert ctx["output"] == "sunny"
+    assert dict(pipe.outputs(ctx)) == {"heard": "will it rain tomorrow", "intent": "weather",
+                                       "answer": "sunny"}
