@@ -176,6 +176,7 @@ class ModelRunner:
         saved = [(a.k_cache, a.v_cache) for a in layers]
         saved_cross = [(x.cross_k, x.cross_v) for x in self.model.decoder_layers] \
             if self.cross else []
+        free = self.free_slots
         try:
             n = len(token_ids)
             for a in layers:
@@ -189,10 +190,8 @@ class ModelRunner:
             if self.cross:
                 if features is None:
                     raise ValueError("a speech model's logits need the audio's features")
-                free = self.free_slots
                 self._allocate_cross(1)
                 self._encode([features], [0])
-                self.free_slots = free
                 meta.cross = CrossBatch(torch.zeros(1, dtype=torch.long), [n])
             hidden = self._forward(ids, pos, meta)
             if not self.stage.is_last:
@@ -205,6 +204,7 @@ class ModelRunner:
             for x, (k, v) in zip(self.model.decoder_layers if self.cross else [], saved_cross,
                                  strict=True):
                 x.cross_k, x.cross_v = k, v
+            self.free_slots = free
 
     @torch.inference_mode()
     def encode(self, token_ids: list[list[int]], pooling: str = "mean",
@@ -387,7 +387,6 @@ class ModelRunner:
                           np_(res.top_logprobs), self.group.comm_seconds - comm0,
                           time.perf_counter() - t0,
                           {req_ids[i]: why for i, why in res.failed.items()})
-
 
     def _suppress(self, logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         """The generation config's ``suppress_tokens`` never come; ``begin_suppress_tokens``
