@@ -121,7 +121,7 @@ def test_the_page_shows_a_tenant_only_its_own_models(server):
         browser.quit()
 
 
-def test_the_page_follows_an_unload_without_reloading(server):
+def test_the_page_follows_an_unload_and_a_load_without_reloading(server):
     from selenium.webdriver.common.by import By
 
     browser = _browser()
@@ -140,6 +140,13 @@ def test_the_page_follows_an_unload_without_reloading(server):
             time.sleep(0.1)
         assert browser.execute_script("return window.sameDocument") is True  # no reload
         assert _shown(browser) == ({"a-llama", "b-mistral"}, {"a-llama", "b-mistral"})
+        assert _call(f"{server}/v2/repository/models/c-qwen/load", ADMIN, {},
+                     method="POST")[0] == 200
+        t0 = time.monotonic()
+        while _shown(browser) != ({"a-llama", "b-mistral", "c-qwen"},) * 2:
+            assert time.monotonic() - t0 < 2.5, "the load did not show within 2 s"
+            time.sleep(0.1)
+        assert browser.execute_script("return window.sameDocument") is True
     finally:
         browser.quit()
 
