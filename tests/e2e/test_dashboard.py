@@ -96,25 +96,28 @@ def _open(browser, url: str, key: str) -> None:
 
 
 def _shown(browser) -> tuple[set[str], set[str]]:
-    """(deployment rows, deployments with bytes in a device bar) on the page now."""
-    from selenium.webdriver.common.by import By
+    """(deployment rows, deployments with bytes in a device bar) on the page now, read in
+    one script: the page redraws each second, so elements found in one call may be gone by
+    the next."""
+    rows, parts = browser.execute_script(
+        "const names = sel => Array.from(document.querySelectorAll(sel), e => e.dataset);"
+        "return [names('tr[data-deployment]').map(d => d.deployment),"
+        "        names('.seg[data-part]').map(d => d.part)];")
+    return set(rows), set(parts)
 
-    rows = {e.get_attribute("data-deployment")
-            for e in browser.find_elements(By.CSS_SELECTOR, "tr[data-deployment]")}
-    parts = {e.get_attribute("data-part")
-             for e in browser.find_elements(By.CSS_SELECTOR, ".seg[data-part]")}
-    return rows, parts
+
+def _count(browser, selector: str) -> int:
+    return browser.execute_script(f"return document.querySelectorAll('{selector}').length")
 
 
 def test_the_page_shows_a_tenant_only_its_own_models(server):
-    from selenium.webdriver.common.by import By
 
     browser = _browser()
     try:
         _open(browser, server, KEY_A)
         rows, parts = _shown(browser)
         assert rows == {"a-llama"} and parts == {"a-llama"}
-        assert browser.find_elements(By.CSS_SELECTOR, ".seg.occupied")
+        assert _count(browser, ".seg.occupied") > 0
         source = browser.page_source
         assert "b-mistral" not in source and "c-qwen" not in source
     finally:
@@ -122,15 +125,15 @@ def test_the_page_shows_a_tenant_only_its_own_models(server):
 
 
 def test_the_page_follows_an_unload_and_a_load_without_reloading(server):
-    from selenium.webdriver.common.by import By
 
     browser = _browser()
     try:
         _open(browser, server, ADMIN)
         rows, parts = _shown(browser)
         assert rows == parts == {"a-llama", "b-mistral", "c-qwen"}
-        devices = browser.find_elements(By.CSS_SELECTOR, "[data-device]")
-        assert [d.get_attribute("data-device") for d in devices] == ["cpu:0", "cpu:1"]
+        assert browser.execute_script(
+            "return Array.from(document.querySelectorAll('[data-device]'),"
+            " e => e.dataset.device)") == ["cpu:0", "cpu:1"]
         browser.execute_script("window.sameDocument = true")
         assert _call(f"{server}/v2/repository/models/c-qwen/unload", ADMIN, {},
                      method="POST")[0] == 200
