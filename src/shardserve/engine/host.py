@@ -323,7 +323,9 @@ class ModelHost:
                 if d not in devs:
                     continue
                 name, replica = key.rsplit("/", 1)
-                need = self.plan.needs[key]
+                need = self.plan.needs.get(key)
+                if need is None:  # released since the listing (an unload finishing)
+                    continue
                 parts.append({"deployment": name, "replica": int(replica),
                               "bytes": need.bytes_per_device, **dict(need.parts)})
             devices.append({"name": d, "budget": budget, "used": self.plan.used(d),
