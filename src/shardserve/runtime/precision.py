@@ -70,14 +70,19 @@ def choose(model: ModelConfig, device_kind: str) -> Precision:
 
 def _choose(model: ModelConfig, device_kind: str) -> Precision:
     weights = model.torch_dtype_name
-    if model.kind == "recommender":
-        return Precision(weights, weights, "pytorch", f"recommender: {weights} embedding "
-                         "tables pooled by PyTorch's embedding_bag, PyTorch linear layers")
     if device_kind != "cpu":
         return Precision(weights, weights, "pytorch", f"{device_kind}: PyTorch kernels")
     from shardserve import kernels
 
     ready, why = kernels.status()
+    if model.kind == "recommender":
+        if ready:
+            return Precision(weights, weights, "native", f"recommender: {weights} embedding "
+                             "tables pooled by the native embedding-bag kernel, PyTorch "
+                             "linear layers")
+        return Precision(weights, weights, "pytorch", f"recommender: {weights} embedding "
+                         f"tables pooled by PyTorch's embedding_bag (native kernels "
+                         f"unavailable: {why}), PyTorch linear layers")
     if not ready:
         return Precision(weights, weights, "pytorch",
                          f"native CPU kernels unavailable ({why}): PyTorch kernels, 2-4x "
