@@ -99,6 +99,17 @@ def test_bad_files_are_refused_and_the_model_keeps_serving(server):
             sweep(1.0), 16000)))
     with pytest.raises(openai.BadRequestError, match="use /v1/audio/transcriptions"):
         client.completions.create(model="whisper", prompt="hello")
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"language\"; "
+            f"filename=\"l.txt\"\r\n\r\nen\r\n--{boundary}\r\nContent-Disposition: "
+            f"form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n").encode() + \
+        wav_bytes(sweep(1.0), 16000) + f"\r\n--{boundary}--\r\n".encode()
+    odd = urllib.request.Request(f"http://127.0.0.1:{port}/v1/audio/transcriptions", body,
+                                 {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # a second file, where text belongs
+        urllib.request.urlopen(odd)
+    assert e.value.code == 400 and b"Maximum number of files is 1" in e.value.read()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
                                  b'{"model": "whisper"}',
                                  {"Content-Type": "application/json"})

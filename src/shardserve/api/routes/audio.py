@@ -80,6 +80,8 @@ async def _audio(request: Request, who: Principal, task: str):
         if most < 1:
             raise APIError(400, "max_tokens must be an integer >= 1", "max_tokens")
     language = form.get("language") if task == "transcribe" else None
+    if language is not None and not isinstance(language, str):
+        raise APIError(400, "language must be text: an ISO 639-1 code such as en", "language")
     dep = speech_model(deployment(request, model, who))
     data = await upload.read()
     out = await transcribe(request, dep, who, data, None, language or None, task,
