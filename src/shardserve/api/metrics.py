@@ -180,15 +180,14 @@ class _HostCollector:
             ready.add_metric([name], float(dep.ready))
             admitted.add_metric([name], dep.inflight)
             restarts.add_metric([name], sum(r.engine.status.restarts for r in dep.replicas))
-            if dep.kind in ("encoder", "recommender"):  # dynamic batching
-                batchers = [r.engine.batcher for r in dep.replicas]
-                batches.add_metric([name], sum(b.batches for b in batchers))
-                batched.add_metric([name], sum(b.items for b in batchers))
+            load = dep.load()
+            if "batches" in load:  # dynamic batching
+                batches.add_metric([name], load["batches"])
+                batched.add_metric([name], load["batched"])
                 continue
-            loads = [r.engine.load for r in dep.replicas]
-            running.add_metric([name], sum(x.running for x in loads))
-            waiting.add_metric([name], sum(x.waiting for x in loads))
-            kv.add_metric([name], sum(x.kv_usage for x in loads) / len(loads))
+            running.add_metric([name], load["running"])
+            waiting.add_metric([name], load["waiting"])
+            kv.add_metric([name], load["kv_cache_usage"])
         mem = GaugeMetricFamily("shardserve:device_memory_used_bytes",
                                 "Bytes planned on each device.", labels=["device"])
         budget = GaugeMetricFamily("shardserve:device_memory_budget_bytes",

@@ -26,7 +26,7 @@ class AsyncEncoder:
                  name: str = "encoder", policy: RestartPolicy | None = None,
                  method: str = "encode") -> None:
         """``method``: the engine's batch call (``encode``; a recommender's
-        ``score_many``)."""
+        ``score_checked``)."""
         self.name, self.method = name, method
         self._sup = Supervisor(name, factory, policy or RestartPolicy())
         self._sup.start()

@@ -82,6 +82,25 @@ class Deployment:
     def inflight(self) -> int:
         return sum(r.inflight for r in self.replicas)
 
+    def replica_rows(self) -> list[dict]:
+        return [{"devices": r.devices, "state": r.engine.status.state.value,
+                 "reason": r.engine.status.reason, "restarts": r.engine.status.restarts}
+                for r in self.replicas]
+
+    def load(self) -> dict:
+        """Its replicas' load, as each engine last published it: with dynamic batching,
+        inputs waiting, batches run and inputs they carried; else sequences running and
+        waiting, and KV-cache use (the replicas' mean)."""
+        engines = [r.engine for r in self.replicas]
+        if self.kind in ("encoder", "recommender"):
+            return {"running": 0, "waiting": sum(len(e.batcher.queue) for e in engines),
+                    "batches": sum(e.batcher.batches for e in engines),
+                    "batched": sum(e.batcher.items for e in engines)}
+        loads = [e.load for e in engines]
+        return {"running": sum(x.running for x in loads),
+                "waiting": sum(x.waiting for x in loads),
+                "kv_cache_usage": sum(x.kv_usage for x in loads) / len(loads)}
+
     @property
     def ready(self) -> bool:
         return any(r.ready for r in self.replicas)
@@ -185,7 +204,7 @@ def _start_replica(cfg: DeploymentConfig, model: ModelConfig, devices: list[Devi
                                      step_timeout_s=cfg.step_timeout_s)
 
         return AsyncEncoder(recommender, cfg.max_batch_size, cfg.max_queue_delay_ms,
-                            cfg.preferred_batch_sizes, cfg.name, policy, method="score_many")
+                            cfg.preferred_batch_sizes, cfg.name, policy, method="score_checked")
     if model.is_encoder:
         def encoder() -> EncoderEngine:
             return EncoderEngine(model, parallel, devices,
@@ -299,9 +318,7 @@ class ModelHost:
     def index(self) -> list[dict]:
         rows = []
         for name, dep in list(self.deployments.items()):
-            replicas = [{"devices": r.devices, "state": r.engine.status.state.value,
-                         "reason": r.engine.status.reason,
-                         "restarts": r.engine.status.restarts} for r in dep.replicas]
+            replicas = dep.replica_rows()
             reasons = [r["reason"] for r in replicas if r["reason"]]
             rows.append({"name": name, "state": dep.state.value,
                          "reason": reasons[0] if reasons and not dep.ready else "",
@@ -332,21 +349,10 @@ class ModelHost:
                             "parts": parts})
         deployments = []
         for name, dep in list(self.deployments.items()):
-            engines = [r.engine for r in dep.replicas]
-            row = {"name": name, "kind": dep.kind, "state": dep.state.value,
-                   "tp": dep.config.tp, "pp": dep.config.pp, "precision": dep.precision.label,
-                   "replicas": [{"devices": r.devices, "state": r.engine.status.state.value,
-                                 "restarts": r.engine.status.restarts,
-                                 "reason": r.engine.status.reason} for r in dep.replicas]}
-            if dep.kind in ("encoder", "recommender"):  # dynamic batching
-                row |= {"running": 0, "waiting": sum(len(e.batcher.queue) for e in engines),
-                        "batches": sum(e.batcher.batches for e in engines)}
-            else:
-                loads = [e.load for e in engines]
-                row |= {"running": sum(x.running for x in loads),
-                        "waiting": sum(x.waiting for x in loads),
-                        "kv_cache_usage": sum(x.kv_usage for x in loads) / len(loads)}
-            deployments.append(row)
+            deployments.append({"name": name, "kind": dep.kind, "state": dep.state.value,
+                                "tp": dep.config.tp, "pp": dep.config.pp,
+                                "precision": dep.precision.label,
+                                "replicas": dep.replica_rows(), **dep.load()})
         for name, what in list(self.changing.items()):
             if name not in self.deployments:
                 deployments.append({"name": name, "state": what, "replicas": []})

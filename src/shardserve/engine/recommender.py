@@ -4,9 +4,9 @@ devices (``planner/recsys.py``).
 A request is TorchRec's KeyedJaggedTensor layout: ``dense`` ``(N, dense_in_features)``,
 ``lengths`` ``(F, N)`` ids per feature and sample, ``values`` the ids feature by feature,
 sample by sample within a feature. ``check_request`` refuses what the model cannot score,
-naming the input and the feature; ``score_many`` merges several requests into one call to
-the workers and splits the scores back (a sample's score does not depend on its batch-mates:
-pooling is per sample, the MLPs per row).
+naming the input and the feature; ``score_many`` (``score_checked`` once checked) merges
+several requests into one call to the workers and splits the scores back (a sample's score
+does not depend on its batch-mates: pooling is per sample, the MLPs per row).
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ class RecommenderEngine:
 
     def score_many(self, requests: list[Request]) -> list[np.ndarray]:
         """Each request's scores, all of them in one call to the workers."""
-        checked = [check_request(self.spec, *r) for r in requests]
+        return self.score_checked([check_request(self.spec, *r) for r in requests])
+
+    def score_checked(self, checked: list[Request]) -> list[np.ndarray]:
+        """``score_many`` of requests ``check_request`` has passed (the server checks each
+        before it queues; its batches come here)."""
         dense, values, lengths = checked[0] if len(checked) == 1 else self._merge(checked)
         scores = self.executor.driver_call("recommend", dense=dense, values=values,
                                            lengths=lengths)

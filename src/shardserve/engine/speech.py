@@ -67,14 +67,10 @@ class SpeechInput:
             ids.append(int(self.no_timestamps))
         return ids
 
-    def features(self, audio: bytes | np.ndarray, rate: int | None = None) -> np.ndarray:
-        """Log-mel features of a WAV file's bytes, or of mono samples in [-1, 1] at
-        ``rate``."""
-        return self.load(audio, rate)[0]
-
     def load(self, audio: bytes | np.ndarray, rate: int | None = None
              ) -> tuple[np.ndarray, float]:
-        """``(features, seconds of audio)``, as ``features``."""
+        """``(log-mel features, seconds of audio)`` of a WAV file's bytes, or of mono samples
+        in [-1, 1] at ``rate``."""
         try:
             if isinstance(audio, bytes | bytearray | memoryview):
                 samples, rate = decode_wav(bytes(audio))

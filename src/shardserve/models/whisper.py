@@ -33,12 +33,28 @@ from shardserve.runtime.group import Group
 
 @dataclass
 class CrossBatch:
-    """Which cross-attention slot each sequence of a step reads: ``slots`` (S,) in the order
-    of the step's sequences, ``rows`` (S,) how many of the step's tokens each has (the
-    one-token decodes first, as ``AttentionMetadata`` orders them)."""
+    """Which cross-attention slot each sequence of a step reads, built once a step for every
+    layer: ``slots`` in the order of the step's sequences, ``rows`` how many of the step's
+    tokens each has (the one-token decodes first, as ``AttentionMetadata`` orders them); for
+    those ``decodes``, the block table of their slots and their context (the encoder's
+    states), as the paged attention kernel takes them."""
 
-    slots: torch.Tensor
+    slots: list[int]
     rows: list[int]
+    decodes: int
+    tables: torch.Tensor  # (decodes, blocks)
+    context: torch.Tensor  # (decodes,)
+
+    @staticmethod
+    def build(slots: list[int], rows: list[int], spec: WhisperSpec,
+              device: torch.device | str = "cpu") -> CrossBatch:
+        blocks = spec.cross_blocks[0]
+        decodes = next((i for i, n in enumerate(rows) if n != 1), len(rows))
+        first = torch.tensor(slots[:decodes], dtype=torch.long, device=device) * blocks
+        return CrossBatch(slots, rows, decodes,
+                          first[:, None] + torch.arange(blocks, device=device),
+                          torch.full((decodes,), spec.max_source_positions, dtype=torch.long,
+                                     device=device))
 
 
 class _Projections(nn.Module):
@@ -142,20 +158,17 @@ class WhisperDecoderLayer(nn.Module):
         read in place (gathering 16 sequences' states costs ten times the attention); the
         rest (and everything without the kernel) one sequence at a time."""
         out = torch.empty_like(q)
-        decodes = next((i for i, n in enumerate(cross.rows) if n != 1), len(cross.rows))
         done = 0
-        if decodes:
-            slots = cross.slots[:decodes]
-            tables = slots[:, None] * self.blocks + torch.arange(self.blocks)
-            context = torch.full((decodes,), self.states, dtype=torch.long)
-            o = ops.paged_decode_attention(q[:decodes], self.cross_k, self.cross_v, tables,
-                                           context, q.shape[1], None, q.shape[-1] ** -0.5)
+        if cross.decodes:
+            o = ops.paged_decode_attention(q[:cross.decodes], self.cross_k, self.cross_v,
+                                           cross.tables, cross.context, q.shape[1], None,
+                                           q.shape[-1] ** -0.5)
             if o is not None:
-                out[:decodes], done = o, decodes
+                out[:cross.decodes], done = o, cross.decodes
         at = done
         for i in range(done, len(cross.rows)):
             n = cross.rows[i]
-            k, v = (self._states(c, int(cross.slots[i])).to(q.dtype)
+            k, v = (self._states(c, cross.slots[i]).to(q.dtype)
                     for c in (self.cross_k, self.cross_v))
             o = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1)[None], k[None],
                                                v[None])  # (1, nh, n, hd)

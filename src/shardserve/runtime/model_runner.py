@@ -192,7 +192,7 @@ class ModelRunner:
                     raise ValueError("a speech model's logits need the audio's features")
                 self._allocate_cross(1)
                 self._encode([features], [0])
-                meta.cross = CrossBatch(torch.zeros(1, dtype=torch.long), [n])
+                meta.cross = CrossBatch.build([0], [n], self.config.spec, self.device)
             hidden = self._forward(ids, pos, meta)
             if not self.stage.is_last:
                 return None
@@ -323,8 +323,8 @@ class ModelRunner:
             for s, slot in zip(todo, slots, strict=True):
                 s.slot = slot
             self._encode([s.features for s in todo], slots)
-        return CrossBatch(torch.tensor([self.seqs[r].slot for r, _ in order],
-                                       device=self.device), [n for _, n in order])
+        return CrossBatch.build([self.seqs[r].slot for r, _ in order], [n for _, n in order],
+                                self.config.spec, self.device)
 
     def _encode(self, features: list[np.ndarray], slots: list[int]) -> None:
         """Run the encoder over each audio window (one at a time: the activation reserve

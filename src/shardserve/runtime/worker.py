@@ -33,7 +33,7 @@ from shardserve.runtime.process import serve_pipes
 
 # The only methods a Call may name.
 _CALLS = ("allocate_kv_cache", "free_kv_cache", "stats", "prompt_logits", "encode", "ping",
-          "time_all_reduce", "recommend")
+          "time_all_reduce")
 _DRIVER_CALLS = ("recommend",)  # ... and a DriverCall
 
 

@@ -254,24 +254,27 @@ def _answer(payload: dict, binary: set[str] | bool) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-def _single_audio(body: InferRequest) -> tuple[np.ndarray, int]:
-    """The one audio of a request whose only input is ``audio``, FP32 ``[samples]`` (or
-    ``[1, samples]``), at its ``sample_rate`` parameter (default 16000)."""
+def _audio(body: InferRequest, rows: bool, default_rate: int = 16000
+           ) -> tuple[np.ndarray, int]:
+    """The request's only input, ``audio`` (mono, in [-1, 1]): FP32 ``[N, samples]`` (or
+    ``[samples]``, one) when ``rows``, else one audio, ``[samples]`` or ``[1, samples]``;
+    and its ``sample_rate`` parameter. Returns ``(N, samples)`` float32 and the rate."""
+    shape = "[N, samples]" if rows else "[samples]"
     if len(body.inputs) != 1 or body.inputs[0].name != "audio":
-        raise APIError(400, "expected exactly one input, named audio (FP32 [samples], mono, "
+        raise APIError(400, f"expected exactly one input, named audio (FP32 {shape}, mono, "
                             "with a sample_rate parameter)")
     t = body.inputs[0]
-    if t.datatype != "FP32" or len(t.shape) not in (1, 2) or (len(t.shape) == 2
-                                                              and t.shape[0] != 1) \
-            or any(d < 1 for d in t.shape) or len(t.data) != int(np.prod(t.shape)):
-        raise APIError(400, f"audio must be FP32 [samples] with its values; got "
+    if t.datatype != "FP32" or len(t.shape) not in (1, 2) or any(d < 1 for d in t.shape) \
+            or (not rows and len(t.shape) == 2 and t.shape[0] != 1) \
+            or len(t.data) != int(np.prod(t.shape)):
+        raise APIError(400, f"audio must be FP32 {shape} with its values; got "
                             f"{t.datatype} {t.shape} holding {len(t.data)} values", "audio")
-    rate = body.parameters.get("sample_rate", 16000)
+    rate = body.parameters.get("sample_rate", default_rate)
     if type(rate) is not int or not 0 < rate <= 384000:
         raise APIError(400, "parameter sample_rate must be an integer in 1..384000 (Hz)",
                        "sample_rate")
     try:
-        return np.asarray(t.data, dtype=np.float32).reshape(-1), rate
+        return np.asarray(t.data, dtype=np.float32).reshape(-1, t.shape[-1]), rate
     except (TypeError, ValueError):
         raise APIError(400, "audio: its data are not all numbers", "audio") from None
 
@@ -340,7 +343,11 @@ async def _infer_pipeline(request: Request, pipe, body: InferRequest, who: Princ
     generated step's output by name. A step's refusal keeps its status (400, 404, 429, 503),
     its message naming the step."""
     limits = request.app.state.limits
-    given = _single_audio(body) if pipe.config.takes_audio else _single_text(body)
+    if pipe.config.takes_audio:
+        samples, rate = _audio(body, rows=False)
+        given = (samples[0], rate)
+    else:
+        given = _single_text(body)
     try:
         ctx = await within(pipe.run(given, _Ops(request, who)),
                            time.monotonic() + limits.request_timeout_s)
@@ -434,25 +441,10 @@ async def _infer_speech(request: Request, dep, body: InferRequest, who: Principa
     the request's ``sample_rate`` parameter (default: the model's, 16000), optional
     ``language`` and ``task`` parameters; ``text`` BYTES ``[N]`` out, each row transcribed as
     a request of its own."""
-    if len(body.inputs) != 1 or body.inputs[0].name != "audio":
-        raise APIError(400, "expected exactly one input, named audio (FP32 [N, samples])")
-    t = body.inputs[0]
-    if t.datatype != "FP32" or len(t.shape) not in (1, 2) or any(d < 1 for d in t.shape) \
-            or len(t.data) != int(np.prod(t.shape)):
-        raise APIError(400, f"audio must be FP32 [N, samples] with its values; got "
-                            f"{t.datatype} {t.shape} holding {len(t.data)} values", "audio")
-    params = body.parameters
-    rate = params.get("sample_rate", dep.speech.mel.rate)
-    if type(rate) is not int or not 0 < rate <= 384000:
-        raise APIError(400, "parameter sample_rate must be an integer in 1..384000 (Hz)",
-                       "sample_rate")
-    language, task = params.get("language"), params.get("task", "transcribe")
+    rows, rate = _audio(body, rows=True, default_rate=dep.speech.mel.rate)
+    language, task = body.parameters.get("language"), body.parameters.get("task", "transcribe")
     if not (language is None or isinstance(language, str)) or not isinstance(task, str):
         raise APIError(400, "parameters language and task must be strings", "language")
-    try:
-        rows = np.asarray(t.data, dtype=np.float32).reshape(-1, t.shape[-1])
-    except (TypeError, ValueError):
-        raise APIError(400, "audio: its data are not all numbers", "audio") from None
     try:  # a row refused or failed ends the others (their generations are aborted)
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(transcribe(request, dep, who, row, rate, language, task))
