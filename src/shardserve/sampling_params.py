@@ -17,6 +17,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP = 32  # stop strings per request
 MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 16
 MAX_LOGPROBS = 20
 
 
@@ -64,6 +65,8 @@ class SamplingParams:
     (k in 0..20)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
+    allowed_token_ids: list[int] | None = None
+    """Sample only among these token ids (vLLM's field of the same name); None: all."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -102,6 +105,11 @@ class SamplingParams:
             ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool),
              "true or false"),
+            ("allowed_token_ids", self.allowed_token_ids is None
+             or (isinstance(self.allowed_token_ids, list | tuple)
+                 and 0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS
+                 and all(_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids)),
+             f"null or 1 to {MAX_ALLOWED_TOKEN_IDS} token ids >= 0"),
         ]
 
     @property
@@ -122,7 +130,9 @@ class SamplingParams:
                 "presence_penalty": float(self.presence_penalty),
                 "frequency_penalty": float(self.frequency_penalty),
                 "seed": self.seed if seed is None else seed,
-                "logprobs": -1 if self.logprobs is None else self.logprobs}
+                "logprobs": -1 if self.logprobs is None else self.logprobs,
+                "allowed": None if self.allowed_token_ids is None
+                else sorted(set(self.allowed_token_ids))}
 
 
 def _show(value: object) -> str:

@@ -161,3 +161,27 @@ def test_logprobs_match_transformers(checkpoints):
         for tok, lp in entry.items():
             assert abs(lp - float(ref[step, tok])) < 1e-4
         assert set(entry) == set(ref[step].topk(3).indices.tolist())
+
+
+def test_allowed_token_ids_restrict_each_step_to_them(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    prompt = [1, 40, 41, 42, 43, 44]
+    hf = AutoModelForCausalLM.from_pretrained(str(checkpoints["llama"]), dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1]
+    best = logits.topk(5).indices.tolist()
+    allowed = [7, 300, 555] + best[3:]  # the model's 4th and 5th choices, and three others
+    with LLM(str(checkpoints["llama"]), tensor_parallel_size=2) as llm:
+        greedy, sampled, free = llm.generate(
+            prompt_token_ids=[prompt] * 3, sampling_params=[
+                SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                               allowed_token_ids=allowed),
+                SamplingParams(max_tokens=40, temperature=1.5, seed=1, ignore_eos=True,
+                               allowed_token_ids=allowed),
+                SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)])
+    want = max(allowed, key=lambda t: float(logits[t]))
+    assert greedy.outputs[0].token_ids[0] == want and want != free.outputs[0].token_ids[0]
+    assert set(greedy.outputs[0].token_ids + sampled.outputs[0].token_ids) <= set(allowed)
+    assert len(set(sampled.outputs[0].token_ids)) > 1  # sampled among them, not one forced
+    assert free.outputs[0].token_ids[0] == best[0]  # a batch-mate is not restricted

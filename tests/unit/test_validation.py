@@ -74,3 +74,15 @@ def test_encoder_inputs_are_checked_and_cut_only_when_asked():
     for bad in ([[99999999]], [[-1]], [[]], [[1, 2, 3]]):
         with pytest.raises(InvalidRequest, match="input 0"):
             check_inputs(bad, 10, 2)
+
+
+@pytest.mark.parametrize("bad", [[], [-1], ["3"], [1.5], "5", [True]])
+def test_allowed_token_ids_must_be_token_ids(bad):
+    with pytest.raises(InvalidRequest, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=bad)
+
+
+def test_allowed_token_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(InvalidRequest, match=r"allowed_token_ids must be in 0\.\.99"):
+        check_generation([1, 2], SamplingParams(allowed_token_ids=[5, 100]), 100, 64, True)
+    assert SamplingParams(allowed_token_ids=[9, 2, 9]).to_wire()["allowed"] == [2, 9]

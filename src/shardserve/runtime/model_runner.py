@@ -379,8 +379,8 @@ class ModelRunner:
         req_ids = [order[i][0] for i in done]
         rows = [RowState(self.seqs[r].sampling, self.generators.get(r), self.seqs[r].tokens,
                          self.seqs[r].prompt_len) for r in req_ids]
-        if self.suppress or self.begin_suppress:
-            logits = self._suppress(logits.float(), rows)
+        if self.suppress or self.begin_suppress or any(r.params.get("allowed") for r in rows):
+            logits = self._restrict(logits.float(), rows)
         res = self.sampler(logits, rows)
         np_ = lambda x: None if x is None else x.cpu().numpy()  # noqa: E731
         return StepOutput(req_ids, np_(res.token_ids), np_(res.logprobs), np_(res.top_ids),
@@ -388,15 +388,22 @@ class ModelRunner:
                           time.perf_counter() - t0,
                           {req_ids[i]: why for i, why in res.failed.items()})
 
-    def _suppress(self, logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    def _restrict(self, logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         """The generation config's ``suppress_tokens`` never come; ``begin_suppress_tokens``
-        not as the first generated token (as transformers' logits processors do)."""
+        not as the first generated token (as transformers' logits processors do); a row
+        with ``allowed_token_ids`` gets only those."""
         if self.suppress:
             logits[:, self.suppress] = _SUPPRESSED
         first = [i for i, r in enumerate(rows) if len(r.tokens) == r.prompt_len]
         if self.begin_suppress and first:
             logits[torch.tensor(first)[:, None], torch.tensor(self.begin_suppress)[None]] = \
                 _SUPPRESSED
+        for i, row in enumerate(rows):
+            if row.params.get("allowed"):
+                allowed = torch.tensor(row.params["allowed"])
+                kept = logits[i, allowed]
+                logits[i] = _SUPPRESSED
+                logits[i, allowed] = kept
         return logits
 
 
