@@ -8,7 +8,8 @@ Model: ``make-test-model --arch whisper --size openai-tiny`` (whisper-tiny's wid
 depths, random weights, float32; our 2,429-token vocabulary). Audio: ``--clips`` sentences
 spoken by espeak-ng (22.05 kHz WAV, 1.5-3.5 s each). Every system makes exactly
 ``--max-tokens`` tokens a clip (a random Whisper never says <|endoftext|>), greedy, from the
-same forced start tokens, and goes from audio to tokens (front end included):
+same forced start tokens (language ``en`` given, so no system detects it), and goes from
+audio to tokens (front end included):
 
 - transformers: ``WhisperFeatureExtractor`` (after our resampler: it takes 16 kHz only) and
   the generic greedy ``generate`` (Whisper's own override adds long-form logic; for a
@@ -95,11 +96,11 @@ def ours(path: Path, wavs: list[bytes], tp: int, max_tokens: int
          ) -> tuple[dict, list[list[int]], list[int]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     with LLM(str(path), tensor_parallel_size=tp, devices=f"cpu:{tp}", max_num_seqs=16) as llm:
-        llm.transcribe(wavs[:1], sampling_params=params)  # warm-up
+        llm.transcribe(wavs[:1], "en", sampling_params=params)  # warm-up
         outs: list = []
-        one = timed(lambda: [outs.extend(llm.transcribe(w, sampling_params=params))
+        one = timed(lambda: [outs.extend(llm.transcribe(w, "en", sampling_params=params))
                              for w in wavs])
-        batched = timed(lambda: llm.transcribe(wavs, sampling_params=params))
+        batched = timed(lambda: llm.transcribe(wavs, "en", sampling_params=params))
     return ({"concurrency_1_s": one, "concurrency_16_s": batched},
             [o.outputs[0].token_ids for o in outs], outs[0].prompt_token_ids)
 
@@ -119,7 +120,8 @@ def served(path: Path, wavs: list[bytes], max_tokens: int) -> dict:
 
         def one(w: bytes) -> str:
             return client.audio.transcriptions.create(
-                model=path.name, file=("a.wav", w), extra_body={"max_tokens": max_tokens}).text
+                model=path.name, file=("a.wav", w), language="en",
+                extra_body={"max_tokens": max_tokens}).text
         one(wavs[0])
         for c in (1, 16):
             with ThreadPoolExecutor(c) as pool:

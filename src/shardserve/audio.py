@@ -7,7 +7,8 @@ resampler. ``LogMel`` computes the features transformers' ``WhisperFeatureExtrac
 from the checkpoint's ``preprocessor_config.json``: the waveform padded or cut to
 ``chunk_length`` seconds, a centred STFT (Hann window, ``n_fft``, ``hop_length``), power
 spectrum through Slaney-style mel filters, ``log10`` floored at 1e-10, clamped to 8 below its
-maximum and scaled as ``(x + 4) / 4``; the last frame dropped.
+maximum and scaled as ``(x + 4) / 4``; the last frame dropped. ``split`` cuts audio longer
+than one window into windows at its quietest moments.
 """
 
 from __future__ import annotations
@@ -84,6 +85,27 @@ def resample(x: np.ndarray, rate: int, target: int, taps: int = 6,
     out = F.conv1d(wav, kernels, stride=down)  # (1, up, frames)
     out = out[0].t().reshape(-1)
     return out[:math.ceil(up * len(x) / down)].numpy()
+
+
+def split(x: np.ndarray, rate: int, window_s: float, search_s: float = 2.0,
+          frame_s: float = 0.02) -> list[tuple[int, int]]:
+    """``(start, end)`` sample ranges covering ``x``, each at most ``window_s`` long. A cut
+    falls in the quietest ``frame_s`` frame (least energy) of the last ``search_s`` seconds
+    before the window is full, so it lands in a pause rather than in a word where the audio
+    has one (vLLM cuts long audio the same way)."""
+    window, search = int(window_s * rate), int(min(search_s, window_s / 2) * rate)
+    frame = max(1, int(frame_s * rate))
+    spans, start = [], 0
+    while len(x) - start > window:
+        lo, hi = start + window - search, start + window
+        n = (hi - lo) // frame
+        energy = np.square(x[lo:lo + n * frame].astype(np.float64)).reshape(n, frame).sum(1)
+        quiet = int(np.argmin(energy[::-1]))  # the last of equally quiet frames
+        cut = lo + (n - quiet) * frame - frame // 2
+        spans.append((start, cut))
+        start = cut
+    spans.append((start, len(x)))
+    return spans
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:

@@ -405,6 +405,9 @@ class ServerLimits:
     max_audio_bytes: int = field(default=25 << 20, metadata={
         "help": "largest body of an audio upload (/v1/audio/*) or a binary v2 inference "
                 "request (bytes); larger ones get 413"})
+    max_audio_seconds: float = field(default=1800.0, metadata={
+        "help": "longest audio one transcription request may bring (seconds); longer is 400. "
+                "Audio over one window (30 s) is transcribed window by window"})
     max_n: int = field(default=16, metadata={"help": "most completions one request may ask"})
     max_queue: int = field(default=256, metadata={
         "help": "requests a model holds beyond its max_num_seqs before answering 429"})
@@ -425,7 +428,8 @@ class ServerLimits:
                 "https://app.example.com); requests carrying any other Origin get 403"})
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_audio_bytes", "max_n", "max_queue",
+        for name in ("max_body_bytes", "max_audio_bytes", "max_audio_seconds", "max_n",
+                     "max_queue",
                      "request_timeout_s",
                      "header_timeout_s", "body_timeout_s", "max_connections"):
             if getattr(self, name) <= 0:

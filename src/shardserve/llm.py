@@ -17,6 +17,7 @@ from shardserve.engine.llm_engine import LLMEngine
 from shardserve.engine.request_state import RequestState
 from shardserve.engine.tokenizer import load_tokenizer
 from shardserve.outputs import (
+    CompletionOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
     RequestOutput,
@@ -97,20 +98,32 @@ class LLM:
                    task: str = "transcribe", sampling_params: SamplingParams | None = None,
                    sampling_rate: int | None = None) -> list[RequestOutput]:
         """Speech models: one transcription per audio (WAV bytes, or mono float samples at
-        ``sampling_rate``), in order. Greedy and up to the model's 448 tokens unless
-        ``sampling_params`` say otherwise."""
+        ``sampling_rate``), in order. Audio longer than one window (30 s) is cut at quiet
+        moments and its windows' transcriptions joined (tokens, logprobs and texts in order).
+        Without ``language`` a multilingual model detects it from the first window (the
+        language token is the output's ``prompt_token_ids[1]``). Greedy and up to the
+        model's 448 tokens a window unless ``sampling_params`` say otherwise."""
         from shardserve.engine.speech import SpeechInput
 
         if not self.engine.speech:
             raise ValueError(f"{self.model_config.spec.architecture} is not a speech model; "
                              "use generate()")
         speech = SpeechInput(self.model_config.path, self.model_config.spec)
-        items = audio if isinstance(audio, list) else [audio]
-        prompt = speech.prompt(language, task)
+        speech.prompt(language, task)  # a bad language or task is refused before any work
+        clips = [speech.load(a, sampling_rate) for a in
+                 (audio if isinstance(audio, list) else [audio])]
+        if language is None and speech.detects:
+            found = self._run([([speech.start], speech.detect_params(), None, c.windows[0])
+                               for c in clips])
+            languages = [speech.language_of(o.outputs[0].token_ids[0]) for o in found]
+        else:
+            languages = [language] * len(clips)
+        prompts = [speech.prompt(lang, task) for lang in languages]
         params = sampling_params or SamplingParams(
-            temperature=0.0, max_tokens=self.engine.max_len - len(prompt))
-        return self._run([(prompt, params, None, speech.load(a, sampling_rate)[0])
-                          for a in items])
+            temperature=0.0, max_tokens=self.engine.max_len - len(prompts[0]))
+        outs = iter(self._run([(prompt, params, None, w) for prompt, c in
+                               zip(prompts, clips, strict=True) for w in c.windows]))
+        return [_joined([next(outs) for _ in c.windows]) for c in clips]
 
     def _run(self, requests: list[tuple]) -> list[RequestOutput]:
         """Generate ``(prompt ids, params, prompt text, audio features)`` to the end, outputs
@@ -150,3 +163,19 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _joined(windows: list[RequestOutput]) -> RequestOutput:
+    """One audio's windows as one output: the first window's request and prompt, every
+    window's tokens, logprobs and text in order, the last window's finish reason."""
+    first, outs = windows[0], [w.outputs[0] for w in windows]
+    if len(windows) == 1:
+        return first
+    logprobs = None if any(o.logprobs is None for o in outs) else \
+        [lp for o in outs for lp in o.logprobs]
+    text = " ".join(t for t in (o.text.strip() for o in outs) if t)
+    return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
+                         [CompletionOutput(0, text, [t for o in outs for t in o.token_ids],
+                                           outs[-1].finish_reason, logprobs)],
+                         finished=True, error=next((w.error for w in windows if w.error),
+                                                   None))

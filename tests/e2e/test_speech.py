@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from shardserve import LLM, test_models
+from shardserve.audio import decode_wav, resample
 from tests.distributed.test_whisper import speech
 from tests.e2e.test_server import _free_port, _start, _stop
 from tests.unit.test_audio import sweep, wav_bytes
@@ -37,7 +38,7 @@ def server(tmp_path_factory):
         .replace("demo-llama-random", "lm"))
     port = _free_port()
     proc = _start(["--repository", str(repo), "--devices", "cpu:2",
-                   "--max-audio-bytes", str(3 << 20)], port)
+                   "--max-audio-bytes", str(3 << 20), "--max-audio-seconds", "90"], port)
     yield port, whisper, tmp_path_factory.mktemp("audio")
     code = _stop(proc)
     assert code == 0, proc.stdout.read()[-3000:]
@@ -59,13 +60,20 @@ def test_openai_client_transcribes_in_every_format(server):
                                               response_format="text")
     verbose = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
                                                  response_format="verbose_json")
+    english = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
+                                                 response_format="verbose_json", language="en")
     with LLM(str(whisper), tensor_parallel_size=2) as llm:
-        offline = llm.transcribe(wav)[0].outputs[0]
+        found = llm.transcribe(wav)[0]  # no language: detected, as the server does
+        offline = found.outputs[0]
+        given = llm.transcribe(wav, "en")[0].outputs[0]
+        detected = llm.tokenizer.decode([found.prompt_token_ids[1]], skip_special_tokens=False)
     assert plain.text == offline.text.strip() and plain.text
     assert text.strip() == plain.text
     assert verbose.segments[0].tokens == offline.token_ids
     seconds = len(decode(wav)) / 22050
-    assert abs(verbose.duration - seconds) < 1e-2 and verbose.language == "en"
+    assert abs(verbose.duration - seconds) < 1e-2
+    assert verbose.language == detected.strip("<|>") and english.language == "en"
+    assert english.segments[0].tokens == given.token_ids
     srt = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
                                              response_format="srt")
     assert srt.startswith("1\n00:00:00,000 --> ") and plain.text in srt
@@ -85,7 +93,7 @@ def test_bad_files_are_refused_and_the_model_keeps_serving(server):
     client = _client(port)
     cases = [(b"ID3" + bytes(200), 400, "MP3 file; accepted: WAV"),
              (b"", 400, "empty"),
-             (wav_bytes(sweep(31.0), 16000), 400, "at most 30 s"),
+             (wav_bytes(sweep(91.0), 16000), 400, "at most 90 s a request"),
              (wav_bytes(sweep(30.0, 48000), 48000, 2, 2), 413, "over")]  # 5.8 MB
     for data, status, message in cases:
         with pytest.raises(openai.APIStatusError) as e:
@@ -119,6 +127,34 @@ def test_bad_files_are_refused_and_the_model_keeps_serving(server):
     ok = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav_bytes(
         sweep(2.0, 8000), 8000)))
     assert isinstance(ok.text, str)
+
+
+def test_long_audio_is_transcribed_in_windows_each_a_segment(server):
+    """72 s of speech and pauses: three windows, cut in the pauses, each a segment of
+    verbose_json and a cue of srt / vtt; the tokens equal the offline engine's."""
+    port, whisper, tmp = server
+    talk, rate = decode_wav(speech("set an alarm for seven in the morning", tmp))
+    talk, rate = resample(talk, rate, 16000), 16000  # 2.3 MB: under this server's 3 MiB
+    pause = np.zeros(rate * 27, np.float32)
+    x = np.concatenate([talk, pause, talk, pause, talk, pause[:rate * 10]])
+    wav = wav_bytes(x, rate)
+    client = _client(port)
+    verbose = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
+                                                 response_format="verbose_json", language="en")
+    vtt = client.audio.transcriptions.create(model="whisper", file=("a.wav", wav),
+                                             response_format="vtt", language="en")
+    with LLM(str(whisper), tensor_parallel_size=2) as llm:
+        offline = llm.transcribe(wav, "en")[0].outputs[0]
+    segs = verbose.segments
+    assert len(segs) == 3 and segs[0].start == 0 and abs(segs[-1].end - len(x) / rate) < 1e-2
+    assert all(a.end == b.start for a, b in zip(segs, segs[1:], strict=False))
+    assert all(s.end - s.start <= 30 for s in segs)
+    # each cut falls in a pause, after the talk that precedes it
+    talked = len(talk) / rate
+    assert segs[0].end > talked and segs[1].end > segs[0].end + talked
+    assert [t for s in segs for t in s.tokens] == offline.token_ids
+    assert verbose.text == " ".join(s.text for s in segs if s.text)
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ") and vtt.count(" --> ") == 3
 
 
 def test_kserve_v2_transcribes_a_batch_through_tritonclient(server):

@@ -1,6 +1,6 @@
 """The audio front end: WAV decoding (every PCM width, stereo, bad files), the resampler
-against the signal it should give, and log-mel features against transformers'
-WhisperFeatureExtractor (1e-4)."""
+against the signal it should give, log-mel features against transformers'
+WhisperFeatureExtractor (1e-4), and long audio cut into windows at its pauses."""
 
 import io
 import wave
@@ -8,7 +8,7 @@ import wave
 import numpy as np
 import pytest
 
-from shardserve.audio import AudioError, LogMel, decode_wav, mel_filters, resample
+from shardserve.audio import AudioError, LogMel, decode_wav, mel_filters, resample, split
 
 
 def sweep(seconds: float, rate: int = 16000, f0: float = 100.0, f1: float = 4000.0):
@@ -92,3 +92,22 @@ def test_log_mel_matches_whisper_feature_extractor(mels):
         got = LogMel(n_mels=mels)(audio)
         assert got.shape == want.shape == (mels, 3000)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_long_audio_is_cut_into_windows_at_its_pauses():
+    rate = 16000
+    talk = lambda s: sweep(s, rate)  # noqa: E731
+    quiet = lambda s: np.zeros(int(s * rate), np.float32)  # noqa: E731
+    # talk to 28.6 s, a pause to 29.0 s, talk past the first window, a pause at 57.5-57.9 s
+    x = np.concatenate([talk(28.6), quiet(0.4), talk(28.5), quiet(0.4), talk(20.0)])
+    spans = split(x, rate, 30.0)
+    assert [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]]  # contiguous
+    assert spans[-1][1] == len(x) and all(b - a <= 30 * rate for a, b in spans)
+    assert len(spans) == 3
+    assert 28.6 <= spans[0][1] / rate <= 29.0 and 57.5 <= spans[1][1] / rate <= 57.9
+    # no pause: still cut within the window, none longer than it, nothing lost
+    x = sweep(95.0, rate)
+    spans = split(x, rate, 30.0)
+    assert len(spans) == 4 and spans[-1][1] == len(x)
+    assert all(28 * rate <= b - a <= 30 * rate for a, b in spans[:-1])
+    assert split(x[:30 * rate], rate, 30.0) == [(0, 30 * rate)]  # one window: uncut

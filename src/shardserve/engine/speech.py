@@ -2,25 +2,43 @@
 
 ``SpeechInput`` reads a Whisper folder's ``preprocessor_config.json`` (the log-mel front end)
 and ``generation_config.json`` (its language and task tokens) and turns a request into the
-engine's inputs: the audio's log-mel features (one window: up to ``chunk_length`` seconds,
-resampled to the model's rate) and the forced start tokens, ``<|startoftranscript|>``, the
-language, the task and ``<|notimestamps|>``, as transformers' Whisper ``generate`` forces
-them. Bad audio, a language or task the model does not have, or audio longer than one window
-raise ``InvalidRequest`` naming the field and what is accepted.
+engine's inputs: a ``Clip``, the audio resampled to the model's rate and cut into windows of
+at most ``chunk_length`` seconds (30 for Whisper) at its quietest moments, with each window's
+log-mel features; and the forced start tokens, ``<|startoftranscript|>``, the language, the
+task and ``<|notimestamps|>``, as transformers' Whisper ``generate`` forces them. Each window
+is transcribed as a request of its own and the texts joined, as vLLM does with long audio.
+
+A multilingual model given no language detects it as transformers' ``detect_language``
+does: one decoder step from ``<|startoftranscript|>`` over the first window, the most likely
+of the language tokens (``detect_params`` restricts the step to them).
+
+Bad audio, a language or task the model does not have, or audio longer than the caller's
+limit raise ``InvalidRequest`` naming the field and what is accepted.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shardserve.audio import ACCEPTED, AudioError, LogMel, decode_wav, resample
+from shardserve.audio import ACCEPTED, AudioError, LogMel, decode_wav, resample, split
 from shardserve.engine.errors import InvalidRequest
 from shardserve.planner.specs import WhisperSpec
+from shardserve.sampling_params import SamplingParams
 
 TASKS = ("transcribe", "translate")
+
+
+@dataclass
+class Clip:
+    """One request's audio: its windows' log-mel features and where each lies (seconds)."""
+
+    windows: list[np.ndarray]
+    spans: list[tuple[float, float]]
+    seconds: float
 
 
 class SpeechInput:
@@ -42,7 +60,25 @@ class SpeechInput:
         self.tasks = {k: int(v) for k, v in (gen.get("task_to_id") or {}).items()}
         self.multilingual = bool(gen.get("is_multilingual", bool(self.languages)))
         self.no_timestamps = gen.get("no_timestamps_token_id")
-        self.max_seconds = self.mel.chunk_length
+        self.window_seconds = self.mel.chunk_length
+
+    @property
+    def detects(self) -> bool:
+        """Whether a request without a language has it detected (multilingual models)."""
+        return self.multilingual and bool(self.languages)
+
+    def detect_params(self) -> SamplingParams:
+        """The language-detection step: greedy, one token, only language tokens allowed; its
+        prompt is ``[self.start]`` and its audio the first window."""
+        return SamplingParams(temperature=0.0, max_tokens=1,
+                              allowed_token_ids=sorted(self.languages.values()))
+
+    def language_of(self, token: int) -> str:
+        """The language code of a language token (from ``detect_params``' step)."""
+        for code, tid in self.languages.items():
+            if tid == token:
+                return code
+        raise ValueError(f"token {token} is not a language token of this model")
 
     def prompt(self, language: str | None = None, task: str = "transcribe") -> list[int]:
         """The forced start tokens. ``language`` (an ISO 639-1 code the model knows) defaults
@@ -67,10 +103,10 @@ class SpeechInput:
             ids.append(int(self.no_timestamps))
         return ids
 
-    def load(self, audio: bytes | np.ndarray, rate: int | None = None
-             ) -> tuple[np.ndarray, float]:
-        """``(log-mel features, seconds of audio)`` of a WAV file's bytes, or of mono samples
-        in [-1, 1] at ``rate``."""
+    def load(self, audio: bytes | np.ndarray, rate: int | None = None,
+             max_seconds: float | None = None) -> Clip:
+        """The ``Clip`` of a WAV file's bytes, or of mono samples in [-1, 1] at ``rate``;
+        audio over ``max_seconds`` (None: no limit) is refused."""
         try:
             if isinstance(audio, bytes | bytearray | memoryview):
                 samples, rate = decode_wav(bytes(audio))
@@ -88,8 +124,11 @@ class SpeechInput:
         if not np.isfinite(samples).all():
             raise InvalidRequest("the audio holds NaN or infinite samples", "file")
         seconds = len(samples) / rate
-        if seconds > self.max_seconds + 1e-6:
-            raise InvalidRequest(f"the audio is {seconds:.1f} s long; this model transcribes "
-                                 f"at most {self.max_seconds} s a request: cut it into pieces",
-                                 "file")
-        return self.mel(resample(samples, rate, self.mel.rate)), seconds
+        if max_seconds is not None and seconds > max_seconds + 1e-6:
+            raise InvalidRequest(f"the audio is {seconds:.1f} s long; this server transcribes "
+                                 f"at most {max_seconds:g} s a request (--max-audio-seconds): "
+                                 "cut it into pieces", "file")
+        x = resample(samples, rate, self.mel.rate)
+        spans = split(x, self.mel.rate, self.window_seconds)
+        return Clip([self.mel(x[a:b]) for a, b in spans],
+                    [(a / self.mel.rate, b / self.mel.rate) for a, b in spans], seconds)

@@ -4,13 +4,19 @@
 OpenAI's fields, ``max_tokens``).
 
 A file is decoded, resampled and turned into log-mel features on the server's CPU pool (off
-the event loop), then generated like any request: admitted, queued, answered once. Audio over
-one window (30 s for Whisper) is a 400 naming the limit, a body over ``max_audio_bytes`` a
-413 (the request guard), a file that is not WAV a 400 naming the formats accepted.
+the event loop), then generated like any request: admitted, queued, answered once. Audio
+longer than one window (30 s for Whisper) is cut at quiet moments into windows transcribed
+side by side (at most ``max_num_seqs`` of one request at a time) and joined; each window is a
+segment of ``verbose_json`` and a cue of ``srt`` / ``vtt``. Without ``language`` a
+multilingual model detects it from the first window. Audio over ``max_audio_seconds`` is a
+400 naming the limit, a body over ``max_audio_bytes`` a 413 (the request guard), a file that
+is not WAV a 400 naming the formats accepted; a window refused or failed fails the request
+(the others are aborted).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from shardserve.api.auth import Principal, principal
 from shardserve.api.errors import APIError
 from shardserve.api.routes.openai import deployment
 from shardserve.engine.errors import InvalidRequest
+from shardserve.outputs import CompletionOutput
 from shardserve.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -31,13 +38,26 @@ FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 
 
 @dataclass
-class Transcript:
+class Segment:
+    """One window's transcription and where the window lies in the audio."""
+
+    start: float  # seconds
+    end: float
     text: str
+    tokens: list[int]
+    avg_logprob: float | None
+
+
+@dataclass
+class Transcript:
+    segments: list[Segment]
     seconds: float  # of audio
     language: str
     task: str
-    tokens: list[int]
-    avg_logprob: float | None
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.segments if s.text)
 
 
 @router.post("/v1/audio/transcriptions")
@@ -93,11 +113,13 @@ async def _audio(request: Request, who: Principal, task: str):
     usage = {"type": "duration", "seconds": math.ceil(out.seconds)}
     if fmt == "json":
         return {"text": out.text, "usage": usage}
+    rate = dep.speech.mel.rate
     return {"task": out.task, "language": out.language, "duration": round(out.seconds, 3),
             "text": out.text, "usage": usage,
-            "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": round(out.seconds, 3),
-                          "text": out.text, "tokens": out.tokens, "temperature": temperature,
-                          "avg_logprob": out.avg_logprob}]}
+            "segments": [{"id": i, "seek": round(s.start * rate), "start": round(s.start, 3),
+                          "end": round(s.end, 3), "text": s.text, "tokens": s.tokens,
+                          "temperature": temperature, "avg_logprob": s.avg_logprob}
+                         for i, s in enumerate(out.segments)]}
 
 
 def speech_model(dep):
@@ -111,34 +133,64 @@ def speech_model(dep):
 async def transcribe(request: Request, dep, who: Principal, audio, rate: int | None,
                      language: str | None, task: str = "transcribe",
                      temperature: float = 0.0, max_tokens: int | None = None) -> Transcript:
-    """One window of audio (WAV bytes, or mono samples at ``rate``) through a speech model:
-    the front end on the CPU pool, then an admitted generation of at most ``max_tokens``
-    (default: as many as the model's decoder holds). Refusals raise ``APIError``."""
+    """Audio (WAV bytes, or mono samples at ``rate``) through a speech model: the front end
+    on the CPU pool, the language detected where none is given, then each window an admitted
+    generation of at most ``max_tokens`` (default: as many as the model's decoder holds).
+    Refusals raise ``APIError``."""
     speech = dep.speech
     try:
-        prompt = speech.prompt(language, task)
-        features, seconds = await in_pool(request, speech.load, audio, rate)
-        most = dep.model.context_len - len(prompt)
+        speech.prompt(language, task)  # a bad language or task is refused before any work
+        clip = await in_pool(request, speech.load, audio, rate,
+                             request.app.state.limits.max_audio_seconds)
+    except InvalidRequest as e:
+        raise http_error(e) from None
+    if language is None and speech.detects:
+        out = await _generate(request, dep, who, [speech.start], speech.detect_params(),
+                              clip.windows[0])
+        language = speech.language_of(out.token_ids[0])
+    prompt = speech.prompt(language, task)
+    most = dep.model.context_len - len(prompt)
+    try:
         params = SamplingParams(temperature=temperature, logprobs=0,
                                 max_tokens=min(max_tokens or most, most))
     except InvalidRequest as e:
         raise http_error(e) from None
+    lanes = asyncio.Semaphore(dep.config.max_num_seqs)  # one request's windows in flight
+
+    async def window(features) -> Segment:
+        async with lanes:
+            c = await _generate(request, dep, who, prompt, params, features)
+        logps = [lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False) if t in lp]
+        return Segment(0.0, 0.0, c.text.strip(), list(c.token_ids),
+                       sum(logps) / len(logps) if logps else None)
+
+    try:  # a window refused or failed ends the others (their generations are aborted)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(window(w)) for w in clip.windows]
+    except* APIError as errors:
+        raise errors.exceptions[0] from None
+    segments = [t.result() for t in tasks]
+    for seg, (start, end) in zip(segments, clip.spans, strict=True):
+        seg.start, seg.end = start, end
+    return Transcript(segments, clip.seconds, (language or "en").lower(), task)
+
+
+async def _generate(request: Request, dep, who: Principal, prompt: list[int],
+                    params: SamplingParams, features) -> CompletionOutput:
     gen = await start_generation(request, dep, prompt, params, f"trsc-{uuid.uuid4().hex}",
                                  None, who, "file", features=features)
-    final = await finish(request, gen)
-    c = final.outputs[0]
-    logps = [lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False) if t in lp]
-    return Transcript(c.text.strip(), seconds, (language or "en").lower(), task,
-                      list(c.token_ids), sum(logps) / len(logps) if logps else None)
+    return (await finish(request, gen)).outputs[0]
 
 
 def _subtitles(out: Transcript, fmt: str) -> str:
-    """One cue over the whole audio (no timestamps are generated)."""
+    """A cue per window (no timestamps are generated inside one)."""
     sep = "," if fmt == "srt" else "."
 
     def at(t: float) -> str:
         ms = round(t * 1000)
         return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}" \
                f"{ms % 1000:03d}"
-    cue = f"{at(0.0)} --> {at(out.seconds)}\n{out.text}\n"
-    return f"1\n{cue}" if fmt == "srt" else f"WEBVTT\n\n{cue}"
+    cues = [f"{at(s.start)} --> {at(s.end)}\n{s.text}\n" for s in out.segments]
+    if fmt == "srt":
+        return "\n".join(f"{i}\n{cue}" for i, cue in enumerate(cues, 1))
+    return "WEBVTT\n\n" + "\n".join(cues)

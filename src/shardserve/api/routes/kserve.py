@@ -86,7 +86,8 @@ async def model_metadata(name: str, request: Request,
                 "inputs": [{"name": "audio", "datatype": "FP32", "shape": [-1, -1]}],
                 "outputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
                 "parameters": {"sample_rate": dep.speech.mel.rate,
-                               "max_seconds": dep.speech.max_seconds}}
+                               "window_seconds": dep.speech.window_seconds,
+                               "max_seconds": request.app.state.limits.max_audio_seconds}}
     if dep.is_encoder:
         width = dep.model.spec.num_labels or dep.model.spec.hidden_size
         return {"name": name, "versions": ["1"], "platform": "shardserve_encoder",
