@@ -20,6 +20,12 @@ audio to tokens (front end included):
 - ``--served``: the server at tp=1, the official ``openai`` client from 1 and 16 threads.
 
 Goal (issue 16): >= 3x transformers at concurrency 16.
+
+The run also measures this machine's float32 GEMM rate and memory read rate and prints the
+ceiling they put on that ratio: at concurrency 16 no engine can take less than the
+encoder's FLOPs for every window at the GEMM rate plus, for every decode step, reading each
+sequence's cross-attention keys and values (float32) at the memory rate; transformers' time
+over that floor bounds the speed-up any float32 engine could show in this run.
 """
 
 from __future__ import annotations
@@ -65,6 +71,34 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def machine_limits() -> dict:
+    """Float32 GEMM FLOP/s (2048^3, both cores) and memory read bytes/s (a 1 GiB sum), best
+    of five each, measured now."""
+    torch.set_num_threads(2)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = max(2 * 2048 ** 3 / timed(lambda: a @ b) for _ in range(5))
+    big = torch.ones(1 << 28)
+    read = max(big.numel() * 4 / timed(big.sum) for _ in range(5))
+    return {"gemm_gflops": gemm / 1e9, "read_gb_s": read / 1e9}
+
+
+def ceiling(path: Path, clips: int, tokens: int, limits: dict, transformers_s: float) -> dict:
+    """The floor on any float32 engine's time at concurrency 16 (see the module's text) and
+    transformers' time over it."""
+    from shardserve.config import ModelConfig
+
+    spec = ModelConfig(str(path)).spec
+    d, T = spec.hidden_size, spec.max_source_positions
+    convs = 2 * (2 * T) * spec.num_mel_bins * d * 3 + 2 * T * d * d * 3
+    layer = 2 * T * (4 * d * d + 2 * d * spec.encoder_ffn) + 4 * T * T * d  # + attention
+    encoder = convs + spec.encoder_layers * layer
+    cross = tokens * clips * spec.num_layers * 2 * T * d * 4
+    floor = clips * encoder / (limits["gemm_gflops"] * 1e9) + cross / (limits["read_gb_s"] * 1e9)
+    return {**limits, "encoder_gflop_per_window": encoder / 1e9,
+            "cross_gb_read": cross / 1e9, "floor_s": floor,
+            "ceiling_ratio": transformers_s / floor}
 
 
 def transformers_runs(path: Path, wavs: list[bytes], prompt: list[int], max_tokens: int
@@ -160,6 +194,8 @@ def main() -> None:
         result["clips_where_eos_came"] = sum(n < args.max_tokens for n in cut)
         if args.served:
             result["shardserve_served_tp1"] = served(path, wavs, args.max_tokens)
+        result["ceiling"] = ceiling(path, args.clips, args.max_tokens, machine_limits(),
+                                    result["transformers"]["concurrency_16_s"])
     print(json.dumps(result, indent=2))
     print()
     print("| system | audio s / wall s at concurrency 1 | at concurrency 16 |")
@@ -174,6 +210,12 @@ def main() -> None:
     print(f"\nat concurrency 16: shardserve {hf / best:.2f}x transformers (goal >= 3x); "
           f"clips with the same greedy tokens: {result['clips_with_the_same_tokens']}/"
           f"{args.clips} (random weights: a near-tie can split the two float32 runs)")
+    c = result["ceiling"]
+    print(f"ceiling on this machine: float32 GEMM {c['gemm_gflops']:.0f} GFLOP/s, memory "
+          f"{c['read_gb_s']:.1f} GB/s; {args.clips} windows of {c['encoder_gflop_per_window']:.1f}"
+          f" GFLOP and {c['cross_gb_read']:.1f} GB of cross-attention reads take at least "
+          f"{c['floor_s']:.2f} s: at most {c['ceiling_ratio']:.2f}x transformers for any "
+          "float32 engine")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
