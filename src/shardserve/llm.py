@@ -112,18 +112,27 @@ class LLM:
         speech.prompt(language, task)  # a bad language or task is refused before any work
         clips = [speech.load(a, sampling_rate) for a in
                  (audio if isinstance(audio, list) else [audio])]
-        if language is None and speech.detects:
-            found = self._run([([speech.start], speech.detect_params(), None, c.windows[0])
-                               for c in clips])
-            languages = [speech.language_of(o.outputs[0].token_ids[0]) for o in found]
-        else:
-            languages = [language] * len(clips)
-        prompts = [speech.prompt(lang, task) for lang in languages]
+        prompt = speech.prompt(language, task)
         params = sampling_params or SamplingParams(
-            temperature=0.0, max_tokens=self.engine.max_len - len(prompts[0]))
-        outs = iter(self._run([(prompt, params, None, w) for prompt, c in
-                               zip(prompts, clips, strict=True) for w in c.windows]))
-        return [_joined([next(outs) for _ in c.windows]) for c in clips]
+            temperature=0.0, max_tokens=self.engine.max_len - len(prompt))
+        heads: list[RequestOutput | None] = [None] * len(clips)  # first windows, if detecting
+        prompts: list[list[int] | None] = [prompt] * len(clips)
+        if language is None and speech.detects:  # each clip's first window finds it
+            detect = speech.detecting(params, task)
+            for i, out in enumerate(self._run([(*detect, None, c.windows[0]) for c in clips])):
+                heads[i], prompts[i] = out, None  # failed: its clip ends here
+                if out.error is None:
+                    code, rest = speech.found(out.outputs[0], detect[1])
+                    prompts[i] = speech.prompt(code, task)
+                    heads[i] = dataclasses.replace(out, prompt_token_ids=prompts[i],
+                                                   outputs=[rest])
+        todo = [(i, w) for i, c in enumerate(clips) if prompts[i] is not None
+                for w in c.windows[heads[i] is not None:]]
+        windows = [[] if h is None else [h] for h in heads]
+        for (i, _), out in zip(todo, self._run([(prompts[i], params, None, w)
+                                                for i, w in todo]), strict=True):
+            windows[i].append(out)
+        return [_joined(w) for w in windows]
 
     def _run(self, requests: list[tuple]) -> list[RequestOutput]:
         """Generate ``(prompt ids, params, prompt text, audio features)`` to the end, outputs

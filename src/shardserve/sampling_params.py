@@ -18,11 +18,17 @@ MAX_STOP = 32  # stop strings per request
 MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024
 MAX_ALLOWED_TOKEN_IDS = 1 << 16
+MAX_PREFIX_STEPS = 16
 MAX_LOGPROBS = 20
 
 
 def _int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token_ids(ids: object) -> bool:
+    return (isinstance(ids, list | tuple) and 0 < len(ids) <= MAX_ALLOWED_TOKEN_IDS
+            and all(_int(t) and 0 <= t <= INT64_MAX for t in ids))
 
 
 def _real(x: object, lo: float, hi: float) -> bool:
@@ -67,6 +73,10 @@ class SamplingParams:
     """Leave special tokens out of the decoded text."""
     allowed_token_ids: list[int] | None = None
     """Sample only among these token ids (vLLM's field of the same name); None: all."""
+    prefix_allowed_token_ids: list[list[int]] | None = None
+    """The first generated tokens' choices: token i is one of list i (one id forces it;
+    transformers' ``prefix_allowed_tokens_fn`` as data); later tokens follow
+    ``allowed_token_ids``. At most 16 lists."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,10 +116,14 @@ class SamplingParams:
             ("skip_special_tokens", isinstance(self.skip_special_tokens, bool),
              "true or false"),
             ("allowed_token_ids", self.allowed_token_ids is None
-             or (isinstance(self.allowed_token_ids, list | tuple)
-                 and 0 < len(self.allowed_token_ids) <= MAX_ALLOWED_TOKEN_IDS
-                 and all(_int(t) and 0 <= t <= INT64_MAX for t in self.allowed_token_ids)),
+             or _token_ids(self.allowed_token_ids),
              f"null or 1 to {MAX_ALLOWED_TOKEN_IDS} token ids >= 0"),
+            ("prefix_allowed_token_ids", self.prefix_allowed_token_ids is None
+             or (isinstance(self.prefix_allowed_token_ids, list | tuple)
+                 and len(self.prefix_allowed_token_ids) <= MAX_PREFIX_STEPS
+                 and all(_token_ids(ids) for ids in self.prefix_allowed_token_ids)),
+             f"null or at most {MAX_PREFIX_STEPS} lists of 1 to {MAX_ALLOWED_TOKEN_IDS} token "
+             "ids >= 0"),
         ]
 
     @property
@@ -132,7 +146,9 @@ class SamplingParams:
                 "seed": self.seed if seed is None else seed,
                 "logprobs": -1 if self.logprobs is None else self.logprobs,
                 "allowed": None if self.allowed_token_ids is None
-                else sorted(set(self.allowed_token_ids))}
+                else sorted(set(self.allowed_token_ids)),
+                "prefix_allowed": None if self.prefix_allowed_token_ids is None
+                else [sorted(set(ids)) for ids in self.prefix_allowed_token_ids]}
 
 
 def _show(value: object) -> str:

@@ -196,9 +196,10 @@ def test_preempted_sequences_are_encoded_again_and_finish_the_same(whisper, audi
 
 
 def test_language_is_detected_as_transformers_does(whisper, reference, audio, tmp_path):
-    """No language given: one greedy step from <|startoftranscript|> over the first window,
-    restricted to the language tokens, picks transformers' ``detect_language``; a copy of
-    the checkpoint whose <|it|> embedding is made to outweigh the winner detects Italian."""
+    """No language given: the request's first generated token, from <|startoftranscript|>
+    over its window and restricted to the language tokens, is transformers'
+    ``detect_language``'s, in the request's one encoder pass; a copy of the checkpoint whose
+    <|it|> embedding is made to outweigh the winner detects Italian."""
     from safetensors.numpy import load_file, save_file
     from transformers import WhisperForConditionalGeneration
 
@@ -211,6 +212,9 @@ def test_language_is_detected_as_transformers_does(whisper, reference, audio, tm
         with LLM(str(path)) as llm:
             outs = llm.transcribe([audio[n] for n in names], sampling_rate=16000,
                                   sampling_params=SamplingParams(temperature=0, max_tokens=4))
+            # found in each request's own encoder pass
+            assert llm.engine.executor.collective_rpc("stats")[0]["windows_encoded"] == 3
+        assert all(len(o.outputs[0].token_ids) == 4 for o in outs)  # the forced ones left out
         with torch.no_grad():
             want = [int(hf.detect_language(f)[0]) for f in feats]
         return [o.prompt_token_ids[1] for o in outs], want
@@ -244,9 +248,21 @@ def test_long_audio_is_transcribed_window_by_window(whisper, reference, audio):
         out = llm.transcribe(x, "en", sampling_rate=16000, sampling_params=params)[0]
         windows = llm.transcribe([x[a:b] for a, b in spans], "en", sampling_rate=16000,
                                  sampling_params=params)
+        encoded = llm.engine.executor.collective_rpc("stats")[0]["windows_encoded"]
+        found = llm.transcribe(x, sampling_rate=16000, sampling_params=params)[0]
+        # the language found in the first window's own pass, and given to the others
+        assert llm.engine.executor.collective_rpc("stats")[0]["windows_encoded"] == \
+            encoded + 3
     prompt = out.prompt_token_ids
     want = [hf_greedy(reference, LogMel()(x[a:b]), prompt, 20) for a, b in spans]
     assert out.outputs[0].token_ids == [t for w in want for t in w]
+    with torch.no_grad():
+        language = int(reference.detect_language(torch.from_numpy(LogMel()(x[:spans[0][1]]))[
+            None])[0])
+    assert found.prompt_token_ids == [prompt[0], language, *prompt[2:]]
+    assert found.outputs[0].token_ids == [
+        t for a, b in spans for t in hf_greedy(reference, LogMel()(x[a:b]),
+                                               found.prompt_token_ids, 20)]
     assert [w.outputs[0].token_ids for w in windows] == want
     assert out.outputs[0].text == " ".join(w.outputs[0].text.strip() for w in windows
                                            if w.outputs[0].text.strip())

@@ -82,7 +82,16 @@ def test_allowed_token_ids_must_be_token_ids(bad):
         SamplingParams(allowed_token_ids=bad)
 
 
+@pytest.mark.parametrize("bad", [[[]], [1, 2], [[1], [-1]], [[1]] * 17, "ab"])
+def test_prefix_allowed_token_ids_must_be_lists_of_token_ids(bad):
+    with pytest.raises(InvalidRequest, match="prefix_allowed_token_ids"):
+        SamplingParams(prefix_allowed_token_ids=bad)
+
+
 def test_allowed_token_ids_outside_the_vocabulary_are_refused():
     with pytest.raises(InvalidRequest, match=r"allowed_token_ids must be in 0\.\.99"):
         check_generation([1, 2], SamplingParams(allowed_token_ids=[5, 100]), 100, 64, True)
+    with pytest.raises(InvalidRequest, match=r"prefix_allowed_token_ids must be in 0\.\.99"):
+        check_generation([1, 2], SamplingParams(prefix_allowed_token_ids=[[5], [3, 100]]),
+                         100, 64, True)
     assert SamplingParams(allowed_token_ids=[9, 2, 9]).to_wire()["allowed"] == [2, 9]

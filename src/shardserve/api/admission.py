@@ -142,11 +142,15 @@ async def start_generation(request: Request, dep, ids: list[int], params, reques
     return gen
 
 
-async def finish(request: Request, gen: Generation) -> RequestOutput:
-    """A non-streaming request's last output; aborted if the client goes away."""
+async def finish(request: Request, gen: Generation,
+                 each: Callable[[RequestOutput], None] | None = None) -> RequestOutput:
+    """A request's last output (``each`` sees every output first: the deltas of a streaming
+    one); aborted if the client goes away."""
     async def last() -> RequestOutput:
         final = None
         async for out in gen:
+            if each is not None:
+                each(out)
             final = out
         return final
 

@@ -9,8 +9,10 @@ task and ``<|notimestamps|>``, as transformers' Whisper ``generate`` forces them
 is transcribed as a request of its own and the texts joined, as vLLM does with long audio.
 
 A multilingual model given no language detects it as transformers' ``detect_language``
-does: one decoder step from ``<|startoftranscript|>`` over the first window, the most likely
-of the language tokens (``detect_params`` restricts the step to them).
+does, in the request itself (``detecting``): from ``<|startoftranscript|>`` over the first
+window, its first generated token is restricted to the language tokens, the task and
+``<|notimestamps|>`` follow forced, then the transcription: one encoder pass, as with a
+language given. A long audio's other windows are given the language the first found.
 
 Bad audio, a language or task the model does not have, or audio longer than the caller's
 limit raise ``InvalidRequest`` naming the field and what is accepted.
@@ -18,6 +20,7 @@ limit raise ``InvalidRequest`` naming the field and what is accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 
 from shardserve.audio import ACCEPTED, AudioError, LogMel, decode_wav, resample, split
 from shardserve.engine.errors import InvalidRequest
+from shardserve.outputs import CompletionOutput
 from shardserve.planner.specs import WhisperSpec
 from shardserve.sampling_params import SamplingParams
 
@@ -67,14 +71,33 @@ class SpeechInput:
         """Whether a request without a language has it detected (multilingual models)."""
         return self.multilingual and bool(self.languages)
 
-    def detect_params(self) -> SamplingParams:
-        """The language-detection step: greedy, one token, only language tokens allowed; its
-        prompt is ``[self.start]`` and its audio the first window."""
-        return SamplingParams(temperature=0.0, max_tokens=1,
-                              allowed_token_ids=sorted(self.languages.values()))
+    def detecting(self, params: SamplingParams, task: str = "transcribe"
+                  ) -> tuple[list[int], SamplingParams]:
+        """A request that finds its language as it starts, in its one encoder pass: the
+        prompt is ``<|startoftranscript|>`` alone and the first generated tokens are the
+        most likely language token (transformers' ``detect_language``), then the task's and
+        ``<|notimestamps|>`` (forced), then the transcription ``params`` ask for; ``found``
+        takes those first tokens off its output."""
+        prefix = [sorted(self.languages.values()), [self.tasks[task]]]
+        if self.no_timestamps is not None:
+            prefix.append([int(self.no_timestamps)])
+        return [self.start], dataclasses.replace(
+            params, max_tokens=params.max_tokens + len(prefix), prefix_allowed_token_ids=prefix)
+
+    def found(self, out: CompletionOutput, params: SamplingParams
+              ) -> tuple[str, CompletionOutput]:
+        """A ``detecting`` request's completion (its ``params``) as ``(language code, the
+        completion after the start tokens it found)``."""
+        n = len(params.prefix_allowed_token_ids or ())
+        if len(out.token_ids) < n:
+            raise ValueError("the request ended before its language was found")
+        code = self.language_of(out.token_ids[0])
+        rest = dataclasses.replace(out, token_ids=out.token_ids[n:], logprobs=None
+                                   if out.logprobs is None else out.logprobs[n:])
+        return code, rest
 
     def language_of(self, token: int) -> str:
-        """The language code of a language token (from ``detect_params``' step)."""
+        """The language code of a language token."""
         for code, tid in self.languages.items():
             if tid == token:
                 return code

@@ -49,9 +49,11 @@ def check_generation(ids: Sequence[int], params: SamplingParams, vocab_size: int
     if params.stop_token_ids and max(params.stop_token_ids) >= vocab_size:
         raise InvalidRequest(f"stop_token_ids must be in 0..{vocab_size - 1}",
                              "stop_token_ids")
-    if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab_size:
-        raise InvalidRequest(f"allowed_token_ids must be in 0..{vocab_size - 1}",
-                             "allowed_token_ids")
+    for name in ("allowed_token_ids", "prefix_allowed_token_ids"):
+        lists = getattr(params, name) or []
+        lists = [lists] if name == "allowed_token_ids" and lists else lists
+        if any(max(ids) >= vocab_size for ids in lists):
+            raise InvalidRequest(f"{name} must be in 0..{vocab_size - 1}", name)
     if params.stop and not has_tokenizer:
         raise InvalidRequest("stop strings need the model's tokenizer.json, which this model "
                              "lacks; use stop_token_ids", "stop")

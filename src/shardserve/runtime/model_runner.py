@@ -95,6 +95,7 @@ class ModelRunner:
         self.block_size = 0
         self.cache_bytes = 0
         self.step_seconds = 0.0  # in step(), waits for the previous stage included
+        self.windows_encoded = 0  # audio windows through the encoder (speech models)
         # an encoder-decoder (Whisper): cross-attention cache slots, free ones in order
         self.cross = hasattr(self.model, "cross_kv")
         self.free_slots: list[int] = []
@@ -165,7 +166,8 @@ class ModelRunner:
                 "largest_read": self.load_stats.largest_read,
                 "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs),
                 "stage": self.stage.index, "step_seconds": self.step_seconds,
-                "pipe_wait_seconds": self.link.wait_seconds if self.link else 0.0}
+                "pipe_wait_seconds": self.link.wait_seconds if self.link else 0.0,
+                "windows_encoded": self.windows_encoded}
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], features: np.ndarray | None = None
@@ -333,6 +335,7 @@ class ModelRunner:
         for f, slot in zip(features, slots, strict=True):
             x = torch.from_numpy(np.array(f, np.float32))[None].to(self.device, self.compute)
             states = self.model.encode(x)[0]
+            self.windows_encoded += 1
             for layer, (k, v) in zip(self.model.decoder_layers, self.model.cross_kv(states),
                                      strict=True):
                 layer.keep(slot, k, v)
@@ -379,7 +382,8 @@ class ModelRunner:
         req_ids = [order[i][0] for i in done]
         rows = [RowState(self.seqs[r].sampling, self.generators.get(r), self.seqs[r].tokens,
                          self.seqs[r].prompt_len) for r in req_ids]
-        if self.suppress or self.begin_suppress or any(r.params.get("allowed") for r in rows):
+        if self.suppress or self.begin_suppress or any(
+                r.params.get("allowed") or r.params.get("prefix_allowed") for r in rows):
             logits = self._restrict(logits.float(), rows)
         res = self.sampler(logits, rows)
         np_ = lambda x: None if x is None else x.cpu().numpy()  # noqa: E731
@@ -390,21 +394,31 @@ class ModelRunner:
 
     def _restrict(self, logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         """The generation config's ``suppress_tokens`` never come; ``begin_suppress_tokens``
-        not as the first generated token (as transformers' logits processors do); a row
-        with ``allowed_token_ids`` gets only those."""
+        not as the first free token (as transformers' logits processors do; the first after
+        any ``prefix_allowed_token_ids``); a row's allowed tokens, where it has them, are the
+        only ones left."""
         if self.suppress:
             logits[:, self.suppress] = _SUPPRESSED
-        first = [i for i, r in enumerate(rows) if len(r.tokens) == r.prompt_len]
+        first = [i for i, r in enumerate(rows)
+                 if len(r.tokens) - r.prompt_len == len(r.params.get("prefix_allowed") or ())]
         if self.begin_suppress and first:
             logits[torch.tensor(first)[:, None], torch.tensor(self.begin_suppress)[None]] = \
                 _SUPPRESSED
         for i, row in enumerate(rows):
-            if row.params.get("allowed"):
-                allowed = torch.tensor(row.params["allowed"])
+            allowed = _allowed(row)
+            if allowed:
+                allowed = torch.tensor(allowed)
                 kept = logits[i, allowed]
                 logits[i] = _SUPPRESSED
                 logits[i, allowed] = kept
         return logits
+
+
+def _allowed(row: RowState) -> list[int] | None:
+    """The tokens ``row`` may take at this step: its prefix's list for this step, else its
+    ``allowed_token_ids`` (None: any)."""
+    prefix, step = row.params.get("prefix_allowed"), len(row.tokens) - row.prompt_len
+    return prefix[step] if prefix and step < len(prefix) else row.params.get("allowed")
 
 
 # A suppressed token's logit: far below any real one (no temperature or penalty brings it

@@ -8,10 +8,10 @@ the event loop), then generated like any request: admitted, queued, answered onc
 longer than one window (30 s for Whisper) is cut at quiet moments into windows transcribed
 side by side (at most ``max_num_seqs`` of one request at a time) and joined; each window is a
 segment of ``verbose_json`` and a cue of ``srt`` / ``vtt``. Without ``language`` a
-multilingual model detects it from the first window. Audio over ``max_audio_seconds`` is a
-400 naming the limit, a body over ``max_audio_bytes`` a 413 (the request guard), a file that
-is not WAV a 400 naming the formats accepted; a window refused or failed fails the request
-(the others are aborted).
+multilingual model detects it from the first window, in that window's own request. Audio
+over ``max_audio_seconds`` is a 400 naming the limit, a body over ``max_audio_bytes`` a 413
+(the request guard), a file that is not WAV a 400 naming the formats accepted; a window
+refused or failed fails the request (the others are aborted).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
@@ -134,52 +135,79 @@ async def transcribe(request: Request, dep, who: Principal, audio, rate: int | N
                      language: str | None, task: str = "transcribe",
                      temperature: float = 0.0, max_tokens: int | None = None) -> Transcript:
     """Audio (WAV bytes, or mono samples at ``rate``) through a speech model: the front end
-    on the CPU pool, the language detected where none is given, then each window an admitted
-    generation of at most ``max_tokens`` (default: as many as the model's decoder holds).
-    Refusals raise ``APIError``."""
+    on the CPU pool, then each window an admitted generation of at most ``max_tokens``
+    (default: as many as the model's decoder holds), at most ``max_num_seqs`` at a time.
+    Without a language the first window finds it as it starts (``SpeechInput.detecting``)
+    and the others, given it, start then. Refusals raise ``APIError``."""
     speech = dep.speech
     try:
-        speech.prompt(language, task)  # a bad language or task is refused before any work
+        prompt = speech.prompt(language, task)  # a bad language or task: refused now
         clip = await in_pool(request, speech.load, audio, rate,
                              request.app.state.limits.max_audio_seconds)
-    except InvalidRequest as e:
-        raise http_error(e) from None
-    if language is None and speech.detects:
-        out = await _generate(request, dep, who, [speech.start], speech.detect_params(),
-                              clip.windows[0])
-        language = speech.language_of(out.token_ids[0])
-    prompt = speech.prompt(language, task)
-    most = dep.model.context_len - len(prompt)
-    try:
+        most = dep.model.context_len - len(prompt)
         params = SamplingParams(temperature=temperature, logprobs=0,
                                 max_tokens=min(max_tokens or most, most))
     except InvalidRequest as e:
         raise http_error(e) from None
-    lanes = asyncio.Semaphore(dep.config.max_num_seqs)  # one request's windows in flight
+    lanes = asyncio.Semaphore(dep.config.max_num_seqs)  # this request's windows in flight
+    found = asyncio.get_running_loop().create_future()  # the language code
+    if language is None and speech.detects:
+        async def first(features) -> Segment:
+            detect_prompt, detect = speech.detecting(params, task)
+            async with lanes:
+                c = await _generate(request, dep, who, detect_prompt, detect, features,
+                                    lambda token: found.set_result(speech.language_of(token)))
+            return _segment(speech.found(c, detect)[1])
+    else:
+        found.set_result((language or "en").lower())
+        first = None
 
     async def window(features) -> Segment:
+        lang = await found
         async with lanes:
-            c = await _generate(request, dep, who, prompt, params, features)
-        logps = [lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False) if t in lp]
-        return Segment(0.0, 0.0, c.text.strip(), list(c.token_ids),
-                       sum(logps) / len(logps) if logps else None)
+            return _segment(await _generate(request, dep, who, speech.prompt(lang, task),
+                                            params, features))
 
     try:  # a window refused or failed ends the others (their generations are aborted)
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(window(w)) for w in clip.windows]
+            tasks = [group.create_task((first if i == 0 and first else window)(w))
+                     for i, w in enumerate(clip.windows)]
     except* APIError as errors:
         raise errors.exceptions[0] from None
     segments = [t.result() for t in tasks]
     for seg, (start, end) in zip(segments, clip.spans, strict=True):
         seg.start, seg.end = start, end
-    return Transcript(segments, clip.seconds, (language or "en").lower(), task)
+    return Transcript(segments, clip.seconds, found.result(), task)
+
+
+def _segment(c: CompletionOutput) -> Segment:
+    logps = [lp[t] for t, lp in zip(c.token_ids, c.logprobs or [], strict=False) if t in lp]
+    return Segment(0.0, 0.0, c.text.strip(), list(c.token_ids),
+                   sum(logps) / len(logps) if logps else None)
 
 
 async def _generate(request: Request, dep, who: Principal, prompt: list[int],
-                    params: SamplingParams, features) -> CompletionOutput:
+                    params: SamplingParams, features,
+                    first_token: Callable[[int], None] | None = None) -> CompletionOutput:
+    """One window's completion; with ``first_token``, streamed, and that called with the
+    first generated token as soon as it comes."""
     gen = await start_generation(request, dep, prompt, params, f"trsc-{uuid.uuid4().hex}",
-                                 None, who, "file", features=features)
-    return (await finish(request, gen)).outputs[0]
+                                 None, who, "file", stream=first_token is not None,
+                                 features=features)
+    if first_token is None:
+        return (await finish(request, gen)).outputs[0]
+    whole = CompletionOutput(0, "", [], None, [])
+
+    def add(out) -> None:
+        for c in out.outputs:
+            if not whole.token_ids and c.token_ids:
+                first_token(c.token_ids[0])
+            whole.text += c.text
+            whole.token_ids += c.token_ids
+            whole.logprobs += c.logprobs or []
+            whole.finish_reason = c.finish_reason or whole.finish_reason
+    await finish(request, gen, add)
+    return whole
 
 
 def _subtitles(out: Transcript, fmt: str) -> str:
