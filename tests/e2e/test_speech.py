@@ -149,6 +149,7 @@ def test_long_audio_is_transcribed_in_windows_each_a_segment(server):
     assert len(segs) == 3 and segs[0].start == 0 and abs(segs[-1].end - len(x) / rate) < 1e-2
     assert all(a.end == b.start for a, b in zip(segs, segs[1:], strict=False))
     assert all(s.end - s.start <= 30 for s in segs)
+    assert [s.seek for s in segs] == [round(s.start * 100) for s in segs]  # log-mel frames
     # each cut falls in a pause, after the talk that precedes it
     talked = len(talk) / rate
     assert segs[0].end > talked and segs[1].end > segs[0].end + talked

@@ -114,10 +114,10 @@ async def _audio(request: Request, who: Principal, task: str):
     usage = {"type": "duration", "seconds": math.ceil(out.seconds)}
     if fmt == "json":
         return {"text": out.text, "usage": usage}
-    rate = dep.speech.mel.rate
+    frames = dep.speech.mel.rate / dep.speech.mel.hop_length  # a second's log-mel frames
     return {"task": out.task, "language": out.language, "duration": round(out.seconds, 3),
             "text": out.text, "usage": usage,
-            "segments": [{"id": i, "seek": round(s.start * rate), "start": round(s.start, 3),
+            "segments": [{"id": i, "seek": round(s.start * frames), "start": round(s.start, 3),
                           "end": round(s.end, 3), "text": s.text, "tokens": s.tokens,
                           "temperature": temperature, "avg_logprob": s.avg_logprob}
                          for i, s in enumerate(out.segments)]}
