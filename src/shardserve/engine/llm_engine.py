@@ -111,7 +111,8 @@ class LLMEngine:
         try:
             self.executor.collective_rpc(
                 "allocate_kv_cache", num_blocks=num_blocks, block_size=cache.block_size,
-                cross_slots=scheduler.max_num_seqs if self.speech else 0)
+                cross_slots=scheduler.max_num_seqs if self.speech else 0,
+                max_seqs=scheduler.max_num_seqs)
         except BaseException:
             self.executor.shutdown()
             raise

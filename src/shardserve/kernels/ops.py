@@ -3,9 +3,11 @@ compiler here, a dtype or shape it does not take) and the caller runs its PyTorc
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import threading
 
 import torch
 
@@ -17,19 +19,49 @@ FEW_I8_ROWS = 16  # bf16_gemm.c: int8 K-pair calls of this many rows keep x in f
 
 
 @functools.cache
-def _fn(lib: str, name: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
+def _fn(lib: str, name: str, argtypes: tuple) -> _Native | None:
     handle = kernels.load(lib)
     if handle is None:
         return None
     fn = getattr(handle, name)
     fn.restype, fn.argtypes = ctypes.c_int, list(argtypes)
-    return fn
+    return _Native(fn)
+
+
+class _Native:
+    """A kernel's ctypes function. While ``recording`` is open in the calling thread each
+    call is also kept, as ``(function, arguments)``, for ``runtime/replay.py`` to run again."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: ctypes._CFuncPtr) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        calls = getattr(_recorded, "calls", None)
+        if calls is not None:
+            calls.append((self.fn, args))
+        return self.fn(*args)
+
+
+_recorded = threading.local()
+
+
+@contextlib.contextmanager
+def recording():
+    """The native calls this thread makes inside the block, in order."""
+    outer = getattr(_recorded, "calls", None)
+    _recorded.calls = []
+    try:
+        yield _recorded.calls
+    finally:
+        _recorded.calls = outer
 
 
 def _attention_fn():
     return _fn("paged_attention", "paged_decode_attention",
                (_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32, _I64,
-                ctypes.c_float, _I32, _I32))
+                ctypes.c_float, _I32, _I32, _I64))
 
 
 def _gemm_fn():
@@ -124,20 +156,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            tables: torch.Tensor, context: torch.Tensor, num_kv_heads: int,
                            window: int | None, scale: float) -> torch.Tensor | None:
     """q (D, nh, hd) against the cache blocks in ``tables`` (D, nb) up to ``context`` (D,);
-    float32 q, the caches float32, bfloat16 or float16 (both the same)."""
+    float32 q (each token's heads contiguous, tokens at any stride: the QKV output's view),
+    the caches float32, bfloat16 or float16 (both the same)."""
     fn = _attention_fn()
-    q = q.contiguous()
-    if (fn is None or not _f32_cpu(q) or not _weight_cpu(k_cache) or not _weight_cpu(v_cache)
+    if q.dim() != 3 or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    if (fn is None or q.device.type != "cpu" or q.dtype != torch.float32
+            or not _weight_cpu(k_cache) or not _weight_cpu(v_cache)
             or k_cache.dtype != v_cache.dtype or k_cache.dtype == torch.int8
             or tables.dtype != torch.int64 or context.dtype != torch.int64):
         return None
     tables, context = tables.contiguous(), context.contiguous()
-    out = torch.empty_like(q)
     D, nh, hd = q.shape
+    out = q.new_empty(D, nh, hd)
     rc = fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             context.data_ptr(), out.data_ptr(), D, tables.shape[1], nh, num_kv_heads, hd,
             k_cache.shape[1], window or 0, scale, torch.get_num_threads(),
-            _WTYPES[k_cache.dtype])
+            _WTYPES[k_cache.dtype], q.stride(0))
     return out if rc == 0 else None
 
 

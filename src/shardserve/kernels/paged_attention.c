@@ -166,7 +166,8 @@ ATTEND(attend_f16, W_F16)
 int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                            const int64_t *tables, const int64_t *context, float *out,
                            int64_t D, int64_t max_blocks, int nh, int nkv, int hd, int bs,
-                           int64_t window, float scale, int num_threads, int kvtype) {
+                           int64_t window, float scale, int num_threads, int kvtype,
+                           int64_t q_stride) {
     if (nkv <= 0 || nh % nkv || hd % 8 || hd > 512 || bs > 256 || nh > 256
             || (kvtype != W_F32 && kvtype != W_BF16 && kvtype != W_F16))
         return -1;
@@ -184,9 +185,9 @@ int paged_decode_attention(const float *q, const void *k_cache, const void *v_ca
         const int g0 = (int)(item % splits) * per;
         const int64_t last = context[d];
         const int64_t first = window > 0 && last > window ? last - window : 0;
-        const int64_t at = (d * nh + (int64_t)g0 * G) * hd;
-        attend_one(q + at, k_cache, v_cache, tables + d * max_blocks, first, last, g0, g0 + per,
-                   G, bs, nkv, hd, scale, out + at);
+        const int64_t head = (int64_t)g0 * G * hd;  /* q's rows q_stride apart, out's packed */
+        attend_one(q + d * q_stride + head, k_cache, v_cache, tables + d * max_blocks, first,
+                   last, g0, g0 + per, G, bs, nkv, hd, scale, out + d * nh * hd + head);
     }
     return 0;
 }

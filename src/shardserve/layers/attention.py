@@ -103,6 +103,8 @@ class TorchSDPABackend:
 
     def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: AttentionMetadata) -> torch.Tensor:
+        if not meta.prefills:  # a decode step: the decodes' output is the whole output
+            return self._decode(attn, q, meta)
         out = q.new_empty(q.shape)
         if meta.num_decodes:
             out[:meta.num_decodes] = self._decode(attn, q[:meta.num_decodes], meta)

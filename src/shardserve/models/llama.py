@@ -107,9 +107,12 @@ class LlamaModel(nn.Module):
         the hidden state and residual the next stage starts from (``carried`` there,
         stacked: ``(2, N, H)``)."""
         if self.stage.is_first:
-            x, residual = self.embed_tokens(ids), None
-        else:
-            x, residual = carried[0], carried[1]
+            return self.layers_from(self.embed_tokens(ids), None, positions, meta)
+        return self.layers_from(carried[0], carried[1], positions, meta)
+
+    def layers_from(self, x: torch.Tensor, residual: torch.Tensor | None,
+                    positions: torch.Tensor, meta: AttentionMetadata
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         for layer in self.layers[self.stage.start:self.stage.stop]:
             x, residual = layer(positions, x, residual, meta)
         if not self.stage.is_last:
@@ -163,6 +166,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(B, H) -> (B, V) on rank 0; None on the other ranks."""
         return self.lm_head(hidden)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def from_embeddings(self, x: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        """A whole model's logits (N, V) for a step whose tokens are embedded (``x``) and
+        each is its sequence's last (runtime/replay.py records this part)."""
+        return self.compute_logits(self.model.layers_from(x, None, positions, meta))
 
     def attention_layers(self) -> list[Attention]:
         """This stage's attention layers (their KV cache lives here)."""

@@ -28,11 +28,18 @@ from shardserve.layers.sampler import RowState, Sampler
 from shardserve.models.loader import LoadStats, load_weights
 from shardserve.models.registry import model_class
 from shardserve.models.whisper import CrossBatch
-from shardserve.planner.memory import cross_bytes_per_seq, format_bytes, kv_bytes_per_token
+from shardserve.planner.memory import (
+    cross_bytes_per_seq,
+    format_bytes,
+    kv_bytes_per_token,
+    replay_bytes,
+)
 from shardserve.planner.partition import Stage
 from shardserve.planner.specs import QUANTIZATION_BYTES
+from shardserve.runtime import replay
 from shardserve.runtime.group import Group, PipeLink
 from shardserve.runtime.messages import StepInput, StepOutput
+from shardserve.runtime.replay import Replay
 
 
 @dataclass
@@ -100,11 +107,15 @@ class ModelRunner:
         self.cross = hasattr(self.model, "cross_kv")
         self.free_slots: list[int] = []
         self.suppress, self.begin_suppress = _suppressed_tokens(config)
+        self.replay: Replay | None = None  # set with the KV cache where decode steps may be
 
     # -- control verbs ---------------------------------------------------------------------
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, cross_slots: int = 0) -> int:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, cross_slots: int = 0,
+                          max_seqs: int = 0) -> int:
         """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer (and, for
-        an encoder-decoder, ``cross_slots`` sequences' cross-attention keys and values)."""
+        an encoder-decoder, ``cross_slots`` sequences' cross-attention keys and values);
+        decode steps of up to ``max_seqs`` sequences may be recorded (``runtime/replay.py``)
+        in the memory the plan reserves for that."""
         spec = self.config.spec
         per_token = kv_bytes_per_token(spec, self.group.size, self.kv_name, self.stage)
         need = per_token * num_blocks * block_size
@@ -123,6 +134,11 @@ class ModelRunner:
         if self.cross:
             self._allocate_cross(cross_slots)
         self.block_size, self.cache_bytes = block_size, need
+        self.replay = None
+        if (replay.enabled() and hasattr(self.model, "from_embeddings") and self.link is None
+                and self.group.size == 1 and self.device.type == "cpu"):
+            self.replay = Replay(self.model, -(-self.config.context_len // block_size),
+                                 replay_bytes(self.config.spec, 1, max_seqs))
         return need
 
     def _allocate_cross(self, slots: int) -> None:
@@ -135,6 +151,7 @@ class ModelRunner:
         self.free_slots = list(range(slots))
 
     def free_kv_cache(self) -> None:
+        self.replay = None  # its recordings point into the cache
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = None
         if self.cross:
@@ -167,7 +184,8 @@ class ModelRunner:
                 "comm_seconds": self.group.comm_seconds, "num_seqs": len(self.seqs),
                 "stage": self.stage.index, "step_seconds": self.step_seconds,
                 "pipe_wait_seconds": self.link.wait_seconds if self.link else 0.0,
-                "windows_encoded": self.windows_encoded}
+                "windows_encoded": self.windows_encoded,
+                "replayed_steps": self.replay.replays if self.replay else 0}
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], features: np.ndarray | None = None
@@ -252,11 +270,14 @@ class ModelRunner:
             meta.cross = self._cross_batch(order)
         for req_id, n in order:
             self.seqs[req_id].num_computed += n
+        done = [i for i, (r, _) in enumerate(order)
+                if self.seqs[r].num_computed == len(self.seqs[r].tokens)]
+        if self.replay is not None and self.replay.takes(meta, len(order)):
+            return self._sample(order, done, self.replay.logits(ids, positions, meta), comm0,
+                                t0)  # a decode step: every sequence is done
         hidden = self._forward(ids, positions, meta)
         if not self.stage.is_last:
             return None
-        done = [i for i, (r, _) in enumerate(order)
-                if self.seqs[r].num_computed == len(self.seqs[r].tokens)]
         logits = None
         if done:
             logits = self.model.compute_logits(hidden[last_rows[done]])  # (B, V) on rank 0
