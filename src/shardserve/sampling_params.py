@@ -74,9 +74,10 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     """Sample only among these token ids (vLLM's field of the same name); None: all."""
     prefix_allowed_token_ids: list[list[int]] | None = None
-    """The first generated tokens' choices: token i is one of list i (one id forces it;
-    transformers' ``prefix_allowed_tokens_fn`` as data); later tokens follow
-    ``allowed_token_ids``. At most 16 lists."""
+    """The first generated tokens, decided greedily whatever the sampling: token i is the
+    most likely of list i (one id forces it), as transformers forces decoder ids and
+    detects Whisper's language; later tokens are sampled (from ``allowed_token_ids``, if
+    given). At most 16 lists."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

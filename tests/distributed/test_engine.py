@@ -165,7 +165,8 @@ def test_logprobs_match_transformers(checkpoints):
 
 def test_allowed_token_ids_restrict_each_step_to_them(checkpoints):
     """``allowed_token_ids`` hold at every step, greedy or sampled, for that request only;
-    ``prefix_allowed_token_ids`` for the first tokens, then the request is free."""
+    ``prefix_allowed_token_ids`` decide the first tokens greedily (sampled or not), then the
+    request is free."""
     from transformers import AutoModelForCausalLM
 
     prompt = [1, 40, 41, 42, 43, 44]
@@ -175,20 +176,23 @@ def test_allowed_token_ids_restrict_each_step_to_them(checkpoints):
     best = logits.topk(5).indices.tolist()
     allowed = [7, 300, 555] + best[3:]  # the model's 4th and 5th choices, and three others
     with LLM(str(checkpoints["llama"]), tensor_parallel_size=2) as llm:
-        greedy, sampled, free, prefixed = llm.generate(
-            prompt_token_ids=[prompt] * 4, sampling_params=[
+        greedy, sampled, free, prefixed, hot = llm.generate(
+            prompt_token_ids=[prompt] * 5, sampling_params=[
                 SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
                                allowed_token_ids=allowed),
                 SamplingParams(max_tokens=40, temperature=1.5, seed=1, ignore_eos=True,
                                allowed_token_ids=allowed),
                 SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
                 SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                               prefix_allowed_token_ids=[allowed, [77]]),
+                SamplingParams(max_tokens=6, temperature=1.5, seed=2, ignore_eos=True,
                                prefix_allowed_token_ids=[allowed, [77]])])
         # after its prefix a request is free: what greedy gives from the prompt and prefix
         went = prefixed.outputs[0].token_ids
         after = llm.generate(prompt_token_ids=[prompt + went[:2]], sampling_params=SamplingParams(
             max_tokens=4, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
     assert went[:2] == [max(allowed, key=lambda t: float(logits[t])), 77] and went[2:] == after
+    assert hot.outputs[0].token_ids[:2] == went[:2]  # a prefix is greedy, sampled or not
     want = max(allowed, key=lambda t: float(logits[t]))
     assert greedy.outputs[0].token_ids[0] == want and want != free.outputs[0].token_ids[0]
     assert set(greedy.outputs[0].token_ids + sampled.outputs[0].token_ids) <= set(allowed)

@@ -417,7 +417,7 @@ class ModelRunner:
         """The generation config's ``suppress_tokens`` never come; ``begin_suppress_tokens``
         not as the first free token (as transformers' logits processors do; the first after
         any ``prefix_allowed_token_ids``); a row's allowed tokens, where it has them, are the
-        only ones left."""
+        only ones left (at a prefix step, only the most likely of them)."""
         if self.suppress:
             logits[:, self.suppress] = _SUPPRESSED
         first = [i for i, r in enumerate(rows)
@@ -426,20 +426,24 @@ class ModelRunner:
             logits[torch.tensor(first)[:, None], torch.tensor(self.begin_suppress)[None]] = \
                 _SUPPRESSED
         for i, row in enumerate(rows):
-            allowed = _allowed(row)
+            allowed, greedy = _allowed(row)
             if allowed:
                 allowed = torch.tensor(allowed)
                 kept = logits[i, allowed]
+                if greedy:  # a prefix step: its most likely token, whatever the sampling
+                    allowed, kept = allowed[kept.argmax()], kept.max()
                 logits[i] = _SUPPRESSED
                 logits[i, allowed] = kept
         return logits
 
 
-def _allowed(row: RowState) -> list[int] | None:
-    """The tokens ``row`` may take at this step: its prefix's list for this step, else its
-    ``allowed_token_ids`` (None: any)."""
+def _allowed(row: RowState) -> tuple[list[int] | None, bool]:
+    """The tokens ``row`` may take at this step and whether it takes the most likely of them:
+    its prefix's list for this step (greedy), else its ``allowed_token_ids`` (None: any)."""
     prefix, step = row.params.get("prefix_allowed"), len(row.tokens) - row.prompt_len
-    return prefix[step] if prefix and step < len(prefix) else row.params.get("allowed")
+    if prefix and step < len(prefix):
+        return prefix[step], True
+    return row.params.get("allowed"), False
 
 
 # A suppressed token's logit: far below any real one (no temperature or penalty brings it
