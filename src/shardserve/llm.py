@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any
 
@@ -103,16 +104,10 @@ class LLM:
         Without ``language`` a multilingual model detects it from the first window (the
         language token is the output's ``prompt_token_ids[1]``). Greedy and up to the
         model's 448 tokens a window unless ``sampling_params`` say otherwise."""
-        from shardserve.engine.speech import SpeechInput
-
-        if not self.engine.speech:
-            raise ValueError(f"{self.model_config.spec.architecture} is not a speech model; "
-                             "use generate()")
-        speech = SpeechInput(self.model_config.path, self.model_config.spec)
-        speech.prompt(language, task)  # a bad language or task is refused before any work
+        speech = self._speech
+        prompt = speech.prompt(language, task)  # a bad language or task: refused before work
         clips = [speech.load(a, sampling_rate) for a in
                  (audio if isinstance(audio, list) else [audio])]
-        prompt = speech.prompt(language, task)
         params = sampling_params or SamplingParams(
             temperature=0.0, max_tokens=self.engine.max_len - len(prompt))
         heads: list[RequestOutput | None] = [None] * len(clips)  # first windows, if detecting
@@ -133,6 +128,16 @@ class LLM:
                                                 for i, w in todo]), strict=True):
             windows[i].append(out)
         return [_joined(w) for w in windows]
+
+    @functools.cached_property
+    def _speech(self):
+        """A speech model's front end (``engine/speech.SpeechInput``)."""
+        from shardserve.engine.speech import SpeechInput
+
+        if not self.engine.speech:
+            raise ValueError(f"{self.model_config.spec.architecture} is not a speech model; "
+                             "use generate()")
+        return SpeechInput(self.model_config.path, self.model_config.spec)
 
     def _run(self, requests: list[tuple]) -> list[RequestOutput]:
         """Generate ``(prompt ids, params, prompt text, audio features)`` to the end, outputs

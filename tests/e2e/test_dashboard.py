@@ -11,9 +11,8 @@ import urllib.request
 
 import pytest
 
-from shardserve.api.auth import hash_key
 from tests.e2e.test_server import _free_port, _start, _stop
-from tests.e2e.test_tenants import _call
+from tests.e2e.test_tenants import _call, tenant_repo
 
 pytestmark = pytest.mark.slow
 ADMIN, KEY_A, KEY_B = "sk-admin-map", "sk-tenant-a-map", "sk-tenant-b-map"
@@ -21,18 +20,8 @@ ADMIN, KEY_A, KEY_B = "sk-admin-map", "sk-tenant-a-map", "sk-tenant-b-map"
 
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("map")
-    auth = root / "auth.yaml"
-    auth.write_text(f"admin_keys: [{hash_key(ADMIN)}]\ntenants:\n"
-                    f"  a: {{keys: [{hash_key(KEY_A)}], models: [a-llama]}}\n"
-                    f"  b: {{keys: [{hash_key(KEY_B)}], models: [b-mistral, c-qwen]}}\n")
-    repo = root / "repo"
-    for name, arch, tp in (("a-llama", "llama", 2), ("b-mistral", "mistral", 1),
-                           ("c-qwen", "qwen2", 1)):
-        (repo / name).mkdir(parents=True)
-        (repo / name / "model.yaml").write_text(
-            f"weights: {checkpoints[arch]}\ntp: {tp}\nmax_num_seqs: 4\n"
-            "max_num_batched_tokens: 512\n")
+    auth, repo = tenant_repo(tmp_path_factory.mktemp("map"), checkpoints,
+                             (ADMIN, KEY_A, KEY_B))
     port = _free_port()
     proc = _start(["--repository", str(repo), "--devices", "cpu:2", "--device-memory",
                    "16MiB", "--auth", str(auth)], port)

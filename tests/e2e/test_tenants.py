@@ -27,20 +27,30 @@ def _call(url, key=None, body=None, method=None):
         return e.code, json.loads(e.read() or b"null")
 
 
-@pytest.fixture(scope="module")
-def server(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tenants")
+def tenant_repo(root, checkpoints, keys: tuple[str, str, str],
+                extra: dict[str, str] | None = None):
+    """``(auth file, repository)``: admin key ``keys[0]``; tenant a (``keys[1]``) holds
+    a-llama (tp=2), tenant b (``keys[2]``) b-mistral and c-qwen; ``extra`` adds lines to a
+    model's model.yaml."""
+    admin, key_a, key_b = keys
     auth = root / "auth.yaml"
-    auth.write_text(f"admin_keys: [{hash_key(ADMIN)}]\ntenants:\n"
-                    f"  a: {{keys: [{hash_key(KEY_A)}], models: [a-llama]}}\n"
-                    f"  b: {{keys: [{hash_key(KEY_B)}], models: [b-mistral, c-qwen]}}\n")
+    auth.write_text(f"admin_keys: [{hash_key(admin)}]\ntenants:\n"
+                    f"  a: {{keys: [{hash_key(key_a)}], models: [a-llama]}}\n"
+                    f"  b: {{keys: [{hash_key(key_b)}], models: [b-mistral, c-qwen]}}\n")
     repo = root / "repo"
-    for name, arch, tp, extra in (("a-llama", "llama", 2, ""), ("b-mistral", "mistral", 1, ""),
-                                  ("c-qwen", "qwen2", 1, "tenants: [a]\n")):
+    for name, arch, tp in (("a-llama", "llama", 2), ("b-mistral", "mistral", 1),
+                           ("c-qwen", "qwen2", 1)):
         (repo / name).mkdir(parents=True)
         (repo / name / "model.yaml").write_text(
             f"weights: {checkpoints[arch]}\ntp: {tp}\nmax_num_seqs: 4\n"
-            "max_num_batched_tokens: 512\n" + extra)
+            "max_num_batched_tokens: 512\n" + (extra or {}).get(name, ""))
+    return auth, repo
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    auth, repo = tenant_repo(tmp_path_factory.mktemp("tenants"), checkpoints,
+                             (ADMIN, KEY_A, KEY_B), {"c-qwen": "tenants: [a]\n"})
     port = _free_port()
     proc = _start(["--repository", str(repo), "--devices", "cpu:4", "--device-memory",
                    "12MiB", "--auth", str(auth)], port)

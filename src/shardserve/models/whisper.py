@@ -157,14 +157,15 @@ class WhisperDecoderLayer(nn.Module):
         one-token sequences in one call of the paged attention kernel over their slots' blocks,
         read in place (gathering 16 sequences' states costs ten times the attention); the
         rest (and everything without the kernel) one sequence at a time."""
+        o = ops.paged_decode_attention(q[:cross.decodes], self.cross_k, self.cross_v,
+                                       cross.tables, cross.context, q.shape[1], None,
+                                       q.shape[-1] ** -0.5) if cross.decodes else None
+        if o is not None and cross.decodes == len(cross.rows):  # a decode step: all of it
+            return o.flatten(1)
         out = torch.empty_like(q)
         done = 0
-        if cross.decodes:
-            o = ops.paged_decode_attention(q[:cross.decodes], self.cross_k, self.cross_v,
-                                           cross.tables, cross.context, q.shape[1], None,
-                                           q.shape[-1] ** -0.5)
-            if o is not None:
-                out[:cross.decodes], done = o, cross.decodes
+        if o is not None:
+            out[:cross.decodes], done = o, cross.decodes
         at = done
         for i in range(done, len(cross.rows)):
             n = cross.rows[i]

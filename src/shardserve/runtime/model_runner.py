@@ -36,10 +36,9 @@ from shardserve.planner.memory import (
 )
 from shardserve.planner.partition import Stage
 from shardserve.planner.specs import QUANTIZATION_BYTES
-from shardserve.runtime import replay
 from shardserve.runtime.group import Group, PipeLink
 from shardserve.runtime.messages import StepInput, StepOutput
-from shardserve.runtime.replay import Replay
+from shardserve.runtime.replay import Replay, replays_enabled
 
 
 @dataclass
@@ -135,7 +134,7 @@ class ModelRunner:
             self._allocate_cross(cross_slots)
         self.block_size, self.cache_bytes = block_size, need
         self.replay = None
-        if (replay.enabled() and hasattr(self.model, "from_embeddings") and self.link is None
+        if (replays_enabled() and hasattr(self.model, "from_embeddings") and self.link is None
                 and self.group.size == 1 and self.device.type == "cpu"):
             self.replay = Replay(self.model, -(-self.config.context_len // block_size),
                                  replay_bytes(self.config.spec, 1, max_seqs))

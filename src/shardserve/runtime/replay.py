@@ -75,7 +75,7 @@ class _Program:
     kept: list
 
 
-def enabled() -> bool:
+def replays_enabled() -> bool:
     return os.environ.get("SHARDSERVE_REPLAY", "1").lower() not in ("0", "off", "false")
 
 
