@@ -48,3 +48,12 @@ def test_the_window_keeps_the_last_minute():
                                                          "requests": 0}
     now[0] = 200.0  # a quiet minute later: nothing
     assert recent.summary("m")["ttft_ms"]["requests"] == 0
+
+
+def test_the_window_keeps_no_more_than_a_minute_unread():
+    now = [0.0]
+    recent = Recent(60.0, clock=lambda: now[0])
+    for i in range(1000):  # a busy server nobody polls
+        now[0] = i
+        recent.add("tokens", "m", 1)
+    assert len(recent._samples[("tokens", "m")]) == 61  # 939..999

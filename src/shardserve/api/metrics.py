@@ -114,15 +114,20 @@ class Recent:
         self._samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
 
     def add(self, what: str, model: str, value: float) -> None:
-        self._samples.setdefault((what, model), deque()).append((self.clock(), value))
+        q = self._samples.setdefault((what, model), deque())
+        q.append((self.clock(), value))
+        self._prune(q)  # kept to the window whether or not anyone reads it
+
+    def _prune(self, q: deque) -> None:
+        cut = self.clock() - self.window_s
+        while q and q[0][0] < cut:
+            q.popleft()
 
     def _values(self, what: str, model: str) -> list[float]:
         q = self._samples.get((what, model))
         if q is None:
             return []
-        cut = self.clock() - self.window_s
-        while q and q[0][0] < cut:
-            q.popleft()
+        self._prune(q)
         return [v for _, v in q]
 
     def summary(self, model: str) -> dict:
