@@ -27,13 +27,9 @@
 
 #include "vecmath.h"
 
-#if defined(__AVX512F__)
-typedef float vec __attribute__((vector_size(64), aligned(4)));
-#define LANES 16
+#if LANES == 16
 #define NV 4  /* 6 x 4 accumulators + 4 panel loads + 1 broadcast of 32 registers */
 #else
-typedef float vec __attribute__((vector_size(32), aligned(4)));
-#define LANES 8
 #define NV 2  /* 6 x 2 + 2 + 1 of 16 registers */
 #endif
 #define NR (LANES * NV)
@@ -84,11 +80,14 @@ static inline vec loadv(const void *p, int64_t i, int wtype) {
 /* y[0:mr, 0:NR] (+)= x[0:mr, 0:kc] p[0:kc, 0:NR] (p: elements from p0 + off); `first` starts
  * from zero (or the bias when given), otherwise from y. With int8 weights the bias and the
  * scales come in at the `last` block instead. mr and wtype are constants after inlining, so
- * the tile stays in registers. */
+ * the tile stays in registers. `stream` prefetches this block ahead of use (its first tile,
+ * when nothing fetched it before); `next`, when set, is the block this thread runs next, of
+ * which the tile prefetches into L2 the panel rows k with k % tiles == tile. */
 static inline __attribute__((always_inline)) void micro(
         int mr, const float *restrict x, int64_t ldx, const void *restrict p0, int64_t off,
         int kc, float *restrict y, int64_t ldy, int first, int last, const float *restrict bias,
-        const float *restrict scale, int wtype, int stream) {
+        const float *restrict scale, int wtype, int stream, const char *restrict next, int tile,
+        int tiles) {
     vec acc[MR][NV];
     const int late_bias = wtype == W_I8;
     for (int i = 0; i < mr; i++)
@@ -101,6 +100,9 @@ static inline __attribute__((always_inline)) void micro(
         if (stream)  /* every cache line of the panel row (4 for an AVX-512 float32 one) */
             for (int64_t l = 0; l < NR * wsize; l += 64)
                 __builtin_prefetch(pb + (k * NR) * wsize + PF_BYTES + l, 0, 3);
+        if (next && k % tiles == tile)
+            for (int64_t l = 0; l < NR * wsize; l += 64)
+                __builtin_prefetch(next + (k * NR) * wsize + l, 0, 2);
         vec b[NV];
         for (int v = 0; v < NV; v++) b[v] = loadv(p0, off + k * NR + v * LANES, wtype);
         for (int i = 0; i < mr; i++) {
@@ -118,17 +120,27 @@ static inline __attribute__((always_inline)) void micro(
         for (int v = 0; v < NV; v++) *(vec *)(y + i * ldy + v * LANES) = acc[i][v];
 }
 
-/* Rows [m0, m1) of y against the panel block at element `off` of p (kc x NR). */
+/* Rows [m0, m1) of y against the panel block at element `off` of p (kc x NR); `next_off` is
+ * the block this thread runs next (-1: none known), `cold` that nothing prefetched this one.
+ *
+ * One tile (a few rows) streams the block from memory, prefetched a little ahead. With more,
+ * the first tile alone used to stream it and the rest found it in L2, so the memory stream
+ * stopped while they computed (one core, 32 rows of a llama-110m layer: 4.7 ms, 3.5 ms with
+ * the weights in cache); now every tile also prefetches its share of the next block, and the
+ * stream runs under the arithmetic (3.9 ms; 8-128 rows on two cores 11-15% faster). */
 static inline __attribute__((always_inline)) void rows(
         const float *x, const void *p, int64_t off, float *y, int64_t m0, int64_t m1,
         int64_t K, int64_t O, int kc, int first, int last, const float *bias,
-        const float *scale, int wtype) {
+        const float *scale, int wtype, int64_t next_off, int cold) {
+    const int tiles = (int)((m1 - m0 + MR - 1) / MR);
+    const int64_t wsize = wtype == W_F32 ? 4 : wtype == W_I8 ? 1 : 2;
+    const char *next = tiles > 1 && next_off >= 0 ? (const char *)p + next_off * wsize : 0;
+    const int s0 = cold || tiles == 1;
 #define TILE(MROWS, STREAM) micro(MROWS, x + m * K, K, p, off, kc, y + m * O, O, first, last, \
-                                  bias, scale, wtype, STREAM)
+                                  bias, scale, wtype, STREAM, next, (int)((m - m0) / MR), tiles)
     int64_t m = m0;
-    /* The first tile streams the block from memory (prefetched); the rest find it in L2. */
-    for (; m + MR <= m1; m += MR) TILE(MR, m == m0);
-    const int s = m == m0;
+    for (; m + MR <= m1; m += MR) TILE(MR, m == m0 && s0);
+    const int s = m == m0 && s0;
     switch (m1 - m) {  /* the last rows, with a constant count each */
     case 0: break;
     case 1: TILE(1, s); break;
@@ -141,12 +153,13 @@ static inline __attribute__((always_inline)) void rows(
 }
 
 typedef void (*rows_fn)(const float *, const void *, int64_t, float *, int64_t, int64_t,
-                        int64_t, int64_t, int, int, int, const float *, const float *);
+                        int64_t, int64_t, int, int, int, const float *, const float *, int64_t,
+                        int);
 #define ROWS(NAME, WTYPE)                                                                   \
     static void NAME(const float *x, const void *p, int64_t off, float *y, int64_t m0,      \
                      int64_t m1, int64_t K, int64_t O, int kc, int first, int last,         \
-                     const float *b, const float *s) {                                      \
-        rows(x, p, off, y, m0, m1, K, O, kc, first, last, b, s, WTYPE);                     \
+                     const float *b, const float *s, int64_t nx, int cold) {                \
+        rows(x, p, off, y, m0, m1, K, O, kc, first, last, b, s, WTYPE, nx, cold);           \
     }
 ROWS(rows_f32, W_F32)
 ROWS(rows_bf16, W_BF16)
@@ -182,9 +195,16 @@ int packed_gemm(const float *x, const void *p, const float *bias, const float *s
         const int64_t m0 = N * b / nb, m1 = N * (b + 1) / nb;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int kc = K - k0 < KC ? (int)(K - k0) : KC;
-            for (int64_t q = q0; q < q1; q++)
+            for (int64_t q = q0; q < q1; q++) {
+                /* The next block of this item: the next panel, or the group's first at the
+                 * next K block; the first of an item is cold (items go to threads as they
+                 * finish). */
+                const int64_t next = q + 1 < q1 ? (q + 1) * K * NR + k0 * NR
+                                     : k0 + KC < K ? q0 * K * NR + (k0 + KC) * NR : -1;
                 block(x + k0, p, q * K * NR + k0 * NR, y + q * NR, m0, m1, K, O, kc, k0 == 0,
-                      k0 + kc >= K, bias ? bias + q * NR : 0, scale ? scale + q * NR : 0);
+                      k0 + kc >= K, bias ? bias + q * NR : 0, scale ? scale + q * NR : 0, next,
+                      k0 == 0 && q == q0);
+            }
         }
     }
     return 0;

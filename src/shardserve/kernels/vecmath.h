@@ -1,5 +1,6 @@
 /* Shared by the kernels: 8-lane float vectors (GCC vector extensions: AVX2 registers, or half
- * an AVX-512 one), 16-bit weights read as float32, and exp for softmax and SiLU arguments. */
+ * an AVX-512 one) and the widest the build has, 16-bit weights read as float32, and exp for
+ * softmax and SiLU arguments. */
 #ifndef SHARDSERVE_VECMATH_H
 #define SHARDSERVE_VECMATH_H
 
@@ -12,6 +13,17 @@
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));  /* unaligned loads */
 typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* The widest float vector this build has: LANES floats (an AVX-512 register, or AVX2's). */
+#if defined(__AVX512F__)
+typedef float vec __attribute__((vector_size(64), aligned(4)));
+typedef int32_t veci __attribute__((vector_size(64)));
+#define LANES 16
+#else
+typedef float vec __attribute__((vector_size(32), aligned(4)));
+typedef int32_t veci __attribute__((vector_size(32)));
+#define LANES 8
+#endif
 
 static inline float hsum8(v8 s) {
     return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
@@ -70,24 +82,28 @@ static inline v8 load8(const void *p, int64_t i, int wtype) {
     return *(const v8 *)((const float *)p + i);
 }
 
-/* exp(x) for x <= 0 on 8 lanes: Cephes' polynomial, relative error about 2e-7. Written on
- * vectors because GCC does not vectorize a scalar version (floorf, the bit cast); rounds to
- * nearest with the 1.5 * 2^23 trick. */
-static inline v8 exp_neg8(v8 x) {
-    const v8 lo = (v8){0} - 87.0f, magic = (v8){0} + 12582912.0f;
-    const v8i below = x < lo;
-    x = (v8)(((v8i)x & ~below) | ((v8i)lo & below));
-    const v8 n = (x * 1.44269504f + magic) - magic;
-    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8 p = (v8){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
-}
+/* exp(x) for x <= 0 on the lanes of vector type V (integer lanes VI): Cephes' polynomial,
+ * relative error about 2e-7. Written on vectors because GCC does not vectorize a scalar
+ * version (floorf, the bit cast); rounds to nearest with the 1.5 * 2^23 trick. A macro, so a
+ * kernel on AVX-512 registers defines a 16-lane one from the same polynomial. */
+#define DEFINE_EXP_NEG(NAME, V, VI)                                           \
+    static inline V NAME(V x) {                                               \
+        const V lo = (V){0} - 87.0f, magic = (V){0} + 12582912.0f;            \
+        const VI below = x < lo;                                              \
+        x = (V)(((VI)x & ~below) | ((VI)lo & below));                         \
+        const V n = (x * 1.44269504f + magic) - magic;                        \
+        const V r = x - n * 0.693359375f + n * 2.12194440e-4f;                \
+        V p = (V){0} + 1.9875691500e-4f;                                      \
+        p = p * r + 1.3981999507e-3f;                                         \
+        p = p * r + 8.3334519073e-3f;                                         \
+        p = p * r + 4.1665795894e-2f;                                         \
+        p = p * r + 1.6666665459e-1f;                                         \
+        p = p * r + 5.0000001201e-1f;                                         \
+        p = p * r * r + r + 1.0f;                                             \
+        return p * (V)((__builtin_convertvector(n, VI) + 127) << 23);         \
+    }
+DEFINE_EXP_NEG(exp_neg8, v8, v8i)
+DEFINE_EXP_NEG(exp_negv, vec, veci)
 
 /* One value (the tails of rows): lane 0 of the vector version, so there is one polynomial. */
 static inline float exp_neg(float x) { return exp_neg8((v8){0} + x)[0]; }
