@@ -68,15 +68,19 @@ int bf16_gemm_mode(void) {
 #endif
 }
 
-/* Rows [r0, r1) of x as bfloat16 (round to nearest even) into xb (ld K), zero rows up to r2. */
+/* Rows of x in bfloat16 are XLD(K) apart, one line more than K: an AMX A tile's 16 rows at a
+ * stride of 4 KiB (K = 2048) would all fall in one L1 set. */
+#define XLD(K) ((K) + 32)
+
+/* Rows [r0, r1) of x as bfloat16 (round to nearest even) into xb, zero rows up to r2. */
 static void to_bf16(const float *x, uint16_t *xb, int64_t r0, int64_t r1, int64_t r2, int64_t K) {
     for (int64_t r = r0; r < r1; r++)
         for (int64_t k = 0; k < K; k += 32) {
             const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + r * K + k + 16),
                                                    _mm512_loadu_ps(x + r * K + k));
-            _mm512_storeu_si512((void *)(xb + r * K + k), (__m512i)v);
+            _mm512_storeu_si512((void *)(xb + r * XLD(K) + k), (__m512i)v);
         }
-    if (r2 > r1) memset(xb + r1 * K, 0, (size_t)((r2 - r1) * K) * 2);
+    if (r2 > r1) memset(xb + r1 * XLD(K), 0, (size_t)((r2 - r1) * XLD(K)) * 2);
 }
 
 /* A panel of int8 weights (K * NR) widened to bfloat16: exact for -127..127. */
@@ -135,7 +139,7 @@ static inline __attribute__((always_inline)) void dp_tile(int mr, const uint16_t
         pair_row(pp, k2, wtype, b);
         for (int i = 0; i < mr; i++) {
             int32_t pair;
-            memcpy(&pair, xb + i * K + 2 * k2, 4);
+            memcpy(&pair, xb + i * XLD(K) + 2 * k2, 4);
             const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
             for (int v = 0; v < 4; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
         }
@@ -151,12 +155,12 @@ static inline __attribute__((always_inline)) void rows_dp(
     for (int64_t m = m0; m < m1; m += MR) {
         const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
         switch (mr) {  /* a constant row count each, so the tile stays in registers */
-        case 1: dp_tile(1, xb + m * K, pp, K, c, wtype); break;
-        case 2: dp_tile(2, xb + m * K, pp, K, c, wtype); break;
-        case 3: dp_tile(3, xb + m * K, pp, K, c, wtype); break;
-        case 4: dp_tile(4, xb + m * K, pp, K, c, wtype); break;
-        case 5: dp_tile(5, xb + m * K, pp, K, c, wtype); break;
-        default: dp_tile(6, xb + m * K, pp, K, c, wtype); break;
+        case 1: dp_tile(1, xb + m * XLD(K), pp, K, c, wtype); break;
+        case 2: dp_tile(2, xb + m * XLD(K), pp, K, c, wtype); break;
+        case 3: dp_tile(3, xb + m * XLD(K), pp, K, c, wtype); break;
+        case 4: dp_tile(4, xb + m * XLD(K), pp, K, c, wtype); break;
+        case 5: dp_tile(5, xb + m * XLD(K), pp, K, c, wtype); break;
+        default: dp_tile(6, xb + m * XLD(K), pp, K, c, wtype); break;
         }
         store_rows(c, y + m * O, O, mr, bias, scale);
     }
@@ -236,6 +240,9 @@ static void tile_config(void) {
         cfg[16 + 2 * t] = 64;  /* bytes per row (little-endian uint16) */
         cfg[48 + t] = 16;      /* rows */
     }
+    /* GCC 12 can drop the stores above where this is inlined (seen in a test program: the
+     * intrinsic's read of cfg is invisible to it, and 16 rows of 0 bytes fault) */
+    __asm__ __volatile__("" : : "r"(cfg) : "memory");
     _tile_loadconfig(cfg);
 }
 
@@ -243,16 +250,20 @@ static void tile_config(void) {
 static void rows_amx(const uint16_t *xb, const uint16_t *pp, int64_t m0, int64_t m1, int64_t K,
                      int64_t O, float *y, const float *bias, const float *scale) {
     float c[32 * NR] __attribute__((aligned(64)));
-    const int64_t lda = K * 2, ldb = NR * 4;  /* bytes */
+    const int64_t lda = XLD(K) * 2, ldb = NR * 4;  /* bytes */
     for (int64_t m = m0; m < m1; m += 32) {
-        const uint16_t *a = xb + m * K;
+        const uint16_t *a = xb + m * XLD(K);
         if (m1 - m > 16) {  /* 32 rows: 2 x 2 C tiles per half panel */
             for (int h = 0; h < 2; h++) {
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int64_t k = 0; k < K; k += 32) {
                     const uint16_t *b = pp + k * NR + h * 64;  /* pair row k/2, feature 32h */
+                    if (h == 0 && m == m0)  /* the first pass streams the panel: 4 KiB a step */
+                        for (int l = 0; l < 4096; l += 64)
+                            _mm_prefetch((const char *)(pp + k * NR) + PF_AHEAD + l,
+                                         _MM_HINT_T0);
                     _tile_loadd(4, a + k, lda);
-                    _tile_loadd(5, a + 16 * K + k, lda);
+                    _tile_loadd(5, a + 16 * XLD(K) + k, lda);
                     _tile_loadd(6, b, ldb);
                     _tile_loadd(7, b + 32, ldb);
                     _tile_dpbf16ps(0, 4, 6);
@@ -304,7 +315,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
     const int tiles = mode == MODE_AMX && !few_i8;  /* AMX runs this call */
     /* x rounded to bfloat16, zero rows up to whole AMX tiles: all but few_i8 read it */
     const int64_t Np = (N + 15) / 16 * 16;
-    uint16_t *xb = few_i8 ? 0 : aligned_alloc(64, (size_t)(Np * K * 2 + 64));
+    uint16_t *xb = few_i8 ? 0 : aligned_alloc(64, (size_t)(Np * XLD(K) * 2 + 64));
     if (!few_i8 && !xb) return -1;
     const int64_t panels = O / NR, chunks = (N + MC - 1) / MC, items = panels * chunks;
     int failed = 0;
