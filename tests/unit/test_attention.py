@@ -1,5 +1,5 @@
-"""Decode attention over the paged cache: the native CPU kernel and the PyTorch path against
-attention written out densely, sequence by sequence."""
+"""Attention over the paged cache, decode and prefill: the native CPU kernels and the PyTorch
+path against attention written out densely, sequence by sequence."""
 
 import shutil
 
@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from shardserve import kernels
+from shardserve.kernels import ops
 from shardserve.layers.attention import (
     Attention,
     AttentionMetadata,
     CPUPagedBackend,
+    PrefillChunk,
     TorchSDPABackend,
     default_backend,
 )
@@ -103,6 +105,97 @@ def test_a_16_bit_cache_is_read_as_its_values(shape, kv_dtype, monkeypatch):
         assert flat.dtype == kv_dtype and torch.equal(flat[[3, 17]], k.to(kv_dtype))
         assert torch.equal(attn.v_cache.view(-1, *v.shape[1:])[[3, 17]], v.to(kv_dtype))
         assert not flat[[0, 4]].any()
+
+
+PREFILL_SHAPES = [  # num_heads, num_kv_heads, head_dim, sliding window
+    (12, 4, 64, None),  # llama-110m: grouped-query
+    (8, 8, 128, None),  # multi-head, wide heads
+    (4, 1, 80, 21),  # multi-query, head_dim 5 x 16, a window shorter than the chunk
+    (6, 2, 48, 300),  # a window longer than the context
+    (2, 1, 20, None),  # head_dim not a multiple of 16 (nor 8): the kernel declines
+]
+
+
+def _dense_prefill(q, k, v, window):
+    """q (n, nh, hd): the last n positions of a context with keys / values (ctx, nkv, hd)."""
+    n, nh, hd = q.shape
+    ctx, nkv = k.shape[:2]
+    out = torch.empty(n, nh, hd, dtype=torch.float64)
+    for i in range(n):
+        pos = ctx - n + i
+        first = max(0, pos + 1 - window) if window else 0
+        for h in range(nh):
+            kv = h // (nh // nkv)
+            s = (k[first:pos + 1, kv].double() @ q[i, h].double()) * hd ** -0.5
+            out[i, h] = torch.softmax(s, 0) @ v[first:pos + 1, kv].double()
+    return out.float()
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=str)
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefill_chunks_match_dense_attention(shape, kv_dtype, monkeypatch):
+    """A step of one decode and three prefill chunks: a whole prompt (its own float32 keys),
+    a chunk after 37 cached tokens (keys from the cache, a partly filled last block) and a
+    one-token chunk; then a 1100-token prompt alone. Every backend equals dense causal
+    attention per sequence. Where the native prefill kernel takes the head size it runs
+    itself for the first three (the PyTorch path is removed for the one-chunk step), and the
+    1100-key context, past its cap, is PyTorch's."""
+    nh, nkv, hd, window = shape
+    g = torch.Generator().manual_seed(hd + nh)
+    bs = 16
+    attn = Attention(nh, nkv, hd, window)
+    attn.k_cache = torch.randn(20, bs, nkv, hd, generator=g).to(kv_dtype)
+    attn.v_cache = torch.randn(20, bs, nkv, hd, generator=g).to(kv_dtype)
+    order = torch.randperm(20, generator=g)  # blocks in the order a block manager hands out
+    N = 1 + 70 + 29 + 1
+    q = torch.randn(N, nh, hd, generator=g)
+    k, v = torch.randn(N, nkv, hd, generator=g), torch.randn(N, nkv, hd, generator=g)
+    prefills, wants, start, used = [], [], 1, 0
+    for n, ctx in [(70, 70), (29, 66), (1, 5)]:
+        table = order[used:used + -(-ctx // bs)]
+        used += len(table)
+        rows = slice(start, start + n)
+        pos = torch.arange(ctx - n, ctx)
+        slots = table[pos // bs] * bs + pos % bs
+        attn.k_cache.view(-1, nkv, hd)[slots] = k[rows].to(kv_dtype)
+        attn.v_cache.view(-1, nkv, hd)[slots] = v[rows].to(kv_dtype)
+        own = n == ctx  # a whole prompt attends to the step's float32 keys, not the cache's
+        keys = k[rows] if own else attn.k_cache[table].flatten(0, 1)[:ctx].float()
+        values = v[rows] if own else attn.v_cache[table].flatten(0, 1)[:ctx].float()
+        prefills.append(PrefillChunk(table, start, n, ctx))
+        wants.append(_dense_prefill(q[rows], keys, values, window))
+        start += n
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), 1, order[None, :1],
+                             torch.tensor([3]), prefills)
+    native = default_backend()
+    runs = isinstance(native, CPUPagedBackend) and hd % 16 == 0
+    results = []
+    real = ops.prefill_attention
+    monkeypatch.setattr(ops, "prefill_attention",
+                        lambda *a, **kw: results.append(real(*a, **kw)) or results[-1])
+    for backend in (TorchSDPABackend(), native):
+        out = backend.attend(attn, q, k, v, meta)
+        for chunk, want in zip(prefills, wants, strict=True):
+            got = out[chunk.start:chunk.start + chunk.num_tokens]
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert len(results) == (3 if isinstance(native, CPUPagedBackend) else 0)
+    assert all((r is not None) == runs for r in results)
+    if runs:  # one chunk alone: the kernel's output is the step's
+        only = AttentionMetadata(torch.zeros(0, dtype=torch.long), 0, None, None,
+                                 prefills[1:2])
+        with monkeypatch.context() as m:
+            m.setattr(TorchSDPABackend, "_prefill", None)
+            got = native.attend(attn, q, k, v, only)
+        torch.testing.assert_close(got, wants[1], atol=2e-5, rtol=1e-4)
+    n = 1100
+    q, k, v = (torch.randn(n, h, hd, generator=g) for h in (nh, nkv, nkv))
+    results.clear()
+    long = AttentionMetadata(torch.zeros(0, dtype=torch.long), 0, None, None,
+                             [PrefillChunk(torch.zeros(0, dtype=torch.long), 0, n, n)])
+    got = native.attend(attn, q, k, v, long)
+    torch.testing.assert_close(got[-50:], _dense_prefill(q[-50:], k, v, window),
+                               atol=2e-5, rtol=1e-4)
+    assert all(r is None for r in results)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

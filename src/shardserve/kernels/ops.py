@@ -64,6 +64,12 @@ def _attention_fn():
                 ctypes.c_float, _I32, _I32, _I64))
 
 
+def _prefill_attention_fn():
+    return _fn("prefill_attention", "prefill_attention",
+               (_P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _I64, _I64, _I64,
+                _I64, ctypes.c_float, _I32))
+
+
 def _gemm_fn():
     return _fn("small_gemm", "small_gemm", (_P, _P, _P, _P, _I32, _I64, _I64, _I32, _I32))
 
@@ -173,6 +179,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             context.data_ptr(), out.data_ptr(), D, tables.shape[1], nh, num_kv_heads, hd,
             k_cache.shape[1], window or 0, scale, torch.get_num_threads(),
             _WTYPES[k_cache.dtype], q.stride(0))
+    return out if rc == 0 else None
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                      scale: float) -> torch.Tensor | None:
+    """Causal attention of a prefill chunk: q (n, nh, hd), the last n positions of a context
+    whose keys and values are k, v (ctx, nkv, hd), all float32 on the CPU with each head's
+    features contiguous (tokens and heads at any stride: the QKV output's views) ->
+    (n, nh, hd). None where the kernel does not apply (no kernel, a context over its cap, a
+    head size it does not take)."""
+    fn = _prefill_attention_fn()
+    if fn is None or q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        return None
+    n, nh, hd = q.shape
+    ctx, nkv = k.shape[0], k.shape[1]
+    if (q.stride(1) != hd or any(t.stride(2) != 1 for t in (q, k, v))
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v))
+            or k.shape[2] != hd or ctx < n):
+        return None
+    out = q.new_empty(n, nh, hd)
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, ctx, nh, nkv, hd,
+            q.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1), window or 0,
+            scale, torch.get_num_threads())
     return out if rc == 0 else None
 
 

@@ -11,7 +11,10 @@ step. ``AttentionMetadata`` is built once per step and shared by every layer.
 The computation sits behind ``AttentionBackend``: ``TorchSDPABackend`` runs anywhere PyTorch
 does; ``CPUPagedBackend`` replaces its decode half on CPUs with a native kernel that reads the
 blocks in place (``kernels/paged_attention.c``), 4-9x faster than gather + SDPA at 64 sequences
-(``benchmarks/kernels.py``). A fused kernel for CUDA can implement the same two methods.
+(``benchmarks/kernels.py``), and prefill chunks of up to 1024 keys with a native kernel that
+computes each KV head's scores for all the query heads sharing it
+(``kernels/prefill_attention.c``: 128 tokens of llama-110m 0.24 ms a layer against SDPA's
+0.35). A fused kernel for CUDA can implement the same two methods.
 """
 
 from __future__ import annotations
@@ -105,30 +108,35 @@ class TorchSDPABackend:
                meta: AttentionMetadata) -> torch.Tensor:
         if not meta.prefills:  # a decode step: the decodes' output is the whole output
             return self._decode(attn, q, meta)
+        if not meta.num_decodes and len(meta.prefills) == 1:  # one chunk: its output is
+            return self._chunk(attn, q, k, v, meta.prefills[0])
         out = q.new_empty(q.shape)
         if meta.num_decodes:
             out[:meta.num_decodes] = self._decode(attn, q[:meta.num_decodes], meta)
         for chunk in meta.prefills:
-            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
-            if chunk.num_tokens == chunk.context_len:  # nothing cached before it: its own
-                kv = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (nkv, n, hd)
-            else:
-                kv = (self._gather(attn.k_cache, chunk.block_ids)[:, :chunk.context_len],
-                      self._gather(attn.v_cache, chunk.block_ids)[:, :chunk.context_len])
-            out[rows] = self._prefill(attn, q[rows], *kv, chunk)
+            out[chunk.start:chunk.start + chunk.num_tokens] = self._chunk(attn, q, k, v, chunk)
         return out
+
+    def _chunk(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               chunk: PrefillChunk) -> torch.Tensor:
+        rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+        if chunk.num_tokens == chunk.context_len:  # nothing cached before it: its own
+            return self._prefill(attn, q[rows], k[rows], v[rows], chunk)
+        return self._prefill(attn, q[rows],
+                             self._gather(attn.k_cache, chunk.block_ids)[:chunk.context_len],
+                             self._gather(attn.v_cache, chunk.block_ids)[:chunk.context_len],
+                             chunk)
 
     @staticmethod
     def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """(..., nb) block ids -> (..., nkv, nb * bs, hd) keys or values in order."""
-        x = cache[tables]  # (..., nb, bs, nkv, hd)
-        x = x.flatten(-4, -3)  # (..., L, nkv, hd)
-        return x.transpose(-3, -2)
+        """(..., nb) block ids -> (..., nb * bs, nkv, hd) keys or values in order."""
+        return cache[tables].flatten(-4, -3)  # (..., nb, bs, nkv, hd) -> (..., L, nkv, hd)
 
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
-        k = self._gather(attn.k_cache, meta.decode_tables).to(q.dtype)  # (D, nkv, L, hd)
-        v = self._gather(attn.v_cache, meta.decode_tables).to(q.dtype)
+        # (D, nkv, L, hd)
+        k = self._gather(attn.k_cache, meta.decode_tables).to(q.dtype).transpose(1, 2)
+        v = self._gather(attn.v_cache, meta.decode_tables).to(q.dtype).transpose(1, 2)
         mask = meta.decode_mask(attn.k_cache.shape[1], attn.window)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=mask, scale=attn.scale,
@@ -137,10 +145,10 @@ class TorchSDPABackend:
 
     def _prefill(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  chunk: PrefillChunk) -> torch.Tensor:
-        """q (n, nh, hd) of a chunk against k, v (nkv, ctx, hd): its context's keys and
+        """q (n, nh, hd) of a chunk against k, v (ctx, nkv, hd): its context's keys and
         values, from the cache or (a chunk that is the whole context) the step's own."""
         n, ctx, window = chunk.num_tokens, chunk.context_len, attn.window
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)  # (nkv, ctx, hd)
         mask = None
         if n != ctx or window is not None:
             q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
@@ -158,13 +166,19 @@ class TorchSDPABackend:
 
 class CPUPagedBackend(TorchSDPABackend):
     """Decodes through the native paged-attention kernel (float32 queries on CPU, a float32 or
-    16-bit cache, head_dim a multiple of 8) and writes the cache with one native pass;
-    everything else, prefill chunks included, through ``TorchSDPABackend``."""
+    16-bit cache, head_dim a multiple of 8), prefill chunks of up to 1024 keys through the
+    native prefill kernel, and writes the cache with one native pass; the rest through
+    ``TorchSDPABackend``."""
 
     def write_kv(self, attn: Attention, k: torch.Tensor, v: torch.Tensor,
                  meta: AttentionMetadata) -> None:
         if not ops.write_kv(k, v, attn.k_cache, attn.v_cache, meta.slot_mapping):
             super().write_kv(attn, k, v, meta)
+
+    def _prefill(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 chunk: PrefillChunk) -> torch.Tensor:
+        out = ops.prefill_attention(q, k.to(q.dtype), v.to(q.dtype), attn.window, attn.scale)
+        return out if out is not None else super()._prefill(attn, q, k, v, chunk)
 
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
