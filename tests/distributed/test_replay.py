@@ -35,7 +35,7 @@ def _decode_logits(r: ModelRunner, sizes: list[int], steps: int) -> list[np.ndar
         return sample(order, done, logits, *args)
     r._sample = keep
     for b, n in enumerate(sizes):
-        reqs = [NewRequest(f"{b}-{i}", rng.integers(3, 200, 20 + 7 * i).tolist(), 20 + 7 * i,
+        reqs = [NewRequest(f"{b}-{i}", rng.integers(3, 200, 20 + 3 * i).tolist(), 20 + 3 * i,
                            list(range(i * 10, i * 10 + 10)), 0,
                            SamplingParams(temperature=0, max_tokens=40).to_wire())
                 for i in range(n)]
@@ -52,15 +52,15 @@ def _decode_logits(r: ModelRunner, sizes: list[int], steps: int) -> list[np.ndar
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_replayed_steps_equal_the_layer_by_layer_ones(checkpoints, arch, monkeypatch):
-    sizes = [1, 3, 1, 16, 3, 17]  # recorded once, replayed after; 17 is over MAX_ROWS
+    sizes = [1, 3, 1, 16, 3, 29]  # recorded once, replayed after
     with torch.inference_mode():
         r = _runner(checkpoints[arch])
         assert r.replay is not None
         fast = _decode_logits(r, sizes, 3)
         kept = {n for n, prog in r.replay.programs.items() if prog is not None}
-        # every size but 17 recorded at its first step (16: unless its head ran PyTorch) and
-        # replayed at each later one
-        assert set(r.replay.programs) == {1, 3, 16} and {1, 3} <= kept
+        # every size recorded at its first step (16 and 29: unless the head ran PyTorch)
+        # and replayed at each later one
+        assert set(r.replay.programs) == {1, 3, 16, 29} and {1, 3} <= kept
         assert r.replay.replays == sum(3 for n in sizes if n in kept) - len(kept)
         monkeypatch.setenv("SHARDSERVE_REPLAY", "0")
         plain = _runner(checkpoints[arch])
@@ -109,14 +109,45 @@ def test_a_step_with_pytorch_between_kernels_is_not_recorded(checkpoints, monkey
 
 
 def test_replays_keep_to_the_memory_the_plan_reserves(checkpoints):
-    """Every size recorded keeps under ``replay_bytes``; a size that would pass it is not
+    """Recordings share one arena, laid out by the lifetimes of a step's tensors: every size
+    up to ``max_seqs`` fits in ``replay_bytes`` (far less than keeping every tensor of a
+    step), the arena is the largest size's, and a size that would pass the reserve is not
     recorded."""
     with torch.inference_mode():
         r = _runner(checkpoints["llama"])
-        _decode_logits(r, list(range(1, 17)), 2)
-        assert all(r.replay.programs[n] for n in range(1, 9))
+        _decode_logits(r, [1, 32, 2, 7], 2)
+        assert all(r.replay.programs[n] for n in (1, 2, 7, 32))
+        assert r.replay.kept_bytes == max(p.size for p in r.replay.programs.values())
         assert 0 < r.replay.kept_bytes <= replay_bytes(r.config.spec, 1, 32)
+        spec = r.config.spec  # every layer's outputs for 32 rows, and the logits
+        every_layer = 32 * 4 * (spec.num_layers * (6 * spec.hidden_size + 4 * 2048)
+                                + spec.vocab_size)
+        assert r.replay.kept_bytes < every_layer / 2
         r.allocate_kv_cache(1024, 16, max_seqs=32)
-        r.replay.max_bytes = r.replay.kept_bytes = 0
+        r.replay.max_bytes = 0
         _decode_logits(r, [1, 1], 2)
     assert r.replay.programs == {1: None} and r.replay.kept_bytes == 0
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_pipeline_stages_replay_their_layers(tmp_path, pp, monkeypatch):
+    """At pp > 1 each stage replays its own layers between receiving and sending: tokens and
+    logprobs equal a run without replays, and every stage replayed."""
+    path = test_models.write(tmp_path / "m", "llama", "tiny", seed=2,
+                             overrides={"num_hidden_layers": 5})  # uneven stages at pp=3
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 500, int(rng.integers(5, 40))).tolist() for _ in range(5)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2, temperature=0)
+    runs = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("SHARDSERVE_REPLAY", on)
+        with LLM(str(path), pipeline_parallel_size=pp, devices=f"cpu:{pp}",
+                 max_num_seqs=4) as llm:
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            stats = llm.engine.executor.collective_rpc("stats")
+            runs.append(([o.outputs[0].token_ids for o in outs],
+                         [o.outputs[0].logprobs for o in outs],
+                         [s["replayed_steps"] for s in stats]))
+    (tokens, logprobs, replayed), (tokens0, logprobs0, replayed0) = runs
+    assert len(replayed) == pp and min(replayed) > 5 and replayed0 == [0] * pp
+    assert tokens == tokens0 and logprobs == logprobs0

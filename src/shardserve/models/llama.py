@@ -171,10 +171,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(ids)
 
     def from_embeddings(self, x: torch.Tensor, positions: torch.Tensor,
-                        meta: AttentionMetadata) -> torch.Tensor:
-        """A whole model's logits (N, V) for a step whose tokens are embedded (``x``) and
-        each is its sequence's last (runtime/replay.py records this part)."""
-        return self.compute_logits(self.model.layers_from(x, None, positions, meta))
+                        meta: AttentionMetadata, residual: torch.Tensor | None = None
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This stage's part of a step whose tokens are each its sequence's last, from the
+        embedded tokens ``x`` (or, on a later stage, the hidden state and ``residual`` the
+        previous one sent): the logits (N, V) on the last stage, else what the next stage
+        starts from (runtime/replay.py records this part)."""
+        out = self.model.layers_from(x, residual, positions, meta)
+        return self.compute_logits(out) if self.stage.is_last else out
 
     def attention_layers(self) -> list[Attention]:
         """This stage's attention layers (their KV cache lives here)."""

@@ -264,26 +264,24 @@ def check_fits(spec: TransformerSpec, tp: int, dtype: str, budget: int, max_tp: 
         f"tp={tp}; the device budget is {format_bytes(budget)} ({budget} bytes); {hint}")
 
 
-REPLAY_ROWS = 16  # runtime/replay.MAX_ROWS (the planner imports no runtime code)
 REPLAY_CAP = 64 << 20
 
 
-def replay_bytes(spec: TransformerSpec, tp: int, max_seqs: int, pp: int = 1) -> int:
-    """What recorded decode steps (``runtime/replay.py``) may keep on one rank: for each
-    batch size up to ``REPLAY_ROWS`` and ``max_seqs``, that many rows of every layer's
+def replay_bytes(spec: TransformerSpec, tp: int, max_seqs: int) -> int:
+    """The arena recorded decode steps (``runtime/replay.py``) share on one rank: the
+    activations alive at once in a step of ``max_seqs`` sequences, counted as two layers'
     float32 outputs (two norms' outputs and sums, QKV, attention, output projection,
-    gate/up, activation, down), of the logits and of the step's inputs (a block table at
-    16 tokens a block); at most ``REPLAY_CAP``. 0 at tp or pp > 1 and for Whisper, whose
-    steps are not recorded."""
-    if tp != 1 or pp != 1 or isinstance(spec, WhisperSpec):
+    gate/up, activation, down), the logits and the step's inputs (a block table at 16 tokens
+    a block); at most ``REPLAY_CAP``. 0 at tp > 1 and for Whisper, whose steps are not
+    recorded."""
+    if tp != 1 or isinstance(spec, WhisperSpec):
         return 0
     h = spec.hidden_size
     q, kv, i, v = _widths(spec, tp)
     head = -(-v // 64) * 64  # the packed head's panels
     inputs = 4 * h + 3 * 8 + (spec.max_position // 16 + 1) * 8  # block table at 16 a block
-    per_row = (spec.num_layers * (6 * h + 2 * q + 2 * kv + 3 * i) + 2 * h + head) * 4 + inputs
-    rows = min(REPLAY_ROWS, max_seqs)
-    return min(REPLAY_CAP, rows * (rows + 1) // 2 * per_row)
+    per_row = (2 * (6 * h + 2 * q + 2 * kv + 3 * i) + 2 * h + head) * 4 + inputs
+    return min(REPLAY_CAP, max_seqs * per_row)
 
 
 def activation_bytes(spec: TransformerSpec, tp: int, dtype: str, max_tokens: int,
@@ -328,7 +326,7 @@ def stage_bytes(spec: TransformerSpec, tp: int, stages: list[Stage], weight_dtyp
     it. Weights count in their dtype (vectors in the compute dtype), activations in the
     compute dtype, the cache in its own."""
     act = activation_bytes(spec, tp, compute_dtype, max_tokens, max_seqs) + \
-        replay_bytes(spec, tp, max_seqs, len(stages))
+        replay_bytes(spec, tp, max_seqs)
     if isinstance(spec, WhisperSpec):  # the cross-attention cache and one window's encoding
         act += max_seqs * cross_bytes_per_seq(spec, tp, kv_dtype) + \
             encoder_activation_bytes(spec, tp, compute_dtype)

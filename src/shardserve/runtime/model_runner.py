@@ -134,7 +134,7 @@ class ModelRunner:
             self._allocate_cross(cross_slots)
         self.block_size, self.cache_bytes = block_size, need
         self.replay = None
-        if (replays_enabled() and hasattr(self.model, "from_embeddings") and self.link is None
+        if (replays_enabled() and hasattr(self.model, "from_embeddings")
                 and self.group.size == 1 and self.device.type == "cpu"):
             self.replay = Replay(self.model, -(-self.config.context_len // block_size),
                                  replay_bytes(self.config.spec, 1, max_seqs))
@@ -272,8 +272,10 @@ class ModelRunner:
         done = [i for i, (r, _) in enumerate(order)
                 if self.seqs[r].num_computed == len(self.seqs[r].tokens)]
         if self.replay is not None and self.replay.takes(meta, len(order)):
-            return self._sample(order, done, self.replay.logits(ids, positions, meta), comm0,
-                                t0)  # a decode step: every sequence is done
+            logits = self._forward(ids, positions, meta, self.replay.run)
+            if not self.stage.is_last:
+                return None
+            return self._sample(order, done, logits, comm0, t0)  # every sequence is done
         hidden = self._forward(ids, positions, meta)
         if not self.stage.is_last:
             return None
@@ -284,20 +286,22 @@ class ModelRunner:
             return None
         return self._sample(order, done, logits, comm0, t0)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 run=None) -> torch.Tensor:
         """This stage's part of the forward pass: from the embedding or the previous stage,
-        to the final hidden states or the next stage. A stage that fails still tells the
-        next one, so no rank waits for a tensor that will never come."""
+        to the final hidden states or the next stage; ``run`` in place of the model (a
+        replayed step's: to the logits). A stage that fails still tells the next one, so no
+        rank waits for a tensor that will never come."""
+        run = run or self.model
         if self.link is None:
             if self.cross:
-                return self.model(ids, positions, meta, meta.cross)
-            return self.model(ids, positions, meta)
+                return run(ids, positions, meta, meta.cross)
+            return run(ids, positions, meta)
         shape = (2, ids.shape[0], self.config.spec.hidden_size)
         numel = shape[0] * shape[1] * shape[2]
         try:
             carried = None if self.stage.is_first else self.link.recv(shape, self.compute)
-            out = self.model(ids, positions, meta, carried)
+            out = run(ids, positions, meta, carried)
         except Exception:
             if not self.stage.is_last:
                 self.link.send(None, numel, self.compute)

@@ -1,40 +1,47 @@
 """Decode steps replayed: a decode step's native kernel calls, recorded once per batch size and
 run again with each later step's inputs copied into the buffers they were recorded on.
 
-At one to a few sequences a decode step of a small model spends much of its time around its
-kernels, not in them: Python and PyTorch's dispatch for the ~130 calls of a step, and after
-each linear layer has streamed megabytes of weights through the caches, the first Python and
-PyTorch code after it finds its own data evicted (a 768-wide RMSNorm takes ~9 us called
-alone and ~50 us right after a 6 MB layer on the machines of benchmarks/RESULTS.md). A step
-whose batch size was recorded runs its recorded calls in one loop instead: the same kernels
-with the same arguments on the same shapes, so the same results bit for bit (tests compare),
-on buffers kept for that size. (CUDA graphs do this for GPU kernel launches.)
+At one to a few dozen sequences a decode step of a small model spends much of its time around
+its kernels, not in them: Python and PyTorch's dispatch for the ~130 calls of a step, and
+after each linear layer has streamed megabytes of weights through the caches, the first
+Python and PyTorch code after it finds its own data evicted (a 768-wide RMSNorm takes ~9 us
+called alone and ~50 us right after a 6 MB layer on the machines of benchmarks/RESULTS.md). A
+step whose batch size was recorded runs its recorded calls in one loop instead: the same
+kernels with the same arguments on the same shapes, so the same results bit for bit (tests
+compare). (CUDA graphs do this for GPU kernel launches.)
 
-A recording is kept only where everything between the embedding and the logits ran native
-kernels: any PyTorch operation that computes (anything but views and allocations) is a path
-the replay would skip, so that batch size is then never replayed and runs as before.
-Replays serve steps of one-token sequences only, at most ``MAX_ROWS`` of them, at tp=1 and
-pp=1 (a collective between kernels would have to run inside the loop), for models that
-split their forward at the embedding (``from_embeddings``). ``SHARDSERVE_REPLAY=0`` turns
-it off.
+A recording keeps no tensor of the step that made it. The step's tensors are laid out again
+in one arena by their lifetimes (from the first to the last recorded call whose arguments
+point into them), the calls rewritten to those places, and the arena shared by every
+recording of the model (one step runs at a time): a recording needs about the activations
+alive at once, a layer or two and the logits, not every layer's, so every batch size up to
+``max_num_seqs`` can have one within ``planner/memory.replay_bytes``.
+
+A recording is kept only where everything between the embedding (or the previous pipeline
+stage) and the logits (or the next stage) ran native kernels: any PyTorch operation that
+computes (anything but views and allocations) is a path the replay would skip, so that batch
+size is then never replayed and runs as before. Replays serve steps of one-token sequences
+only, at tp=1 (a collective between kernels would have to run inside the loop), for models
+that split their forward at the embedding (``from_embeddings``); a pipeline stage replays
+its own layers between receiving and sending. ``SHARDSERVE_REPLAY=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from shardserve.kernels import ops
 from shardserve.layers.attention import AttentionMetadata
-from shardserve.planner.memory import REPLAY_ROWS
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = REPLAY_ROWS
 
 _aten = torch.ops.aten
 # Operations that compute nothing: views, allocations and metadata.
@@ -64,15 +71,100 @@ class _Watch(TorchDispatchMode):
 
 
 @dataclass
+class _Slot:
+    """A tensor at a byte offset of the arena."""
+
+    offset: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+    def view(self, arena: torch.Tensor) -> torch.Tensor:
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        return torch.empty(0, dtype=self.dtype).set_(arena.untyped_storage(),
+                                                     self.offset // item, self.shape,
+                                                     self.stride)
+
+
+@dataclass
 class _Program:
-    x: torch.Tensor  # (N, H) embedded tokens
-    positions: torch.Tensor
-    slots: torch.Tensor
-    tables: torch.Tensor  # (N, max_blocks)
-    context: torch.Tensor
-    calls: list
-    logits: torch.Tensor  # written by the calls
-    kept: list
+    """One batch size's recorded calls, as templates (``args[i]`` for ``i, off in
+    relocations`` is the arena's address plus ``off``) and bound to the arena."""
+
+    templates: list  # (function, args, relocations)
+    inputs: dict[str, _Slot]  # x, residual (a later stage's), positions, slots, tables, context
+    outputs: list[_Slot]  # the logits, or the hidden state and residual for the next stage
+    size: int  # arena bytes it needs
+    calls: list = field(default_factory=list)  # bound
+    views: dict[str, torch.Tensor] = field(default_factory=dict)
+    out: list[torch.Tensor] = field(default_factory=list)
+
+    def bind(self, arena: torch.Tensor) -> None:
+        base = arena.data_ptr()
+        self.calls = []
+        for fn, args, relocs in self.templates:
+            args = list(args)
+            for i, off in relocs:
+                args[i] = base + off
+            self.calls.append((fn, tuple(args)))
+        self.views = {k: s.view(arena) for k, s in self.inputs.items()}
+        self.out = [s.view(arena) for s in self.outputs]
+
+
+def _lay_out(calls: list, tensors: list[torch.Tensor], first: list[torch.Tensor],
+             last: list[torch.Tensor]) -> tuple[dict[int, int], int, list]:
+    """Arena offsets for the storages of ``tensors`` that the calls use, by lifetime:
+    ``{storage address: offset}``, the arena's size and the calls as templates. ``first``
+    are live from before the first call (the inputs), ``last`` until after the last (the
+    outputs). Pointers elsewhere (weights, the KV cache) stay as they are."""
+    spans: dict[int, list] = {}  # address -> [nbytes, first call, last call]
+    for t in tensors:
+        st = t.untyped_storage()
+        spans.setdefault(st.data_ptr(), [st.nbytes(), None, None])
+    bases = sorted(spans)
+    ends = [b + spans[b][0] for b in bases]
+
+    def owner(ptr: int) -> int | None:
+        i = bisect.bisect_right(bases, ptr) - 1
+        return bases[i] if i >= 0 and ptr < ends[i] else None
+
+    def use(base: int, at: int) -> None:
+        span = spans[base]
+        span[1] = at if span[1] is None else min(span[1], at)
+        span[2] = at if span[2] is None else max(span[2], at)
+
+    pointers = []
+    for at, (fn, args) in enumerate(calls):
+        where = [i for i, kind in enumerate(fn.argtypes) if kind is ctypes.c_void_p
+                 and args[i] is not None]
+        found = [(i, owner(args[i])) for i in where]
+        for _, base in found:
+            if base is not None:
+                use(base, at)
+        pointers.append([(i, base) for i, base in found if base is not None])
+    for t in first:
+        use(t.untyped_storage().data_ptr(), -1)
+    for t in last:
+        use(t.untyped_storage().data_ptr(), len(calls))
+    # first fit by lifetime: a storage takes the lowest offset no live one overlaps
+    offsets: dict[int, int] = {}
+    live: list[tuple[int, int, int]] = []  # (offset, end, last call)
+    size = 0
+    for base in sorted((b for b in bases if spans[b][1] is not None),
+                       key=lambda b: spans[b][1]):
+        nbytes, start, stop = spans[base]
+        live = [x for x in live if x[2] >= start]
+        at = 0
+        for off, end, _ in sorted(live):
+            if at + nbytes <= off:
+                break
+            at = max(at, -(-end // 64) * 64)
+        offsets[base] = at
+        live.append((at, at + nbytes, stop))
+        size = max(size, at + nbytes)
+    templates = [(fn, args, [(i, offsets[base] + args[i] - base) for i, base in ptrs])
+                 for (fn, args), ptrs in zip(calls, pointers, strict=True)]
+    return offsets, size, templates
 
 
 def replays_enabled() -> bool:
@@ -80,67 +172,96 @@ def replays_enabled() -> bool:
 
 
 class Replay:
-    """Recorded decode steps of one model, by batch size."""
+    """Recorded decode steps of one model (or pipeline stage), by batch size."""
 
     def __init__(self, model, max_blocks: int, max_bytes: int) -> None:
-        """``max_bytes``: what all recordings may keep (the memory plan reserves it:
+        """``max_bytes``: what the arena may take (the memory plan reserves it:
         ``planner/memory.replay_bytes``)."""
         self.model, self.max_blocks, self.max_bytes = model, max_blocks, max_bytes
         self.programs: dict[int, _Program | None] = {}
         self.replays = 0  # steps served from a recording
-        self.kept_bytes = 0
+        self.arena = torch.empty(0, dtype=torch.uint8)
+
+    @property
+    def kept_bytes(self) -> int:
+        return self.arena.numel()
 
     @staticmethod
     def takes(meta: AttentionMetadata, n: int) -> bool:
-        """Whether this step may be replayed: every token a one-token sequence's, few."""
-        return not meta.prefills and meta.num_decodes == n and 1 <= n <= MAX_ROWS
+        """Whether this step may be replayed: every token a one-token sequence's."""
+        return not meta.prefills and meta.num_decodes == n >= 1
 
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-               ) -> torch.Tensor:
-        """The step's logits (N, V), from its recording (made now if this size has none).
-        The tensor is the recording's: valid until the next step."""
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            carried: torch.Tensor | None = None
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits (N, V) on the last stage, else the hidden state and residual for
+        the next one; ``carried`` (2, N, H): what the previous stage sent. From its
+        recording (made now if this size has none); the tensors are the arena's: valid
+        until the next step."""
         n = ids.shape[0]
-        x = self.model.embed(ids)
+        x = self.model.embed(ids) if carried is None else carried[0]
+        residual = None if carried is None else carried[1]
         if n not in self.programs:
-            program, logits = self._record(x, positions, meta)
+            program, out = self._record(x, residual, positions, meta)
             self.programs[n] = program
-            return logits
+            return out
         p = self.programs[n]
         if p is None:
-            return self.model.from_embeddings(x, positions, meta)
-        p.x.copy_(x)
-        p.positions.copy_(positions)
-        p.slots.copy_(meta.slot_mapping)
-        p.tables[:, :meta.decode_tables.shape[1]].copy_(meta.decode_tables)
-        p.context.copy_(meta.decode_context)
+            return self.model.from_embeddings(x, positions, meta, residual)
+        v = p.views
+        v["x"].copy_(x)
+        if residual is not None:
+            v["residual"].copy_(residual)
+        v["positions"].copy_(positions)
+        v["slots"].copy_(meta.slot_mapping)
+        v["tables"][:, :meta.decode_tables.shape[1]].copy_(meta.decode_tables)
+        v["context"].copy_(meta.decode_context)
         for fn, args in p.calls:
             fn(*args)
         self.replays += 1
-        return p.logits
+        return p.out[0] if len(p.out) == 1 else (p.out[0], p.out[1])
 
-    def _record(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-                ) -> tuple[_Program | None, torch.Tensor]:
+    def _record(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                meta: AttentionMetadata
+                ) -> tuple[_Program | None, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """Run the step on buffers of its own, recording its native calls; the program (None
-        where some of it ran PyTorch) and the step's logits."""
+        where some of it ran PyTorch, or it would not fit) and the step's output."""
         n, width = meta.decode_tables.shape
         tables = meta.decode_tables.new_zeros(n, max(self.max_blocks, width))
         tables[:, :width] = meta.decode_tables
-        p = _Program(x.clone(), positions.clone(), meta.slot_mapping.clone(), tables,
-                     meta.decode_context.clone(), [], None, [])
+        inputs = {"x": x.clone(), "positions": positions.clone(),
+                  "slots": meta.slot_mapping.clone(), "tables": tables,
+                  "context": meta.decode_context.clone()}
+        if residual is not None:
+            inputs["residual"] = residual.clone()
         watch = _Watch()
         with ops.recording() as calls, watch:
-            logits = self.model.from_embeddings(
-                p.x, p.positions, AttentionMetadata(p.slots, n, p.tables, p.context, []))
+            out = self.model.from_embeddings(
+                inputs["x"], inputs["positions"],
+                AttentionMetadata(inputs["slots"], n, inputs["tables"], inputs["context"], []),
+                inputs.get("residual"))
         if watch.computed is not None:
             log.info("decode steps of %d sequences are not replayed: %s runs in PyTorch",
                      n, watch.computed)
-            return None, logits
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in [p.x, p.positions, p.slots, p.tables, p.context, *watch.kept]
-                    if isinstance(t, torch.Tensor)}
-        size = sum(storages.values())
-        if self.kept_bytes + size > self.max_bytes:
-            return None, logits
-        self.kept_bytes += size
-        p.calls, p.logits, p.kept = list(calls), logits, watch.kept
-        return p, logits
+            return None, out
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        tensors = [t for t in [*inputs.values(), *watch.kept] if isinstance(t, torch.Tensor)]
+        offsets, size, templates = _lay_out(list(calls), tensors, list(inputs.values()), outs)
+        if size > self.max_bytes:
+            log.info("decode steps of %d sequences are not replayed: they need %d bytes of "
+                     "the %d reserved", n, size, self.max_bytes)
+            return None, out
+
+        def slot(t: torch.Tensor) -> _Slot:
+            base = t.untyped_storage().data_ptr()
+            return _Slot(offsets[base] + t.data_ptr() - base, tuple(t.shape), t.stride(),
+                         t.dtype)
+        p = _Program(templates, {k: slot(t) for k, t in inputs.items()},
+                     [slot(t) for t in outs], size)
+        if size > self.arena.numel():  # a larger arena: every recording moves into it
+            self.arena = torch.empty(size, dtype=torch.uint8)
+            for q in self.programs.values():
+                if q is not None:
+                    q.bind(self.arena)
+        p.bind(self.arena)
+        return p, out
