@@ -5,7 +5,8 @@ tp=2, all in one run on a llama-110m-shaped model (random weights, float32).
     python benchmarks/pipeline.py [--batches 16 32 64] [--tokens 128] [--no-ray]
 
 pp=1 is one device holding every core (``cpu:1``); pp=2 is two devices of one core each
-(``cpu:2``), stage 0 holding layers 0-5 and the embedding, stage 1 layers 6-11 and the head,
+(``cpu:2``), by default stage 0 holding layers 0-7 and the embedding, stage 1 layers 8-11 and
+the head (the planner's split: the head weighs about four layers; ``--split`` sets another),
 with two micro-batches in flight. Throughput = generated tokens / wall time of ``generate``
 for ``batch`` prompts of 16 tokens and ``tokens`` new tokens each (prefill included, small).
 A stage's bubble = 1 - (its time computing) / (the run's wall time), where computing is the
