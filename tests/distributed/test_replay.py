@@ -126,7 +126,14 @@ def test_replays_keep_to_the_memory_the_plan_reserves(checkpoints):
         r.allocate_kv_cache(1024, 16, max_seqs=32)
         r.replay.max_bytes = 0
         _decode_logits(r, [1, 1], 2)
-    assert r.replay.programs == {1: None} and r.replay.kept_bytes == 0
+        assert r.replay.programs == {1: None} and r.replay.kept_bytes == 0
+        # a step being recorded keeps its tensors until it ends: past the activation reserve
+        # (here a small one) that batch size is not recorded, and the step's logits stand
+        r.allocate_kv_cache(1024, 16, max_seqs=32, max_tokens=16)
+        assert r.replay.record_bytes < 1 << 20
+        got = _decode_logits(r, [2, 24], 2)
+        assert r.replay.programs[2] is not None and r.replay.programs[24] is None
+        assert all(np.isfinite(g).all() for g in got)
 
 
 @pytest.mark.parametrize("pp", [2, 3])

@@ -112,7 +112,7 @@ class LLMEngine:
             self.executor.collective_rpc(
                 "allocate_kv_cache", num_blocks=num_blocks, block_size=cache.block_size,
                 cross_slots=scheduler.max_num_seqs if self.speech else 0,
-                max_seqs=scheduler.max_num_seqs)
+                max_seqs=scheduler.max_num_seqs, max_tokens=scheduler.max_num_batched_tokens)
         except BaseException:
             self.executor.shutdown()
             raise

@@ -29,6 +29,7 @@ from shardserve.models.loader import LoadStats, load_weights
 from shardserve.models.registry import model_class
 from shardserve.models.whisper import CrossBatch
 from shardserve.planner.memory import (
+    activation_bytes,
     cross_bytes_per_seq,
     format_bytes,
     kv_bytes_per_token,
@@ -110,11 +111,12 @@ class ModelRunner:
 
     # -- control verbs ---------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, block_size: int, cross_slots: int = 0,
-                          max_seqs: int = 0) -> int:
+                          max_seqs: int = 0, max_tokens: int = 2048) -> int:
         """Preallocate ``num_blocks`` blocks of ``block_size`` tokens in every layer (and, for
         an encoder-decoder, ``cross_slots`` sequences' cross-attention keys and values);
         decode steps of up to ``max_seqs`` sequences may be recorded (``runtime/replay.py``)
-        in the memory the plan reserves for that."""
+        in the memory the plan reserves for that, each recording step keeping at most the
+        activation reserve of a ``max_tokens``-token step."""
         spec = self.config.spec
         per_token = kv_bytes_per_token(spec, self.group.size, self.kv_name, self.stage)
         need = per_token * num_blocks * block_size
@@ -136,8 +138,11 @@ class ModelRunner:
         self.replay = None
         if (replays_enabled() and hasattr(self.model, "from_embeddings")
                 and self.group.size == 1 and self.device.type == "cpu"):
+            spec = self.config.spec
             self.replay = Replay(self.model, -(-self.config.context_len // block_size),
-                                 replay_bytes(self.config.spec, 1, max_seqs))
+                                 replay_bytes(spec, 1, max_seqs),
+                                 activation_bytes(spec, 1, self.compute_name, max_tokens,
+                                                  max_seqs))
         return need
 
     def _allocate_cross(self, slots: int) -> None:

@@ -54,19 +54,30 @@ _SHAPE_OPS = {_aten.empty, _aten.empty_like, _aten.new_empty, _aten.empty_stride
 
 
 class _Watch(TorchDispatchMode):
-    """Keeps every tensor made inside it alive (the recorded calls write into them) and notes
-    the first operation that computed."""
+    """Keeps every tensor made inside it alive (the recorded calls write into them, and no
+    address may be reused within the step), up to ``max_bytes`` of storage: past that it
+    keeps nothing more (``over``) and the step is not recorded. Notes the first operation
+    that computed."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
         super().__init__()
         self.kept: list = []
+        self.storages: set[int] = set()
+        self.bytes, self.max_bytes, self.over = 0, max_bytes, False
         self.computed = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket not in _SHAPE_OPS and self.computed is None:
             self.computed = func
-        self.kept.append(out)
+        if not self.over:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and \
+                        t.untyped_storage().data_ptr() not in self.storages:
+                    self.storages.add(t.untyped_storage().data_ptr())
+                    self.bytes += t.untyped_storage().nbytes()
+            self.over = self.bytes > self.max_bytes
+            self.kept.append(out)
         return out
 
 
@@ -174,10 +185,13 @@ def replays_enabled() -> bool:
 class Replay:
     """Recorded decode steps of one model (or pipeline stage), by batch size."""
 
-    def __init__(self, model, max_blocks: int, max_bytes: int) -> None:
+    def __init__(self, model, max_blocks: int, max_bytes: int, record_bytes: int) -> None:
         """``max_bytes``: what the arena may take (the memory plan reserves it:
-        ``planner/memory.replay_bytes``)."""
+        ``planner/memory.replay_bytes``); ``record_bytes``: what a step being recorded may
+        keep until it ends (the plan's activation reserve, which a decode step leaves
+        mostly unused): a larger batch size is not recorded."""
         self.model, self.max_blocks, self.max_bytes = model, max_blocks, max_bytes
+        self.record_bytes = record_bytes
         self.programs: dict[int, _Program | None] = {}
         self.replays = 0  # steps served from a recording
         self.arena = torch.empty(0, dtype=torch.uint8)
@@ -234,15 +248,16 @@ class Replay:
                   "context": meta.decode_context.clone()}
         if residual is not None:
             inputs["residual"] = residual.clone()
-        watch = _Watch()
+        watch = _Watch(self.record_bytes)
         with ops.recording() as calls, watch:
             out = self.model.from_embeddings(
                 inputs["x"], inputs["positions"],
                 AttentionMetadata(inputs["slots"], n, inputs["tables"], inputs["context"], []),
                 inputs.get("residual"))
-        if watch.computed is not None:
-            log.info("decode steps of %d sequences are not replayed: %s runs in PyTorch",
-                     n, watch.computed)
+        if watch.computed is not None or watch.over:
+            log.info("decode steps of %d sequences are not replayed: %s", n,
+                     f"{watch.computed} runs in PyTorch" if watch.computed is not None else
+                     f"recording them would keep over {self.record_bytes} bytes")
             return None, out
         outs = [out] if isinstance(out, torch.Tensor) else list(out)
         tensors = [t for t in [*inputs.values(), *watch.kept] if isinstance(t, torch.Tensor)]
