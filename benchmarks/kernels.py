@@ -5,14 +5,18 @@
 1. Paged decode attention (llama-110m heads: 12 query heads, 4 KV heads, head_dim 64, blocks of
    16 tokens in random order): ``CPUPagedBackend`` against ``TorchSDPABackend`` (gather each
    sequence's blocks, one padded SDPA call), per layer call.
-2. Linear layers from 1 to 2048 rows, weights cold (each call takes the next of several
+2. Prefill attention of a whole prompt (same heads; 16 to 2048 tokens, causal): the native
+   kernel (``kernels/prefill_attention.c``, up to 1024 keys) against PyTorch's flash kernel
+   (``scaled_dot_product_attention`` with a batch dimension, GQA), q, k and v as views of one
+   QKV output, as a layer hands them over.
+3. Linear layers from 1 to 2048 rows, weights cold (each call takes the next of several
    copies, 256 MB in all, more than the caches hold): ``F.linear`` (PyTorch's GEMM, MKL here)
    against the packed GEMM (``kernels/gemm.c``, weights repacked once as at load time), at
    1-8 rows the small-batch kernel for weights left unpacked (``kernels/small_gemm.c``), and
    oneDNN's float32 GEMM with weights prepacked once for the row count
    (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``: the library vLLM's
    CPU backend runs its linear layers on).
-3. The same layers with bfloat16 weights (``--bf16``; needs AVX512-BF16): the CPU's bfloat16
+4. The same layers with bfloat16 weights (``--bf16``; needs AVX512-BF16): the CPU's bfloat16
    dot products on K-pair panels (``kernels/bf16_gemm.c``: AMX tiles, and its vdpbf16ps
    loop, which the int8 layers' few-row calls take) against oneDNN's bf16 matmul through
    ``F.linear`` on bfloat16 activations (AMX / AVX512-BF16 too), and against the kernel that
@@ -65,6 +69,34 @@ def attention_rows() -> list[str]:
         kv_bytes = 2 * int(context.sum()) * nkv * hd * 4
         rows.append(f"| {D} | {ctx_max // 2}..{ctx_max} | {base * 1e3:.3f} | {ours * 1e3:.3f} | "
                     f"{base / ours:.2f}x | {kv_bytes / ours / 1e9:.1f} |")
+    return rows
+
+
+def prefill_rows() -> list[str]:
+    nh, nkv, hd = 12, 4, 64
+    rows = []
+    for n in (16, 128, 512, 1024, 2048):
+        g = torch.Generator().manual_seed(n)
+        qkv = torch.randn(n, (nh + 2 * nkv) * hd, generator=g)
+        q = qkv[:, :nh * hd].view(n, nh, hd)
+        k = qkv[:, nh * hd:(nh + nkv) * hd].view(n, nkv, hd)
+        v = qkv[:, (nh + nkv) * hd:].view(n, nkv, hd)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None],  # noqa: B023
+                v.transpose(0, 1)[None], is_causal=True, scale=hd ** -0.5,  # noqa: B023
+                enable_gqa=True)
+        reps = max(3, 4000 // n)
+        base = timed(sdpa, reps)
+        ours = ops.prefill_attention(q, k, v, None, hd ** -0.5)
+        if ours is None:
+            rows.append(f"| {n} | {base * 1e3:.3f} | - (past the kernel's cap) | - |")
+            continue
+        want = sdpa()[0].transpose(0, 1)
+        assert torch.allclose(ours, want, atol=1e-5, rtol=1e-4)
+        ours = timed(lambda: ops.prefill_attention(q, k, v, None, hd ** -0.5), reps)  # noqa: B023
+        rows.append(f"| {n} | {base * 1e3:.3f} | {ours * 1e3:.3f} | {base / ours:.2f}x |")
     return rows
 
 
@@ -149,6 +181,9 @@ def main() -> None:
     print("| sequences | context | gather + SDPA ms | native ms | speedup | KV read GB/s |")
     print("|---|---|---|---|---|---|")
     print("\n".join(attention_rows()), flush=True)
+    print("\n| prompt tokens | SDPA (flash) ms | native ms | speedup |")
+    print("|---|---|---|---|")
+    print("\n".join(prefill_rows()), flush=True)
     print("\n| layer | out x in | rows | PyTorch ms | small-batch ms | packed ms | packed / "
           "PyTorch | oneDNN ms | packed / oneDNN | packed rate |")
     print("|---|---|---|---|---|---|---|---|---|---|")

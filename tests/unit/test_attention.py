@@ -137,9 +137,10 @@ def test_prefill_chunks_match_dense_attention(shape, kv_dtype, monkeypatch):
     """A step of one decode and three prefill chunks: a whole prompt (its own float32 keys),
     a chunk after 37 cached tokens (keys from the cache, a partly filled last block) and a
     one-token chunk; then a 1100-token prompt alone. Every backend equals dense causal
-    attention per sequence. Where the native prefill kernel takes the head size it runs
-    itself for the first three (the PyTorch path is removed for the one-chunk step), and the
-    1100-key context, past its cap, is PyTorch's."""
+    attention per sequence, and so does the native prefill kernel called on each chunk.
+    Where it takes the head size the backend runs it for the chunk of 64 tokens or more (the
+    PyTorch path removed for a step of that chunk alone), SDPA for the shorter ones, and the
+    1100-key context, past the kernel's cap, is PyTorch's."""
     nh, nkv, hd, window = shape
     g = torch.Generator().manual_seed(hd + nh)
     bs = 16
@@ -178,15 +179,24 @@ def test_prefill_chunks_match_dense_attention(shape, kv_dtype, monkeypatch):
         for chunk, want in zip(prefills, wants, strict=True):
             got = out[chunk.start:chunk.start + chunk.num_tokens]
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert len(results) == (3 if isinstance(native, CPUPagedBackend) else 0)
+    assert len(results) == (1 if isinstance(native, CPUPagedBackend) else 0)  # the 70
     assert all((r is not None) == runs for r in results)
-    if runs:  # one chunk alone: the kernel's output is the step's
+    if runs:
+        for chunk, want in zip(prefills, wants, strict=True):  # the kernel at every size
+            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+            if chunk.num_tokens == chunk.context_len:
+                keys, values = k[rows], v[rows]
+            else:
+                keys, values = (c[chunk.block_ids].flatten(0, 1)[:chunk.context_len].float()
+                                for c in (attn.k_cache, attn.v_cache))
+            got = real(q[rows], keys, values, window, hd ** -0.5)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
         only = AttentionMetadata(torch.zeros(0, dtype=torch.long), 0, None, None,
-                                 prefills[1:2])
+                                 prefills[:1])  # one chunk alone: the kernel's output is the step's
         with monkeypatch.context() as m:
             m.setattr(TorchSDPABackend, "_prefill", None)
             got = native.attend(attn, q, k, v, only)
-        torch.testing.assert_close(got, wants[1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got, wants[0], atol=2e-5, rtol=1e-4)
     n = 1100
     q, k, v = (torch.randn(n, h, hd, generator=g) for h in (nh, nkv, nkv))
     results.clear()
