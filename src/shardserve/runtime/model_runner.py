@@ -138,7 +138,6 @@ class ModelRunner:
         self.replay = None
         if (replays_enabled() and hasattr(self.model, "from_embeddings")
                 and self.group.size == 1 and self.device.type == "cpu"):
-            spec = self.config.spec
             self.replay = Replay(self.model, -(-self.config.context_len // block_size),
                                  replay_bytes(spec, 1, max_seqs),
                                  activation_bytes(spec, 1, self.compute_name, max_tokens,
