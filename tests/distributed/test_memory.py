@@ -43,9 +43,9 @@ def test_tp4_loads_and_generates_within_budget(big):
         stats = llm.engine.executor.collective_rpc("stats")
     for s in stats:
         assert s["weight_bytes"] + s["cache_bytes"] <= budget
-        # measured (the process's anonymous memory across the load), not computed: about
-        # the weights, within the budget
-        assert s["weight_bytes"] / 2 <= s["loaded_bytes"] <= budget
+        # measured (what malloc handed out across the load), not computed: the weights
+        # and little more, within the budget
+        assert 0.9 * s["weight_bytes"] <= s["loaded_bytes"] <= budget
         assert s["weight_bytes"] < full / 3.5  # a quarter of the weights, plus norms
         # each rank read from disk no more than it holds: no full tensor was materialised
         assert s["bytes_read"] <= s["weight_bytes"]

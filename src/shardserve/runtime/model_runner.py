@@ -13,6 +13,7 @@ on, and rank 0 of the last stage samples and answers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import time
 from contextlib import contextmanager
@@ -486,8 +487,6 @@ def _quantize(model: torch.nn.Module, quantization: str | None) -> torch.nn.Modu
 
 def trim_heap() -> None:
     """Give back what is free in the heap now (after loading: conversions, file buffers)."""
-    import ctypes
-
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
 
@@ -507,12 +506,28 @@ def check_loaded(runner, before: int | None) -> None:
                           f"device budget is {format_bytes(runner.budget)}")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
 def _allocated(device: torch.device) -> int | None:
-    """Memory this process holds on ``device`` now: CUDA's allocated bytes, or on a CPU the
-    resident anonymous pages (``RssAnon``: tensors, not the mapped checkpoint files); None
-    where the platform does not say."""
+    """Memory this process holds on ``device`` now: CUDA's allocated bytes, or on a CPU what
+    malloc has handed out and not taken back (glibc's ``mallinfo2``: in-use heap chunks and
+    mmapped blocks; tensors, not the mapped checkpoint files). Not resident pages: a worker
+    keeps what it frees, and a load that reuses memory freed before it would not grow the
+    process (``RssAnon`` measured such a load short of its weights). ``RssAnon`` where there
+    is no ``mallinfo2``; None where the platform says neither."""
     if torch.device(device).type == "cuda":
         return torch.cuda.memory_allocated(device)
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+        fn.restype = _MallInfo2
+        info = fn()
+        return info.uordblks + info.hblkhd
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/status") as f:
             for line in f:
