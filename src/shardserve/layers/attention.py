@@ -122,10 +122,10 @@ class TorchSDPABackend:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         if chunk.num_tokens == chunk.context_len:  # nothing cached before it: its own
             return self._prefill(attn, q[rows], k[rows], v[rows], chunk)
-        return self._prefill(attn, q[rows],
-                             self._gather(attn.k_cache, chunk.block_ids)[:chunk.context_len],
-                             self._gather(attn.v_cache, chunk.block_ids)[:chunk.context_len],
-                             chunk)
+        # the cache may be narrower than the activations (a 16-bit cache): read as q's dtype
+        kv = (self._gather(c, chunk.block_ids)[:chunk.context_len].to(q.dtype)
+              for c in (attn.k_cache, attn.v_cache))
+        return self._prefill(attn, q[rows], *kv, chunk)
 
     @staticmethod
     def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -145,10 +145,10 @@ class TorchSDPABackend:
 
     def _prefill(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  chunk: PrefillChunk) -> torch.Tensor:
-        """q (n, nh, hd) of a chunk against k, v (ctx, nkv, hd): its context's keys and
-        values, from the cache or (a chunk that is the whole context) the step's own."""
+        """q (n, nh, hd) of a chunk against k, v (ctx, nkv, hd) in q's dtype: its context's
+        keys and values, from the cache or (a chunk that is the whole context) the step's own."""
         n, ctx, window = chunk.num_tokens, chunk.context_len, attn.window
-        k, v = k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)  # (nkv, ctx, hd)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (nkv, ctx, hd)
         mask = None
         if n != ctx or window is not None:
             q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
@@ -184,8 +184,7 @@ class CPUPagedBackend(TorchSDPABackend):
                  chunk: PrefillChunk) -> torch.Tensor:
         out = None
         if chunk.num_tokens >= self.MIN_PREFILL_TOKENS:
-            out = ops.prefill_attention(q, k.to(q.dtype), v.to(q.dtype), attn.window,
-                                        attn.scale)
+            out = ops.prefill_attention(q, k, v, attn.window, attn.scale)
         return out if out is not None else super()._prefill(attn, q, k, v, chunk)
 
     def _decode(self, attn: Attention, q: torch.Tensor, meta: AttentionMetadata

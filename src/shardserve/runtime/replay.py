@@ -91,10 +91,8 @@ class _Slot:
     dtype: torch.dtype
 
     def view(self, arena: torch.Tensor) -> torch.Tensor:
-        item = torch.empty(0, dtype=self.dtype).element_size()
-        return torch.empty(0, dtype=self.dtype).set_(arena.untyped_storage(),
-                                                     self.offset // item, self.shape,
-                                                     self.stride)
+        return torch.empty(0, dtype=self.dtype).set_(
+            arena.untyped_storage(), self.offset // self.dtype.itemsize, self.shape, self.stride)
 
 
 @dataclass
@@ -108,7 +106,7 @@ class _Program:
     size: int  # arena bytes it needs
     calls: list = field(default_factory=list)  # bound
     views: dict[str, torch.Tensor] = field(default_factory=dict)
-    out: list[torch.Tensor] = field(default_factory=list)
+    out: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # what a replay returns
 
     def bind(self, arena: torch.Tensor) -> None:
         base = arena.data_ptr()
@@ -119,7 +117,8 @@ class _Program:
                 args[i] = base + off
             self.calls.append((fn, tuple(args)))
         self.views = {k: s.view(arena) for k, s in self.inputs.items()}
-        self.out = [s.view(arena) for s in self.outputs]
+        out = tuple(s.view(arena) for s in self.outputs)
+        self.out = out[0] if len(out) == 1 else out
 
 
 def _lay_out(calls: list, tensors: list[torch.Tensor], first: list[torch.Tensor],
@@ -233,7 +232,7 @@ class Replay:
         for fn, args in p.calls:
             fn(*args)
         self.replays += 1
-        return p.out[0] if len(p.out) == 1 else (p.out[0], p.out[1])
+        return p.out
 
     def _record(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata
