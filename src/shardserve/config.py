@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from shardserve.planner.memory import head_in_layers, parse_bytes
+from shardserve.planner.memory import block_weights, decode_kv_tokens, parse_bytes
 from shardserve.planner.partition import Stage, parse_split, split_layers
 from shardserve.planner.specs import (
     DLRMSpec,
@@ -138,8 +138,9 @@ class ParallelConfig:
         "help": "pipeline stages: the decoder layers split into this many contiguous groups, "
                 "each on tensor_parallel_size devices of its own (tp x pp devices in all)"})
     pipeline_split: str | None = field(default=None, metadata={
-        "help": "decoder layers of each pipeline stage, e.g. 5,3; default: even work (a "
-                "layer weighs its parameters, the last stage's LM head counts too)"})
+        "help": "decoder layers of each pipeline stage, e.g. 5,3 or 7.5,4.5 (half a layer: "
+                "its attention or its MLP); default: even work a decode step (weights read, "
+                "the last stage's LM head too, and the KV cache of a typical micro-batch)"})
     executor: str = field(default="local", metadata={
         "help": "local (worker processes on this machine) or ray (Ray actors, placed by "
                 "placement groups across the machines of a Ray cluster)"})
@@ -161,10 +162,23 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def stages(self, spec: TransformerSpec | EncoderSpec) -> list[Stage]:
-        """The pipeline stages of ``spec`` (one for an encoder or at pp=1)."""
+    def stages(self, spec: TransformerSpec | EncoderSpec, kv_tokens: int = 0) -> list[Stage]:
+        """The pipeline stages of ``spec`` (one for an encoder or at pp=1): the named split,
+        else the balanced one, its attention blocks weighing ``kv_tokens`` positions of cache
+        a step (``for_batches``)."""
         return split_layers(spec.num_layers, self.pipeline_parallel_size,
-                            parse_split(self.pipeline_split), head_in_layers(spec))
+                            parse_split(self.pipeline_split), block_weights(spec, kv_tokens))
+
+    def for_batches(self, spec: TransformerSpec | EncoderSpec, max_num_seqs: int,
+                    max_len: int) -> ParallelConfig:
+        """This config with its split named: the balanced one for micro-batches of
+        ``max_num_seqs / pp`` sequences up to ``max_len`` tokens, where none was given (every
+        later ``stages`` call, the workers' included, then sees the same split)."""
+        pp = self.pipeline_parallel_size
+        if pp == 1 or self.pipeline_split or not isinstance(spec, TransformerSpec):
+            return self
+        stages = self.stages(spec, decode_kv_tokens(max_num_seqs, pp, max_len))
+        return dataclasses.replace(self, pipeline_split=",".join(str(st.size) for st in stages))
 
     def check_model(self, spec: TransformerSpec) -> None:
         """Refuse a tp the model's heads cannot be split by, naming the sizes that work, and
@@ -255,8 +269,8 @@ class DeploymentConfig:
     pp: int = field(default=1, metadata={
         "help": "pipeline stages (llm): tp x pp devices per replica"})
     pipeline_split: str | None = field(default=None, metadata={
-        "help": "decoder layers of each pipeline stage, e.g. [5, 3]; default: even work "
-                "(the LM head counts)"})
+        "help": "decoder layers of each pipeline stage, e.g. [5, 3] or [7.5, 4.5] (half a "
+                "layer: its attention or its MLP); default: even decode work"})
     executor: str = field(default="local", metadata={
         "help": "llm: local (worker processes here) or ray (Ray actors across a cluster)"})
     ray_address: str | None = field(default=None, metadata={
@@ -366,8 +380,8 @@ def _check_fields(file: Path, cfg: DeploymentConfig) -> None:
               "max_restarts": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
               "enable_prefix_caching": (lambda x: isinstance(x, bool), "true or false"),
               "pipeline_split": (lambda x: x is None or isinstance(x, str) or (
-                  isinstance(x, list | tuple) and all(is_int(v) and v >= 1 for v in x)),
-                  "a list of layer counts, one per stage, e.g. [5, 3]"),
+                  isinstance(x, list | tuple) and all(is_num(v) and v >= 0.5 for v in x)),
+                  "a list of layer counts, one per stage, e.g. [5, 3] or [7.5, 4.5]"),
               "preferred_batch_sizes": (lambda x: isinstance(x, list | tuple)
                                         and all(is_int(v) and v >= 1 for v in x),
                                         "a list of integers >= 1"),

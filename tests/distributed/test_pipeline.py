@@ -2,8 +2,10 @@
 hidden states passed stage to stage, several micro-batches in flight.
 
 Parity with Hugging Face transformers (float32, the tolerances of test_parity.py) at pp=2,
-pp=3 (4 layers: an uneven 2,1,1 split) and tp=2 x pp=2, for an untied model (llama) and a tied
-one with QKV bias (qwen2: the last stage reads its own copy of the embedding as its head).
+pp=3 (4 layers: uneven stages) and tp=2 x pp=2, for an untied model (llama) and a tied one with
+QKV bias (qwen2: the last stage reads its own copy of the embedding as its head), and splits
+inside a layer: a stage of one attention block, one whose head has a layer's MLP only, and
+tp=2 x pp=2 with a layer cut between its attention and its MLP.
 """
 
 import pytest
@@ -38,13 +40,17 @@ def small(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (1, 3), (2, 2)])
+@pytest.mark.parametrize(("tp", "pp", "split"), [(1, 2, None), (1, 3, None), (2, 2, None),
+                                                 (1, 3, "0.5,3,0.5"), (2, 2, "2.5,1.5")])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_matches_transformers(small, arch, tp, pp):
+def test_matches_transformers(small, arch, tp, pp, split):
     path, refs = small[arch]
-    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp) as llm:
+    with LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+             pipeline_split=split) as llm:
         ex = llm.engine.executor
         assert (ex.tp, ex.pp, len(ex.workers)) == (tp, pp, tp * pp)
+        if split:
+            assert [st.size for st in llm.engine.stages] == [float(s) for s in split.split(",")]
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
         for prompt, out, (ref_tokens, ref_logits) in zip(PROMPTS, outs, refs, strict=True):
             assert out.outputs[0].token_ids == ref_tokens
@@ -54,11 +60,13 @@ def test_matches_transformers(small, arch, tp, pp):
                                        atol=1e-4, rtol=1e-4)
 
 
-def test_each_stage_holds_and_reads_only_its_layers(small):
+@pytest.mark.parametrize("split", ["3,1", "3.5,0.5"])
+def test_each_stage_holds_and_reads_only_its_layers(small, split):
+    """Weights and KV cache: a stage of layer 3's MLP and the head holds no cache."""
     path, _ = small["qwen2"]
     spec = ModelConfig(str(path)).spec
-    parallel = ParallelConfig(1, 2, "3,1")
-    with LLM(str(path), pipeline_parallel_size=2, pipeline_split="3,1") as llm:
+    parallel = ParallelConfig(1, 2, split)
+    with LLM(str(path), pipeline_parallel_size=2, pipeline_split=split) as llm:
         stats = llm.engine.executor.collective_rpc("stats")
     panel = 64 * spec.hidden_size * 4  # a packed head rounds its rows up to whole panels
     for st, s in zip(parallel.stages(spec), stats, strict=True):
@@ -66,6 +74,7 @@ def test_each_stage_holds_and_reads_only_its_layers(small):
         planned = weight_bytes_per_device(spec, 1, "float32", stage=st)
         assert planned <= s["weight_bytes"] < planned + panel
         assert s["bytes_read"] <= s["weight_bytes"]
+        assert (s["cache_bytes"] > 0) == (st.num_attention > 0)
     whole = weight_bytes_per_device(spec, 1, "float32")
     assert stats[1]["weight_bytes"] < whole / 2  # one layer, the norm and the head
 
@@ -107,6 +116,8 @@ def test_a_stage_that_does_not_fit_is_refused_before_any_worker_starts(small, mo
     msg = str(e.value)
     assert "stage 0 (layers 0-2)" in msg and f"{need} bytes" in msg and f"{budget} bytes" in msg
     with pytest.raises(ValueError, match="exceeds the model's 4 decoder layers"):
-        LLM(str(path), pipeline_parallel_size=5)
+        LLM(str(path), pipeline_parallel_size=9)
+    with pytest.raises(ValueError, match="e.g. 5,3 or 7.5,4.5"):
+        LLM(str(path), pipeline_parallel_size=2, pipeline_split="2.25,1.75")
     with pytest.raises(ValueError, match="must name 2 stages whose layers sum to"):
         LLM(str(path), pipeline_parallel_size=2, pipeline_split="1,2")

@@ -107,9 +107,11 @@ def test_plan_stages_across_nodes(tmp_path):
     chosen = two["plans"][two["chosen"]]
     assert chosen["fits"] and chosen["tp"] * chosen["pp"] > 2 and chosen["nodes"] == 2
     assert len(chosen["stages"]) == chosen["pp"]
-    stages = ParallelConfig(chosen["tp"], chosen["pp"]).stages(spec)
+    # the split the engine would use: its micro-batches of one sequence over the context
+    stages = ParallelConfig(chosen["tp"], chosen["pp"]).for_batches(
+        spec, 1, spec.max_position).stages(spec)
     for st, row in zip(stages, chosen["stages"], strict=True):
-        assert row["layers"] == [st.start, st.stop - 1]
+        assert row["layers"] == [st.layers[0], st.layers[-1]] and row["holds"] == st.holds
         assert row["weight_bytes_per_device"] == weight_bytes_per_device(
             spec, chosen["tp"], "float32", stage=st) <= budget
         assert len({d.split("/")[0] for d in row["devices"]}) == 1  # one node per tp group

@@ -326,7 +326,7 @@ def _plan_table(out: dict) -> str:
     p = out["plans"][out["chosen"]]
     lines.append(f"chosen: tp={p['tp']} x pp={p['pp']} on {p['nodes']} node(s), "
                  f"{p['replicas']} replica(s)")
-    rows = [[r["stage"], f"{r['layers'][0]}-{r['layers'][1]}", r.get("node", "-"),
+    rows = [[r["stage"], r["holds"], r.get("node", "-"),
              _span(r.get("devices", [])), fb(r["weight_bytes_per_device"]),
              fb(r["activation_bytes_per_device"]), f"{r['kv_tokens_that_fit']:,}"]
             for r in p["stages"]]

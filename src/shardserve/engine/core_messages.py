@@ -33,7 +33,7 @@ class CoreInit:
     log_level: int = 30  # the server's (logging.WARNING)
     precision: dict[str, Any] | None = None  # Precision's fields, as the host chose them
     pp: int = 1  # pipeline stages (devices: tp x pp)
-    pipeline_split: str | None = None  # layers per stage ("5,3"); None: even
+    pipeline_split: str | None = None  # layers per stage ("5,3", "7.5,4.5"); None: even
     executor: str = "local"  # or "ray"
     ray_address: str | None = None
 

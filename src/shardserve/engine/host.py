@@ -154,7 +154,8 @@ def deployment_need(cfg: DeploymentConfig, model: ModelConfig, precision: Precis
                     parts=(("weights", weights), ("activations", act)))
     block = cfg.block_size
     tokens = cfg.max_num_seqs * -(-model.context_len // block) * block
-    needs = stage_bytes(spec, cfg.tp, parallel.stages(spec), precision.weights, dtype,
+    stages = parallel.for_batches(spec, cfg.max_num_seqs, model.context_len).stages(spec)
+    needs = stage_bytes(spec, cfg.tp, stages, precision.weights, dtype,
                         precision.kv, precision.quantization, cfg.max_num_batched_tokens,
                         cfg.max_num_seqs)
     big = max(needs, key=lambda n: n.total(tokens))

@@ -96,7 +96,7 @@ class LLMEngine:
         self.speech = isinstance(model.spec, WhisperSpec)  # requests bring audio features
         num_blocks, devices = self._plan(model, parallel, device, cache, scheduler, precision)
         log.info("%s: %s (%s)", label or model.path, self.precision.label, self.precision.note)
-        split = [st.num_layers for st in self.stages]
+        split = [st.size for st in self.stages]
         kwargs = {}
         executor_cls = Executor
         if parallel.executor == "ray":
@@ -134,6 +134,7 @@ class LLMEngine:
               precision: Precision | None):
         """Check everything fits before any worker starts; returns (num_blocks, devices).
         Weights count in their dtype, activations in the compute dtype, the KV cache in its."""
+        parallel = parallel.for_batches(model.spec, sched.max_num_seqs, model.context_len)
         devices, _, self.precision = devices_for(model, parallel, device, precision)
         p, budget = self.precision, devices[0].memory_budget  # weights: checked there
         self.stages = stages = parallel.stages(model.spec)

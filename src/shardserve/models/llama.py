@@ -67,18 +67,33 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """A decoder layer, or the block of it a pipeline stage holds: the attention block (input
+    norm, attention) and the MLP block (post-attention norm, MLP) each run on their own
+    (a stage boundary may fall between them: what crosses is the same hidden state and
+    residual as between layers)."""
+
     def __init__(self, spec: TransformerSpec, layer: int, rotary: RotaryEmbedding,
-                 group: Group) -> None:
+                 group: Group, attention: bool = True, mlp: bool = True) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(spec, layer, rotary, group)
-        self.mlp = LlamaMLP(spec, group)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if attention:
+            self.self_attn = LlamaAttention(spec, layer, rotary, group)
+            self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if mlp:
+            self.mlp = LlamaMLP(spec, group)
+            self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.attend(positions, x, residual, meta)
+        return self.feed_forward(x, residual)
+
+    def attend(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        return self.self_attn(positions, x, meta), residual
+
+    def feed_forward(self, x: torch.Tensor, residual: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -96,7 +111,8 @@ class LlamaModel(nn.Module):
             if stage.is_first else None
         rotary = RotaryEmbedding(spec.head_dim, max_len, spec.rope)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(spec, i, rotary, group) if stage.holds_layer(i) else MissingLayer()
+            LlamaDecoderLayer(spec, i, rotary, group, stage.holds_attention(i),
+                              stage.holds_mlp(i)) if i in stage.layers else MissingLayer()
             for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if stage.is_last else None
 
@@ -113,8 +129,13 @@ class LlamaModel(nn.Module):
     def layers_from(self, x: torch.Tensor, residual: torch.Tensor | None,
                     positions: torch.Tensor, meta: AttentionMetadata
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers[self.stage.start:self.stage.stop]:
-            x, residual = layer(positions, x, residual, meta)
+        st = self.stage
+        for i in st.layers:
+            layer = self.layers[i]
+            if st.holds_attention(i):
+                x, residual = layer.attend(positions, x, residual, meta)
+            if st.holds_mlp(i):
+                x, residual = layer.feed_forward(x, residual)
         if not self.stage.is_last:
             return x, residual
         return self.norm(x, residual)[0]
@@ -151,7 +172,12 @@ class LlamaForCausalLM(nn.Module):
         """Whether this stage reads checkpoint tensor ``name`` (the loader skips the rest)."""
         st = self.stage
         if name.startswith("model.layers."):
-            return st.holds_layer(int(name.split(".")[2]))
+            _, _, layer, block = name.split(".")[:4]
+            if block in ("self_attn", "input_layernorm"):
+                return st.holds_attention(int(layer))
+            if block in ("mlp", "post_attention_layernorm"):
+                return st.holds_mlp(int(layer))
+            return int(layer) in st.layers
         if name.startswith("model.embed_tokens."):
             return st.is_first or bool(self.weight_aliases)
         if name.startswith(("model.norm.", "lm_head.")):
@@ -183,4 +209,4 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         """This stage's attention layers (their KV cache lives here)."""
         st = self.stage
-        return [layer.self_attn.attn for layer in self.model.layers[st.start:st.stop]]
+        return [self.model.layers[i].self_attn.attn for i in st.layers if st.holds_attention(i)]

@@ -29,7 +29,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from shardserve.planner.memory import DTYPE_BYTES, linear_params_per_device, local_kv_heads
+from shardserve.planner.memory import DTYPE_BYTES, local_kv_heads, stage_linear_params
 from shardserve.planner.partition import Stage
 from shardserve.planner.specs import TransformerSpec
 
@@ -135,10 +135,9 @@ def linear_parts(spec: TransformerSpec, tp: int, fmt: str, stage: Stage | None,
     time, the time more rows add)``: the first streams the weights (memory-bound), the second
     grows with the rows (compute-bound). Its layers run ``shape.rows`` rows, the last stage's
     LM head one row a sequence (only the last position is scored)."""
-    st = stage or Stage.whole(spec.num_layers)
-    layer, head = linear_params_per_device(spec, tp)
+    blocks, head = stage_linear_params(spec, tp, stage)
     one = rates.ps_per_weight(fmt, 1)
-    parts = [(st.num_layers * layer, shape.rows)] + ([(head, shape.seqs)] if st.is_last else [])
+    parts = [(blocks, shape.rows), (head, shape.seqs)]
     memory = sum(w * one for w, _ in parts)
     more = sum(w * (rates.ps_per_weight(fmt, r) - one) for w, r in parts)
     return memory * 1e-12, more * 1e-12
@@ -161,7 +160,7 @@ def all_reduce_s(spec: TransformerSpec, tp: int, shape: StepShape, rates: Rates,
         return 0.0
     st = stage or Stage.whole(spec.num_layers)
     hidden = shape.rows * spec.hidden_size * act_bytes
-    t = (2 * st.num_layers + st.is_first) * rates.collective_s(hidden, tp)
+    t = (st.num_attention + st.num_mlp + st.is_first) * rates.collective_s(hidden, tp)
     if st.is_last:
         t += rates.collective_s(shape.seqs * spec.vocab_size * 4, tp)
     return t
@@ -174,7 +173,8 @@ def time_features(spec: TransformerSpec, tp: int, fmt: str, kv_dtype: str, shape
     (step, sequences, sampling) count on the last stage, where the driver samples."""
     st = stage or Stage.whole(spec.num_layers)
     last = 1.0 if st.is_last else 0.0
-    L = st.num_layers
+    L = st.num_attention  # the layers whose cache this stage reads
+    layers = (st.num_attention + st.num_mlp) / 2  # its blocks, in layers
     kv_heads, q_heads = local_kv_heads(spec.num_kv_heads, tp), spec.num_heads // tp
     kv_read = prefill_flops = 0.0
     if shape.kind == "decode":
@@ -183,7 +183,7 @@ def time_features(spec: TransformerSpec, tp: int, fmt: str, kv_dtype: str, shape
     else:  # causal: QK^T and PV over half the square, 2 FLOPs a multiply-add
         prefill_flops = L * shape.seqs * q_heads * 2 * shape.length ** 2 * spec.head_dim
     return [*linear_parts(spec, tp, fmt, stage, shape, rates), last, last * shape.seqs,
-            last * shape.seqs * spec.vocab_size, float(L), L * shape.rows * spec.hidden_size,
+            last * shape.seqs * spec.vocab_size, layers, layers * shape.rows * spec.hidden_size,
             kv_read, prefill_flops]
 
 

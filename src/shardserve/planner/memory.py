@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from shardserve.planner.partition import Stage
+from shardserve.planner.partition import BlockWeights, Stage
 from shardserve.planner.specs import (
     DTYPE_BYTES,
     QUANTIZATION_BYTES,
@@ -73,14 +73,23 @@ def _mlp_mats(spec: TransformerSpec) -> int:
     return 3 if spec.gated_mlp else 2
 
 
-def head_in_layers(spec: TransformerSpec | EncoderSpec) -> float:
-    """The LM head's parameters in decoder layers' worth (what a pipeline split weighs the
-    last stage's head as)."""
+def decode_kv_tokens(max_num_seqs: int, pp: int, max_len: int) -> int:
+    """KV positions a micro-batch's decode step reads, as the balanced pipeline split weighs
+    them: its share of the sequences at half the context (a sequence's mean length over a
+    life that reaches it)."""
+    return -(-max_num_seqs // pp) * max_len // 2
+
+
+def block_weights(spec: TransformerSpec | EncoderSpec, kv_tokens: int = 0) -> BlockWeights:
+    """What a pipeline split weighs a decoder's blocks and LM head as (``partition.py``): the
+    elements a decode step reads, parameters and, in an attention block, ``kv_tokens``
+    positions of keys and values (a micro-batch's sequences times a typical length)."""
     if not isinstance(spec, TransformerSpec):
-        return 0.0
+        return BlockWeights()
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, 1)
-    return vocab * h / ((q + 2 * kv) * h + h * q + _mlp_mats(spec) * i * h)
+    return BlockWeights(attention=(q + 2 * kv) * h + h * q + 2 * kv * kv_tokens,
+                        mlp=_mlp_mats(spec) * i * h, head=vocab * h)
 
 
 def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
@@ -97,13 +106,12 @@ def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     q, kv, i, vocab_rows = _widths(spec, tp)
     attn = (q + 2 * kv) * h + h * q + (q + 2 * kv if spec.qkv_bias else 0)
     mlp = _mlp_mats(spec) * i * h
-    norms = 2 * h
     vocab = vocab_rows * h
     embed = vocab if st.is_first else 0
     head = vocab + h if st.is_last else 0
     if st.is_first and st.is_last and spec.tie_word_embeddings:
         head -= vocab
-    return st.num_layers * (attn + mlp + norms) + embed + head
+    return st.num_attention * (attn + h) + st.num_mlp * (mlp + h) + embed + head  # + norms
 
 
 def _whisper_params(spec: WhisperSpec, tp: int) -> tuple[int, int]:
@@ -154,16 +162,31 @@ def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     st = _stage(spec, stage)
     q, kv, _, _ = _widths(spec, tp)
     bias = q + 2 * kv if spec.qkv_bias else 0
-    return st.num_layers * (2 * spec.hidden_size + bias) + \
+    return st.num_attention * (spec.hidden_size + bias) + st.num_mlp * spec.hidden_size + \
         (spec.hidden_size if st.is_last else 0)
 
 
 def linear_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int]:
     """``(one decoder layer, LM head)``: the matrix weights one rank multiplies by, the
     matmul work of a step (``planner/cost.py``) and what quantization converts."""
+    attn, mlp, head = _linear_params(spec, tp)
+    return attn + mlp, head
+
+
+def _linear_params(spec: TransformerSpec, tp: int) -> tuple[int, int, int]:
+    """``(a layer's attention block, its MLP block, the LM head)``: matrix weights of a rank."""
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, tp)
-    return (q + 2 * kv) * h + h * q + _mlp_mats(spec) * i * h, vocab * h
+    return (q + 2 * kv) * h + h * q, _mlp_mats(spec) * i * h, vocab * h
+
+
+def stage_linear_params(spec: TransformerSpec, tp: int, stage: Stage | None = None
+                        ) -> tuple[int, int]:
+    """``(its decoder blocks, its LM head)``: the matrix weights one rank of ``stage``
+    multiplies by (the head is 0 but on the last stage)."""
+    st = _stage(spec, stage)
+    attn, mlp, head = _linear_params(spec, tp)
+    return st.num_attention * attn + st.num_mlp * mlp, head if st.is_last else 0
 
 
 def quantized_params_per_device(spec: TransformerSpec, tp: int, stage: Stage | None = None
@@ -173,12 +196,11 @@ def quantized_params_per_device(spec: TransformerSpec, tp: int, stage: Stage | N
     st = _stage(spec, stage)
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, tp)
-    head = 1 if st.is_last else 0
     m = _mlp_mats(spec)
-    layer, head_weights = linear_params_per_device(spec, tp)
-    weights = st.num_layers * layer + head * head_weights
-    outputs = st.num_layers * ((q + 2 * kv) + h + (m - 1) * i + h) + head * vocab
-    return weights, outputs
+    blocks, head = stage_linear_params(spec, tp, st)
+    outputs = st.num_attention * ((q + 2 * kv) + h) + st.num_mlp * ((m - 1) * i + h) + \
+        (vocab if st.is_last else 0)
+    return blocks + head, outputs
 
 
 def weight_bytes_per_device(spec: TransformerSpec | EncoderSpec, tp: int, dtype: str,
@@ -202,7 +224,7 @@ def kv_bytes_per_token(spec: TransformerSpec, tp: int, dtype: str,
                        stage: Stage | None = None) -> int:
     """KV-cache bytes one token costs on one rank, over the layers of ``stage`` (all)."""
     kv = local_kv_heads(spec.num_kv_heads, tp) * spec.head_dim
-    return 2 * _stage(spec, stage).num_layers * kv * DTYPE_BYTES[dtype]
+    return 2 * _stage(spec, stage).num_attention * kv * DTYPE_BYTES[dtype]
 
 
 def encoder_activation_bytes(spec: WhisperSpec, tp: int, dtype: str) -> int:
@@ -308,8 +330,12 @@ class StageBytes:
     kv_per_token: int
 
     def kv_tokens(self, budget: int) -> int:
-        """Tokens of KV cache that fit in ``budget`` beside the weights and activations."""
-        return max(0, budget - self.weights - self.activations) // self.kv_per_token
+        """Tokens of KV cache that fit in ``budget`` beside the weights and activations (a
+        stage of MLP blocks only holds none: any number, once those fit)."""
+        free = max(0, budget - self.weights - self.activations)
+        if not self.kv_per_token:
+            return 2**62 if free else 0
+        return free // self.kv_per_token
 
     def kv_blocks(self, budget: int, block_size: int) -> int:
         return self.kv_tokens(budget) // block_size

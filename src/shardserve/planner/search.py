@@ -15,8 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shardserve.planner import cost
-from shardserve.planner.memory import head_in_layers, stage_bytes, weight_bytes_per_device
-from shardserve.planner.partition import split_layers
+from shardserve.planner.memory import (
+    block_weights,
+    decode_kv_tokens,
+    stage_bytes,
+    weight_bytes_per_device,
+)
+from shardserve.planner.partition import Stage, split_layers
 from shardserve.planner.recsys import plan_tables
 from shardserve.planner.specs import DLRMSpec, EncoderSpec, TransformerSpec, WhisperSpec
 
@@ -67,13 +72,14 @@ def plan(spec: TransformerSpec, tp: int, pp: int, nodes: Nodes, precision, sched
         return _encoder_plan(spec, tp, nodes, precision, placed)
     if isinstance(spec, DLRMSpec):
         return _recommender_plan(spec, tp, nodes, precision, placed)
-    stages = split_layers(spec.num_layers, pp, split, head_in_layers(spec))
+    stages = split_layers(spec.num_layers, pp, split, block_weights(
+        spec, decode_kv_tokens(sched.max_num_seqs, pp, context)))
     needs = stage_bytes(spec, tp, stages, precision.weights, precision.compute, precision.kv,
                         precision.quantization, sched.max_num_batched_tokens,
                         sched.max_num_seqs)
     rows = []
     for st, need in zip(stages, needs, strict=True):
-        row = {"stage": st.index, "layers": [st.start, st.stop - 1],
+        row = {"stage": st.index, "layers": [st.layers[0], st.layers[-1]], "holds": st.holds,
                "weight_bytes_per_device": need.weights,
                "activation_bytes_per_device": need.activations,
                "kv_bytes_per_token": need.kv_per_token,
@@ -147,6 +153,7 @@ def _weights_only(spec, tp: int, nodes: Nodes, placed: bool, need: int, why: str
             "placed": placed, "bytes_per_device": {"weights": need, "kv": 0, "activations": 0},
             "kv_tokens": 0, "predicted": None, "batch": None, "meets_slo": None,
             "stages": [{"stage": 0, "layers": [0, spec.num_layers - 1],
+                        "holds": Stage.whole(spec.num_layers).holds,
                         "weight_bytes_per_device": need, "activation_bytes_per_device": 0,
                         "kv_bytes_per_token": 0, "kv_tokens_that_fit": 0, "fits": fits,
                         **({"node": 0, "devices": devices} if placed else {})}],

@@ -109,7 +109,7 @@ class Executor:
                  step_timeout_s: float = 300.0, compute_dtype: str | None = None,
                  load_timeout_s: float = 1800.0, shm_slot_bytes: int = 8 << 20,
                  kv_cache_dtype: str | None = None, tp: int | None = None,
-                 pipeline_split: tuple[int, ...] | None = None) -> None:
+                 pipeline_split: tuple[float, ...] | None = None) -> None:
         self._configure(config, devices, step_timeout_s, compute_dtype, shm_slot_bytes,
                         kv_cache_dtype, tp, pipeline_split)
         rendezvous = tempfile.mkdtemp(prefix="shardserve-rdv-")  # mode 0700
@@ -130,7 +130,7 @@ class Executor:
 
     def _configure(self, config: ModelConfig, devices: list[Device], step_timeout_s: float,
                    compute_dtype: str | None, shm_slot_bytes: int, kv_cache_dtype: str | None,
-                   tp: int | None, pipeline_split: tuple[int, ...] | None) -> None:
+                   tp: int | None, pipeline_split: tuple[float, ...] | None) -> None:
         """What every executor knows before its workers start."""
         self.config, self.devices = config, devices
         self.tp = tp or len(devices)
@@ -138,7 +138,7 @@ class Executor:
             raise ValueError(f"{len(devices)} devices do not make stages of tp={self.tp}")
         self.pp = len(devices) // self.tp
         if self.pp > 1 and not pipeline_split:  # the workers get the split, never guess it
-            pipeline_split = tuple(st.num_layers for st in
+            pipeline_split = tuple(st.size for st in
                                    ParallelConfig(self.tp, self.pp).stages(config.spec))
         self.driver = (self.pp - 1) * self.tp  # the rank that answers steps
         self.step_timeout_s = step_timeout_s

@@ -78,7 +78,7 @@ class WorkerInit:
     shm_slot_bytes: int = 0
     kv_cache_dtype: str | None = None  # of the KV cache (None: compute_dtype)
     tp: int = 0  # ranks per pipeline stage (0: world_size, one stage)
-    pipeline_split: list[int] | None = None  # decoder layers per stage (set when pp > 1)
+    pipeline_split: list[float] | None = None  # layers per stage, in halves (set when pp > 1)
     num_threads: int = 0  # threads when ``cores`` is empty (a Ray actor's CPU count)
 
 

@@ -85,7 +85,7 @@ class RayExecutor(Executor):
                  step_timeout_s: float = 300.0, compute_dtype: str | None = None,
                  load_timeout_s: float = 1800.0, shm_slot_bytes: int = 8 << 20,
                  kv_cache_dtype: str | None = None, tp: int | None = None,
-                 pipeline_split: tuple[int, ...] | None = None, address: str | None = None,
+                 pipeline_split: tuple[float, ...] | None = None, address: str | None = None,
                  placement_timeout_s: float = 300.0) -> None:
         self._configure(config, devices, step_timeout_s, compute_dtype, shm_slot_bytes,
                         kv_cache_dtype, tp, pipeline_split)
