@@ -30,6 +30,10 @@ def test_one_pass_argmax_matches_torch():
     x[4, 10] = float("nan")
     x[5, 20] = float("inf")
     x[6, 30] = float("-inf")
+    x[7, :] = float("-inf")  # nothing larger than the first
+    x[8, 5] = -0.0  # a signed zero ties with +0.0: the first
+    x[8, 6] = x[8, 1000] = 0.0
+    x[8, :5] = x[8, 7:1000] = x[8, 1001:] = -1.0
     got = ops.row_argmax(x)
     if got is None:
         pytest.skip("the native kernels do not build here")
@@ -41,7 +45,8 @@ def test_one_pass_argmax_matches_torch():
     strided = torch.randn(1003, 4).t()  # not contiguous: copied first
     assert torch.equal(ops.row_argmax(strided)[0], strided.argmax(-1))
     result = Sampler()(x.clone(), _rows(9, temperature=0.0))
-    assert set(result.failed) == {4, 5, 6} and result.token_ids[0] == x[0].argmax()
+    assert idx[7] == 0 and idx[8] == 5
+    assert set(result.failed) == {4, 5, 6, 7} and result.token_ids[0] == x[0].argmax()
 
 
 def test_seeded_rows_reproduce_and_top_k_one_is_greedy():
