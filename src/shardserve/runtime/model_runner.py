@@ -379,6 +379,8 @@ class ModelRunner:
         """Flat token ids, positions and attention metadata for the scheduled sequences."""
         bs, dev = self.block_size, self.device
         seqs = [self.seqs[r] for r, _ in order]
+        if order[-1][1] == 1:  # one token each (``_order`` puts those first): plain lists
+            return self._prepare_decode(seqs)
         ns = np.array([n for _, n in order], dtype=np.int64)
         starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
         ids = np.concatenate([s.tokens[c:c + n] for s, c, n in zip(seqs, starts, ns,
@@ -402,6 +404,20 @@ class ModelRunner:
                                  int(starts[i] + ns[i])) for i in range(D, len(seqs))]
         meta = AttentionMetadata(t(slots), D, decode_tables, decode_ctx, prefills)
         return t(ids), t(positions), meta, t(row_starts[1:] - 1)
+
+    def _prepare_decode(self, seqs: list[_Seq]):
+        """``_prepare`` for a step of one token a sequence (every decode step), from Python
+        lists in one conversion each rather than numpy arrays a sequence."""
+        bs, dev = self.block_size, self.device
+        pos = [s.num_computed for s in seqs]
+        ids = [s.tokens[c] for s, c in zip(seqs, pos, strict=True)]
+        slots = [s.block_ids[c // bs] * bs + c % bs for s, c in zip(seqs, pos, strict=True)]
+        width = max(len(s.block_ids) for s in seqs)
+        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
+        t = lambda a: torch.tensor(a, dtype=torch.int64, device=dev)  # noqa: E731
+        positions = t(pos)
+        meta = AttentionMetadata(t(slots), len(seqs), t(tables), positions + 1, [])
+        return t(ids), positions, meta, torch.arange(len(seqs), device=dev)
 
     def _sample(self, order, done, logits, comm0: float, t0: float) -> StepOutput:
         if not done:
