@@ -246,6 +246,9 @@ class LLMEngine:
         t2 = time.perf_counter()
         outputs = self._postprocess(sched, out)
         self._release_if_idle()
+        if self.depth > 1:  # the first stage waits for these sequences' next batch: send it
+            while len(self._inflight) < self.depth and self._submit():
+                pass
         s = self.stats
         s.steps += 1
         s.step_seconds += t2 - t1
