@@ -31,7 +31,8 @@ def test_batch_one_decode_on_a_gpu_is_its_weights_over_the_memory_bandwidth():
     (memory-bound at one row) plus the sequence's KV cache; no measured overheads."""
     spec = preset("llama-3-8b")
     rates = profile("h100-8x").rates(1)
-    layer, head = linear_params_per_device(spec, 1)
+    attn, mlp, head = linear_params_per_device(spec, 1)
+    layer = attn + mlp
     bw = 3120 * 2**30  # bytes/s, the profile's figure
     ctx = 512 + 64
     kv = spec.num_layers * ctx * 2 * spec.num_kv_heads * spec.head_dim * 2
@@ -63,7 +64,8 @@ def test_measured_curve_interpolates_and_factors_scale_it():
     spec = preset("llama-3-8b")
     shape = cost.StepShape("decode", 16, 100)
     memory, more = cost.linear_parts(spec, 1, "float32", None, shape, rates)
-    layer, head = linear_params_per_device(spec, 1)
+    attn, mlp, head = linear_params_per_device(spec, 1)
+    layer = attn + mlp
     assert memory == pytest.approx((spec.num_layers * layer + head) * 100e-12)
     assert more == pytest.approx((spec.num_layers * layer + head) * 100e-12)
     assert cost.linear_s(spec, 1, "float32", None, shape, rates) == \

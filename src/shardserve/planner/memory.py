@@ -111,7 +111,8 @@ def weight_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
     head = vocab + h if st.is_last else 0
     if st.is_first and st.is_last and spec.tie_word_embeddings:
         head -= vocab
-    return st.num_attention * (attn + h) + st.num_mlp * (mlp + h) + embed + head  # + norms
+    # each block has its norm (h)
+    return st.num_attention * (attn + h) + st.num_mlp * (mlp + h) + embed + head
 
 
 def _whisper_params(spec: WhisperSpec, tp: int) -> tuple[int, int]:
@@ -166,15 +167,10 @@ def vector_params_per_device(spec: TransformerSpec | EncoderSpec, tp: int,
         (spec.hidden_size if st.is_last else 0)
 
 
-def linear_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int]:
-    """``(one decoder layer, LM head)``: the matrix weights one rank multiplies by, the
-    matmul work of a step (``planner/cost.py``) and what quantization converts."""
-    attn, mlp, head = _linear_params(spec, tp)
-    return attn + mlp, head
-
-
-def _linear_params(spec: TransformerSpec, tp: int) -> tuple[int, int, int]:
-    """``(a layer's attention block, its MLP block, the LM head)``: matrix weights of a rank."""
+def linear_params_per_device(spec: TransformerSpec, tp: int) -> tuple[int, int, int]:
+    """``(a layer's attention block, its MLP block, the LM head)``: the matrix weights one
+    rank multiplies by, the matmul work of a step (``planner/cost.py``) and what quantization
+    converts."""
     h = spec.hidden_size
     q, kv, i, vocab = _widths(spec, tp)
     return (q + 2 * kv) * h + h * q, _mlp_mats(spec) * i * h, vocab * h
@@ -185,7 +181,7 @@ def stage_linear_params(spec: TransformerSpec, tp: int, stage: Stage | None = No
     """``(its decoder blocks, its LM head)``: the matrix weights one rank of ``stage``
     multiplies by (the head is 0 but on the last stage)."""
     st = _stage(spec, stage)
-    attn, mlp, head = _linear_params(spec, tp)
+    attn, mlp, head = linear_params_per_device(spec, tp)
     return st.num_attention * attn + st.num_mlp * mlp, head if st.is_last else 0
 
 
