@@ -172,6 +172,60 @@ def test_bfloat16_dot_products(mode, rows, in_features):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(ops.pair_mode() < 2, reason="no AMX here: no K-pair panels")
+@pytest.mark.parametrize("mode", [1, 2], ids=lambda m: ops.PAIR_MODES[m])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 128, 200])
+def test_gate_up_with_its_activation_fused(mode, rows):
+    """``packed_linear(silu_mul=True)`` over gate and up rows interleaved every 32 features:
+    exactly the plain GEMM's sums (put back in order) through the elementwise silu_mul, for
+    bfloat16 and int8 panels (with a bias), at AMX, vdpbf16ps and few-row int8 row counts."""
+    g = torch.Generator().manual_seed(rows + 100 * mode)
+    inter, k = 96, 256  # 3 blocks of 32: gate and up share panels unevenly with the 64-wide
+    w = torch.randn(2 * inter, k, generator=g)
+    b = torch.randn(2 * inter, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    assert torch.equal(ops.uninterleave_gate_up(ops.interleave_gate_up(w)), w)
+    q, scale = ops.quantize_int8(w)
+    for weight, s in ((w.bfloat16(), None), (q, scale)):
+        packed = ops.pack_weight(ops.interleave_gate_up(weight))
+        s = None if s is None else ops.interleave_gate_up(s)
+        bias = ops.interleave_gate_up(b)
+        fused = ops.packed_linear(x, packed, bias, s, mode=mode, silu_mul=True)
+        plain = ops.packed_linear(x, packed, bias, s, mode=mode)
+        assert fused.shape == (rows, inter)
+        gate_up = ops.deinterleave_gate_up(plain)
+        assert torch.equal(fused, ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(fused, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    f32 = ops.pack_weight(w)  # float32 panels: no fused form, the caller falls back
+    assert f32.dim() == 3 and ops.packed_linear(x, f32, silu_mul=True) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [64, 40])
+def test_gate_up_layer_gives_gate_then_up_and_the_activation(dtype, inter):
+    """``GateUpParallelLinear``: interleaved only where its weight packs in K pairs and the
+    intermediate size is whole blocks of 32; ``forward`` gives gate then up either way and
+    ``act`` silu(gate) * up."""
+    from shardserve.layers.linear import GateUpParallelLinear
+    from shardserve.runtime.group import FakeGroup
+
+    g = torch.Generator().manual_seed(inter)
+    layer = GateUpParallelLinear(64, inter, FakeGroup(0, 1))
+    w = torch.randn(2 * inter, 64, generator=g).to(dtype)
+    layer.weight.data = w.clone()
+    layer.process_weights_after_loading()
+    fused = dtype == torch.bfloat16 and inter % 32 == 0 and ops.pair_mode() == 2
+    assert layer.interleaved == fused
+    x = torch.randn(5, 64, generator=g)
+    with torch.inference_mode():
+        gate_up = layer(x)
+        want = F.linear(x.bfloat16().float() if fused else x, w.float())
+        torch.testing.assert_close(gate_up, want, atol=1e-3, rtol=1e-3)
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(layer.act(x), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
 def test_int8_quantization_is_per_output_channel_and_symmetric():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 300, generator=g) * torch.logspace(-3, 1, 40)[:, None]

@@ -26,6 +26,12 @@
  *
  *   x (N, K), y (N, O) float32 contiguous; p packed as above (bfloat16 or int8); O % 64 == 0,
  *   K % 32 == 0; bias (O,) or NULL; scale (O,) for int8, else NULL.
+ *
+ * act = ACT_SILU_MUL fuses a gated MLP's activation into the gate-and-up projection: the
+ * weight's output features alternate 32 of the gate and the same 32 of the up projection
+ * (ops.interleave_gate_up), so each panel's 64 sums are a gate block and its up block, and
+ * y (N, O / 2) gets silu(gate) * up, as elementwise.c's silu_mul computes it: the (N, O)
+ * sums are never written nor read back.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -92,16 +98,37 @@ static void widen_i8(const int8_t *p, uint16_t *out, int64_t K) {
     }
 }
 
-/* y[rows, 64 features] = acc * scale + bias, from a tile of sums c (ld NR). */
+#define ACT_NONE 0
+#define ACT_SILU_MUL 1
+
+/* silu(g) * u on 16 lanes, as elementwise.c's silu_mul: from e = exp(-|g|) only. */
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const vec gv = (vec)g;
+    const veci neg = gv < 0;
+    const vec e = exp_negv((vec)((veci)gv | ((veci){0} + (int32_t)0x80000000)));
+    const vec one = (vec){0} + 1.0f;
+    const vec num = (vec)(((veci)e & neg) | ((veci)one & ~neg));
+    return (__m512)(gv * num / (one + e) * (vec)u);
+}
+
+/* y[rows, 64 features] = acc * scale + bias, from a tile of sums c (ld NR), y's rows O apart;
+ * with ACT_SILU_MUL, y[rows, 32] = silu(features 0-31) * features 32-63. */
 static inline void store_rows(const float *c, float *y, int64_t O, int rows,
-                              const float *bias, const float *scale) {
-    for (int i = 0; i < rows; i++)
-        for (int v = 0; v < NR; v += 16) {
-            __m512 s = _mm512_loadu_ps(c + i * NR + v);
-            if (scale) s = _mm512_mul_ps(s, _mm512_loadu_ps(scale + v));
-            if (bias) s = _mm512_add_ps(s, _mm512_loadu_ps(bias + v));
-            _mm512_storeu_ps(y + i * O + v, s);
+                              const float *bias, const float *scale, int act) {
+    for (int i = 0; i < rows; i++) {
+        __m512 s[NR / 16];
+        for (int v = 0; v < NR / 16; v++) {
+            s[v] = _mm512_loadu_ps(c + i * NR + v * 16);
+            if (scale) s[v] = _mm512_mul_ps(s[v], _mm512_loadu_ps(scale + v * 16));
+            if (bias) s[v] = _mm512_add_ps(s[v], _mm512_loadu_ps(bias + v * 16));
         }
+        if (act == ACT_SILU_MUL) {
+            _mm512_storeu_ps(y + i * O, silu_mul16(s[0], s[2]));
+            _mm512_storeu_ps(y + i * O + 16, silu_mul16(s[1], s[3]));
+        } else {
+            for (int v = 0; v < NR / 16; v++) _mm512_storeu_ps(y + i * O + v * 16, s[v]);
+        }
+    }
 }
 
 /* A panel row (one K pair of 64 features) as 4 vectors of bfloat16 pairs: loaded as they are,
@@ -150,7 +177,7 @@ static inline __attribute__((always_inline)) void dp_tile(int mr, const uint16_t
 
 static inline __attribute__((always_inline)) void rows_dp(
         const uint16_t *xb, const void *pp, int64_t m0, int64_t m1, int64_t K, int64_t O,
-        float *y, const float *bias, const float *scale, int wtype) {
+        float *y, const float *bias, const float *scale, int wtype, int act) {
     float c[MR * NR] __attribute__((aligned(64)));
     for (int64_t m = m0; m < m1; m += MR) {
         const int mr = m1 - m < MR ? (int)(m1 - m) : MR;
@@ -162,18 +189,20 @@ static inline __attribute__((always_inline)) void rows_dp(
         case 5: dp_tile(5, xb + m * XLD(K), pp, K, c, wtype); break;
         default: dp_tile(6, xb + m * XLD(K), pp, K, c, wtype); break;
         }
-        store_rows(c, y + m * O, O, mr, bias, scale);
+        store_rows(c, y + m * O, O, mr, bias, scale, act);
     }
 }
 
 static void rows_dp_bf16(const uint16_t *xb, const void *pp, int64_t m0, int64_t m1,
-                         int64_t K, int64_t O, float *y, const float *bias, const float *scale) {
-    rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_BF16);
+                         int64_t K, int64_t O, float *y, const float *bias, const float *scale,
+                         int act) {
+    rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_BF16, act);
 }
 
 static void rows_dp_i8(const uint16_t *xb, const void *pp, int64_t m0, int64_t m1,
-                       int64_t K, int64_t O, float *y, const float *bias, const float *scale) {
-    rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_I8);
+                       int64_t K, int64_t O, float *y, const float *bias, const float *scale,
+                       int act) {
+    rows_dp(xb, pp, m0, m1, K, O, y, bias, scale, W_I8, act);
 }
 
 /* int8 pair panels at few rows, on float32 registers (the way gemm.c reads int8 panels):
@@ -217,7 +246,8 @@ static inline __attribute__((always_inline)) void f32pair_tile(int mr, const flo
 }
 
 static void rows_f32pair_i8(const float *x, const int8_t *pp, int64_t m0, int64_t m1, int64_t K,
-                            int64_t O, float *y, const float *bias, const float *scale) {
+                            int64_t O, float *y, const float *bias, const float *scale,
+                            int act) {
     float c[3 * NR] __attribute__((aligned(64)));
     for (int64_t m = m0; m < m1; m += 3) {
         const int mr = m1 - m < 3 ? (int)(m1 - m) : 3;
@@ -226,7 +256,7 @@ static void rows_f32pair_i8(const float *x, const int8_t *pp, int64_t m0, int64_
         case 2: f32pair_tile(2, x + m * K, K, pp, c); break;
         default: f32pair_tile(3, x + m * K, K, pp, c); break;
         }
-        store_rows(c, y + m * O, O, mr, bias, scale);
+        store_rows(c, y + m * O, O, mr, bias, scale, act);
     }
 }
 
@@ -248,7 +278,7 @@ static void tile_config(void) {
 
 /* Rows [m0, m1) of xb (zero-padded to whole 16-row tiles) against panel pp; sums via c. */
 static void rows_amx(const uint16_t *xb, const uint16_t *pp, int64_t m0, int64_t m1, int64_t K,
-                     int64_t O, float *y, const float *bias, const float *scale) {
+                     int64_t O, float *y, const float *bias, const float *scale, int act) {
     float c[32 * NR] __attribute__((aligned(64)));
     const int64_t lda = XLD(K) * 2, ldb = NR * 4;  /* bytes */
     for (int64_t m = m0; m < m1; m += 32) {
@@ -298,19 +328,23 @@ static void rows_amx(const uint16_t *xb, const uint16_t *pp, int64_t m0, int64_t
             _tile_stored(3, c + 48, NR * 4);
         }
         const int rows = m1 - m < 32 ? (int)(m1 - m) : 32;
-        store_rows(c, y + m * O, O, rows, bias, scale);
+        store_rows(c, y + m * O, O, rows, bias, scale, act);
     }
 }
 #endif
 
 /* Returns 0, or -1 for a shape, weight type or mode it does not take (the caller falls back).
- * mode: MODE_AMX or MODE_AVX512_BF16 (at most bf16_gemm_mode()). */
+ * mode: MODE_AMX or MODE_AVX512_BF16 (at most bf16_gemm_mode()); act: ACT_NONE or
+ * ACT_SILU_MUL (y is then (N, O / 2)). */
 int bf16_gemm(const float *x, const void *p, const float *bias, const float *scale, float *y,
-              int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode) {
+              int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode, int act) {
     if (N < 1 || K < 32 || K % 32 || O < NR || O % NR || num_threads < 1
             || (wtype != W_BF16 && wtype != W_I8) || (wtype == W_I8) != (scale != 0)
-            || mode < MODE_AVX512_BF16 || mode > bf16_gemm_mode())
+            || mode < MODE_AVX512_BF16 || mode > bf16_gemm_mode()
+            || (act != ACT_NONE && act != ACT_SILU_MUL))
         return -1;
+    /* y's row stride and a panel's first output: 64 features, or 32 activations */
+    const int64_t OY = act == ACT_SILU_MUL ? O / 2 : O, PY = act == ACT_SILU_MUL ? NR / 2 : NR;
     const int widen = wtype == W_I8, few_i8 = widen && N <= FEW_I8_ROWS;
     const int tiles = mode == MODE_AMX && !few_i8;  /* AMX runs this call */
     /* x rounded to bfloat16, zero rows up to whole AMX tiles: all but few_i8 read it */
@@ -347,18 +381,19 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
                     widen_i8((const int8_t *)p + q * K * NR, wide, K);
                     pp = wide;
                 }
-                rows_amx(xb, pp, m0, m1, K, O, y + q * NR, b, s);
+                rows_amx(xb, pp, m0, m1, K, OY, y + q * PY, b, s, act);
                 continue;
             }
 #endif
             if (few_i8)
-                rows_f32pair_i8(x, (const int8_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b,
-                                s);
+                rows_f32pair_i8(x, (const int8_t *)p + q * K * NR, m0, m1, K, OY, y + q * PY, b,
+                                s, act);
             else if (widen)
-                rows_dp_i8(xb, (const int8_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b, s);
+                rows_dp_i8(xb, (const int8_t *)p + q * K * NR, m0, m1, K, OY, y + q * PY, b, s,
+                           act);
             else
-                rows_dp_bf16(xb, (const uint16_t *)p + q * K * NR, m0, m1, K, O, y + q * NR, b,
-                             s);
+                rows_dp_bf16(xb, (const uint16_t *)p + q * K * NR, m0, m1, K, OY, y + q * PY, b,
+                             s, act);
         }
 #if defined(HAVE_AMX)
         if (tiles) _tile_release();
@@ -374,9 +409,9 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
 int bf16_gemm_mode(void) { return MODE_NONE; }
 
 int bf16_gemm(const float *x, const void *p, const float *bias, const float *scale, float *y,
-              int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode) {
+              int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode, int act) {
     (void)x; (void)p; (void)bias; (void)scale; (void)y; (void)N; (void)K; (void)O;
-    (void)num_threads; (void)wtype; (void)mode;
+    (void)num_threads; (void)wtype; (void)mode; (void)act;
     return -1;
 }
 

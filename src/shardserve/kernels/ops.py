@@ -97,7 +97,8 @@ def packed_width() -> int | None:
 
 
 def _pairs_fn():
-    return _fn("bf16_gemm", "bf16_gemm", (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32, _I32))
+    return _fn("bf16_gemm", "bf16_gemm",
+               (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32, _I32, _I32, _I32))
 
 
 # bf16_gemm.c's modes: the CPU's own bfloat16 dot products.
@@ -237,7 +238,7 @@ def pack_weight(weight: torch.Tensor, pad: bool = False) -> torch.Tensor | None:
     nr = packed_width()
     if nr is None or weight.dim() != 2 or not _weight_cpu(weight):
         return None
-    pairs = _pairs_apply(weight.dtype, weight.shape[1])
+    pairs = packs_in_pairs(weight.dtype, weight.shape[1])
     if pairs:
         nr = PAIR_WIDTH
     if weight.shape[0] % nr and not pad:
@@ -253,7 +254,9 @@ def pack_weight(weight: torch.Tensor, pad: bool = False) -> torch.Tensor | None:
 PAIR_WIDTH = 64  # NR in bf16_gemm.c
 
 
-def _pairs_apply(dtype: torch.dtype, K: int) -> bool:
+def packs_in_pairs(dtype: torch.dtype, K: int) -> bool:
+    """Whether ``pack_weight`` lays a CPU weight of ``dtype`` with ``K`` inputs out in K pairs
+    for ``bf16_gemm.c``."""
     return dtype in (torch.bfloat16, torch.int8) and K % 32 == 0 and pair_mode() == 2
 
 
@@ -304,16 +307,19 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
-                  scale: torch.Tensor | None = None, mode: int | None = None
-                  ) -> torch.Tensor | None:
+                  scale: torch.Tensor | None = None, mode: int | None = None,
+                  silu_mul: bool = False) -> torch.Tensor | None:
     """``x @ W.T + bias`` for any number of rows, ``packed`` from ``pack_weight(W)``; for int8
     panels ``W = panels * scale[:, None]`` (``quantize_int8``). K-pair panels run
-    ``bf16_gemm.c`` in ``mode`` (default ``pair_mode()``)."""
+    ``bf16_gemm.c`` in ``mode`` (default ``pair_mode()``). ``silu_mul``: ``W`` is a gated
+    MLP's gate and up projections interleaved (``interleave_gate_up``), and the result is
+    ``silu(gate) * up`` (rows of ``O / 2``), formed as the sums are stored (K-pair panels
+    only)."""
     pairs = packed.dim() == 4
     fn = _pairs_fn() if pairs else _packed_fn()
     K = packed.shape[1] * 2 if pairs else packed.shape[1]
     O = packed_features(packed)
-    if fn is None or x.shape[-1] != K or x.numel() == 0:
+    if fn is None or x.shape[-1] != K or x.numel() == 0 or (silu_mul and not pairs):
         return None
     x2 = x.reshape(-1, K).contiguous()
     if (not _f32_cpu(x2) or not _weight_cpu(packed)
@@ -321,14 +327,40 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
             or (scale is not None) != (packed.dtype == torch.int8)
             or (scale is not None and (not _f32_cpu(scale) or scale.numel() != O))):
         return None
-    y = x2.new_empty(x2.shape[0], O)
+    Y = O // 2 if silu_mul else O
+    y = x2.new_empty(x2.shape[0], Y)
     args = [x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
             None if scale is None else scale.data_ptr(), y.data_ptr(), x2.shape[0], K, O,
             torch.get_num_threads(), _WTYPES[packed.dtype]]
     if pairs:
-        args.append(pair_mode() if mode is None else mode)
+        args += [pair_mode() if mode is None else mode, int(silu_mul)]
     rc = fn(*args)
-    return y.view(*x.shape[:-1], O) if rc == 0 else None
+    return y.view(*x.shape[:-1], Y) if rc == 0 else None
+
+
+GATE_UP_BLOCK = 32  # features of gate, then of up, in each 64-feature K-pair panel
+
+
+def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's merged ``(2 I, ...)`` gate and up rows (or their biases or scales) with
+    gate and up alternating every ``GATE_UP_BLOCK`` rows: the order ``packed_linear``'s
+    ``silu_mul`` reads (each K-pair panel holds a block of gate and the same block of up).
+    ``I`` must be a multiple of the block."""
+    two_i, rest = w.shape[0], w.shape[1:]
+    blocks = two_i // 2 // GATE_UP_BLOCK
+    return w.reshape(2, blocks, GATE_UP_BLOCK, *rest).transpose(0, 1).reshape(two_i, *rest)
+
+
+def deinterleave_gate_up(y: torch.Tensor) -> torch.Tensor:
+    """``(..., 2 I)`` outputs of an interleaved gate-and-up weight back to gate then up."""
+    lead, two_i = y.shape[:-1], y.shape[-1]
+    blocks = two_i // 2 // GATE_UP_BLOCK
+    return y.reshape(*lead, blocks, 2, GATE_UP_BLOCK).transpose(-3, -2).reshape(*lead, two_i)
+
+
+def uninterleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """``interleave_gate_up``'s rows back in their order (gate rows, then up rows)."""
+    return deinterleave_gate_up(w.movedim(0, -1)).movedim(-1, 0).contiguous()
 
 
 def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:

@@ -128,6 +128,55 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data[offset:offset + size].copy_(src.read(0, start, start + size))
 
 
+class GateUpParallelLinear(MergedColumnParallelLinear):
+    """A gated MLP's gate and up projections in one matmul, and its activation: ``act(x)`` is
+    ``silu(gate) * up``. Where the weight is packed in K pairs (16-bit or int8 weights on
+    AMX, ``ops.packs_in_pairs``) its gate and up rows are interleaved before packing and the
+    GEMM forms the activation as it stores its sums (``bf16_gemm.c``): the two projections'
+    outputs are never written out. Elsewhere the elementwise kernel follows the matmul."""
+
+    def __init__(self, in_features: int, intermediate: int, group: Group,
+                 bias: bool = False) -> None:
+        super().__init__(in_features, [intermediate, intermediate], group, bias)
+        self.interleaved = False
+
+    def process_weights_after_loading(self) -> None:
+        I, K = self.local_sizes[0], self.weight.shape[1]
+        dtype = torch.int8 if self.quantization == "int8" else self.weight.dtype
+        self.interleaved = I % ops.GATE_UP_BLOCK == 0 and ops.packs_in_pairs(dtype, K) \
+            and self.weight.device.type == "cpu"
+        if self.interleaved:
+            self.weight.data = ops.interleave_gate_up(self.weight.data)
+            if self.bias is not None:
+                self.bias.data = ops.interleave_gate_up(self.bias.data)
+        super().process_weights_after_loading()
+        if self.interleaved and self.weight.dim() != 4:  # not packed after all: as it was
+            self.interleaved = False
+            self.weight.data = ops.uninterleave_gate_up(self.weight.data)
+            if self.bias is not None:
+                self.bias.data = ops.uninterleave_gate_up(self.bias.data)
+            if self.weight_scale is not None:
+                self.weight_scale = ops.uninterleave_gate_up(self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate then up, ``(..., 2 I)``."""
+        y = linear(x, self.weight, self.bias, self.weight_scale)
+        return ops.deinterleave_gate_up(y) if self.interleaved else y
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(x W_gate^T) * (x W_up^T)``, ``(..., I)``."""
+        if self.interleaved:
+            y = ops.packed_linear(x, self.weight, self.bias, self.weight_scale, silu_mul=True)
+            if y is not None:
+                return y
+        gate_up = self.forward(x)
+        act = ops.silu_mul(gate_up)
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return act
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matmul, split by heads. With grouped-query
     attention and tp > KV heads, each KV head is replicated on ``tp / num_kv_heads`` ranks,

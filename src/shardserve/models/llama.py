@@ -11,14 +11,12 @@ before the last returns its hidden state and residual for the next.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shardserve.kernels import ops
 from shardserve.layers.attention import Attention, AttentionMetadata
 from shardserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardserve.layers.linear import (
-    MergedColumnParallelLinear,
+    GateUpParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
@@ -54,16 +52,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, spec: TransformerSpec, group: Group) -> None:
         super().__init__()
         i = spec.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [i, i], group)
+        self.gate_up_proj = GateUpParallelLinear(spec.hidden_size, i, group)
         self.down_proj = RowParallelLinear(i, spec.hidden_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        act = ops.silu_mul(gate_up)
-        if act is None:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        return self.down_proj(act)
+        return self.down_proj(self.gate_up_proj.act(x))
 
 
 class LlamaDecoderLayer(nn.Module):
