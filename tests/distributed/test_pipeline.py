@@ -98,6 +98,32 @@ def test_many_sequences_over_two_micro_batches_equal_pp1(small):
     assert results[0] == results[1]
 
 
+def test_a_failure_sending_the_next_micro_batch_comes_after_this_steps_outputs(small):
+    """The next micro-batch goes out before the caller reads a step's outputs; if the group
+    fails then, those outputs are still returned and the next step raises the failure."""
+    from shardserve.runtime.executor import WorkerError
+
+    path, _ = small["llama"]
+    with LLM(str(path), pipeline_parallel_size=2, max_num_seqs=4) as llm:
+        engine = llm.engine
+        for i in range(4):
+            engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=8))
+        sent, real = [], engine.executor.submit_step
+
+        def submit(step):
+            sent.append(step)
+            if len(sent) == 3:  # the first step's early send (two went out at its start)
+                raise WorkerError("worker rank 0 died (exit code -9)")
+            real(step)
+
+        engine.executor.submit_step = submit
+        deltas = engine.step()
+        assert len(sent) == 3 and {d.request_id for d in deltas} == {"r0", "r1"}
+        assert all(len(d.seqs[0].token_ids) == 1 for d in deltas)
+        with pytest.raises(WorkerError, match="rank 0 died"):
+            engine.step()
+
+
 def test_a_stage_that_does_not_fit_is_refused_before_any_worker_starts(small, monkeypatch):
     path, _ = small["llama"]
     spec = ModelConfig(str(path)).spec

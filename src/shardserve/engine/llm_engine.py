@@ -48,7 +48,7 @@ from shardserve.engine.validation import check_features, check_generation
 from shardserve.planner.memory import format_bytes, stage_bytes
 from shardserve.planner.specs import WhisperSpec
 from shardserve.runtime.devices import Device, devices_for
-from shardserve.runtime.executor import Executor, RemoteError
+from shardserve.runtime.executor import Executor, RemoteError, WorkerError
 from shardserve.runtime.messages import NewRequest, StepInput, StepOutput
 from shardserve.runtime.precision import Precision
 from shardserve.sampling_params import SamplingParams
@@ -126,6 +126,7 @@ class LLMEngine:
         self._arrivals = 0
         self.depth = parallel.pipeline_parallel_size  # batches in flight
         self._inflight: deque[tuple[SchedulerOutput, StepInput, float]] = deque()
+        self._failure: WorkerError | None = None  # met after a step's outputs were made
         self._busy: set[str] = set()  # seq ids of the batches in flight
         self.stats = EngineStats()
 
@@ -229,6 +230,8 @@ class LLMEngine:
         """Send batches while fewer than ``depth`` are in flight and some sequence is free to
         run, then take the oldest batch's output and postprocess it. Returns a delta for every
         request that output changed."""
+        if self._failure is not None:
+            raise self._failure
         while len(self._inflight) < self.depth and self._submit():
             pass
         if not self._inflight:
@@ -247,8 +250,11 @@ class LLMEngine:
         outputs = self._postprocess(sched, out)
         self._release_if_idle()
         if self.depth > 1:  # the first stage waits for these sequences' next batch: send it
-            while len(self._inflight) < self.depth and self._submit():
-                pass
+            try:
+                while len(self._inflight) < self.depth and self._submit():
+                    pass
+            except WorkerError as e:  # these outputs are delivered; the next step raises it
+                self._failure = e
         s = self.stats
         s.steps += 1
         s.step_seconds += t2 - t1
