@@ -232,8 +232,7 @@ class LLMEngine:
         request that output changed."""
         if self._failure is not None:
             raise self._failure
-        while len(self._inflight) < self.depth and self._submit():
-            pass
+        self._fill()
         if not self._inflight:
             return []
         sched, inp, t0 = self._inflight.popleft()
@@ -251,8 +250,7 @@ class LLMEngine:
         self._release_if_idle()
         if self.depth > 1:  # the first stage waits for these sequences' next batch: send it
             try:
-                while len(self._inflight) < self.depth and self._submit():
-                    pass
+                self._fill()
             except WorkerError as e:  # these outputs are delivered; the next step raises it
                 self._failure = e
         s = self.stats
@@ -262,6 +260,11 @@ class LLMEngine:
         s.comm_seconds += out.comm_seconds
         s.schedule_seconds += t0 + (time.perf_counter() - t2)
         return outputs
+
+    def _fill(self) -> None:
+        """Send batches while fewer than ``depth`` are in flight and some sequence is free."""
+        while len(self._inflight) < self.depth and self._submit():
+            pass
 
     def _submit(self) -> bool:
         """Schedule a batch of the sequences no batch in flight holds, and send it."""

@@ -101,16 +101,6 @@ static void widen_i8(const int8_t *p, uint16_t *out, int64_t K) {
 #define ACT_NONE 0
 #define ACT_SILU_MUL 1
 
-/* silu(g) * u on 16 lanes, as elementwise.c's silu_mul: from e = exp(-|g|) only. */
-static inline __m512 silu_mul16(__m512 g, __m512 u) {
-    const vec gv = (vec)g;
-    const veci neg = gv < 0;
-    const vec e = exp_negv((vec)((veci)gv | ((veci){0} + (int32_t)0x80000000)));
-    const vec one = (vec){0} + 1.0f;
-    const vec num = (vec)(((veci)e & neg) | ((veci)one & ~neg));
-    return (__m512)(gv * num / (one + e) * (vec)u);
-}
-
 /* y[rows, 64 features] = acc * scale + bias, from a tile of sums c (ld NR), y's rows O apart;
  * with ACT_SILU_MUL, y[rows, 32] = silu(features 0-31) * features 32-63. */
 static inline void store_rows(const float *c, float *y, int64_t O, int rows,
@@ -123,8 +113,8 @@ static inline void store_rows(const float *c, float *y, int64_t O, int rows,
             if (bias) s[v] = _mm512_add_ps(s[v], _mm512_loadu_ps(bias + v * 16));
         }
         if (act == ACT_SILU_MUL) {
-            _mm512_storeu_ps(y + i * O, silu_mul16(s[0], s[2]));
-            _mm512_storeu_ps(y + i * O + 16, silu_mul16(s[1], s[3]));
+            _mm512_storeu_ps(y + i * O, (__m512)silu_mulv((vec)s[0], (vec)s[2]));
+            _mm512_storeu_ps(y + i * O + 16, (__m512)silu_mulv((vec)s[1], (vec)s[3]));
         } else {
             for (int v = 0; v < NR / 16; v++) _mm512_storeu_ps(y + i * O + v * 16, s[v]);
         }

@@ -49,20 +49,13 @@ static inline float silu(float g) {
 
 /* gu (N, 2 I) contiguous, gate and up side by side; out (N, I). */
 int silu_mul(const float *gu, float *out, int64_t N, int64_t I, int num_threads) {
-    const v8i sign = (v8i){0} + (int32_t)0x80000000;
-    const v8 one = (v8){0} + 1.0f;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (N * I > 32768)
     for (int64_t n = 0; n < N; n++) {
         const float *g = gu + n * 2 * I, *u = g + I;
         float *o = out + n * I;
         int64_t i = 0;
-        for (; i + 8 <= I; i += 8) {
-            const v8 gv = *(const v8 *)(g + i);
-            const v8i neg = gv < 0;
-            const v8 e = exp_neg8((v8)((v8i)gv | sign));  /* exp(-|g|) */
-            const v8 num = (v8)(((v8i)e & neg) | ((v8i)one & ~neg));
-            *(v8 *)(o + i) = gv * num / (one + e) * *(const v8 *)(u + i);
-        }
+        for (; i + 8 <= I; i += 8)
+            *(v8 *)(o + i) = silu_mul8(*(const v8 *)(g + i), *(const v8 *)(u + i));
         for (; i < I; i++) o[i] = silu(g[i]) * u[i];
     }
     return 0;

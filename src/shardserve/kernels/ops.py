@@ -351,16 +351,14 @@ def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(2, blocks, GATE_UP_BLOCK, *rest).transpose(0, 1).reshape(two_i, *rest)
 
 
-def deinterleave_gate_up(y: torch.Tensor) -> torch.Tensor:
-    """``(..., 2 I)`` outputs of an interleaved gate-and-up weight back to gate then up."""
-    lead, two_i = y.shape[:-1], y.shape[-1]
+def deinterleave_gate_up(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Gate then up again along ``dim`` of ``t``: the ``(..., 2 I)`` outputs of an interleaved
+    weight, or (``dim=0``) ``interleave_gate_up``'s rows."""
+    t = t.movedim(dim, -1)
+    lead, two_i = t.shape[:-1], t.shape[-1]
     blocks = two_i // 2 // GATE_UP_BLOCK
-    return y.reshape(*lead, blocks, 2, GATE_UP_BLOCK).transpose(-3, -2).reshape(*lead, two_i)
-
-
-def uninterleave_gate_up(w: torch.Tensor) -> torch.Tensor:
-    """``interleave_gate_up``'s rows back in their order (gate rows, then up rows)."""
-    return deinterleave_gate_up(w.movedim(0, -1)).movedim(-1, 0).contiguous()
+    t = t.reshape(*lead, blocks, 2, GATE_UP_BLOCK).transpose(-3, -2).reshape(*lead, two_i)
+    return t.movedim(-1, dim)
 
 
 def sample_rows(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:

@@ -105,6 +105,20 @@ static inline v8 load8(const void *p, int64_t i, int wtype) {
 DEFINE_EXP_NEG(exp_neg8, v8, v8i)
 DEFINE_EXP_NEG(exp_negv, vec, veci)
 
+/* silu(g) * u, from e = exp(-|g|) only: g / (1 + e) for g >= 0, g e / (1 + e) below, so exp
+ * never overflows. A macro for the same reason as DEFINE_EXP_NEG: elementwise.c's silu_mul
+ * and bf16_gemm.c's fused activation compute it alike. */
+#define DEFINE_SILU_MUL(NAME, V, VI, EXP)                                     \
+    static inline V NAME(V g, V u) {                                          \
+        const VI neg = g < 0;                                                 \
+        const V e = EXP((V)((VI)g | ((VI){0} + (int32_t)0x80000000)));       \
+        const V one = (V){0} + 1.0f;                                          \
+        const V num = (V)(((VI)e & neg) | ((VI)one & ~neg));                  \
+        return g * num / (one + e) * u;                                       \
+    }
+DEFINE_SILU_MUL(silu_mul8, v8, v8i, exp_neg8)
+DEFINE_SILU_MUL(silu_mulv, vec, veci, exp_negv)
+
 /* One value (the tails of rows): lane 0 of the vector version, so there is one polynomial. */
 static inline float exp_neg(float x) { return exp_neg8((v8){0} + x)[0]; }
 

@@ -152,11 +152,11 @@ class GateUpParallelLinear(MergedColumnParallelLinear):
         super().process_weights_after_loading()
         if self.interleaved and self.weight.dim() != 4:  # not packed after all: as it was
             self.interleaved = False
-            self.weight.data = ops.uninterleave_gate_up(self.weight.data)
+            self.weight.data = ops.deinterleave_gate_up(self.weight.data, 0).contiguous()
             if self.bias is not None:
-                self.bias.data = ops.uninterleave_gate_up(self.bias.data)
+                self.bias.data = ops.deinterleave_gate_up(self.bias.data, 0)
             if self.weight_scale is not None:
-                self.weight_scale = ops.uninterleave_gate_up(self.weight_scale)
+                self.weight_scale = ops.deinterleave_gate_up(self.weight_scale, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gate then up, ``(..., 2 I)``."""

@@ -377,10 +377,10 @@ class ModelRunner:
 
     def _prepare(self, order: list[tuple[str, int]]):
         """Flat token ids, positions and attention metadata for the scheduled sequences."""
-        bs, dev = self.block_size, self.device
         seqs = [self.seqs[r] for r, _ in order]
         if order[-1][1] == 1:  # one token each (``_order`` puts those first): plain lists
             return self._prepare_decode(seqs)
+        bs, dev = self.block_size, self.device
         ns = np.array([n for _, n in order], dtype=np.int64)
         starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
         ids = np.concatenate([s.tokens[c:c + n] for s, c, n in zip(seqs, starts, ns,
