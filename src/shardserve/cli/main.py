@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int,
                     help="pin the pipeline depth (default: list every one that fills the "
                          "devices)")
-    pl.add_argument("--pipeline-split", help="with --pp: layers of each stage, e.g. 5,3")
+    pl.add_argument("--pipeline-split", help="with --pp: layers of each stage, e.g. 5,3 or 7.5,4.5")
     _add_fields(pl, DeviceConfig)
     _add_fields(pl, SchedulerConfig)
     op = pl.add_argument_group("the operating point predicted, and the SLOs a plan must meet")
