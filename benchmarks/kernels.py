@@ -133,14 +133,18 @@ def bf16_rows() -> list[str]:
     import os
 
     rows = []
+    amx = ops.cpu_pair_mode() == 2
     shapes = [("qkv 110m", 2304, 768), ("down 110m", 768, 2048), ("LM head 110m", 32000, 768)]
     for name, O, K in shapes:
         copies = max(2, (256 << 20) // (2 * O * K))
         ws = [torch.randn(O, K).bfloat16() for _ in range(copies)]
-        pairs = [ops.pack_weight(w) for w in ws]
-        os.environ["SHARDSERVE_BF16_GEMM"] = "off"  # the float32-register layout
-        ops.pair_mode.cache_clear()
-        widened = [ops.pack_weight(w) for w in ws]
+        for setting in ("on", "off"):  # K-pair panels, then the float32-register layout
+            os.environ["SHARDSERVE_BF16_GEMM"] = setting
+            ops.pair_mode.cache_clear()
+            if setting == "on":
+                pairs = [ops.pack_weight(w) for w in ws]
+            else:
+                widened = [ops.pack_weight(w) for w in ws]
         os.environ.pop("SHARDSERVE_BF16_GEMM")
         ops.pair_mode.cache_clear()
         for N in (1, 4, 16, 64, 128, 512, 2048):
@@ -151,13 +155,16 @@ def bf16_rows() -> list[str]:
             n = max(3, min(20, int(4e10 / (2 * N * K * O))))
             with torch.inference_mode():
                 dnn = timed(lambda: F.linear(xb, pick(ws)), n)  # noqa: B023
-                amx = timed(lambda: ops.packed_linear(x, pick(pairs), mode=2), n)  # noqa: B023
+                tiles = (timed(lambda: ops.packed_linear(x, pick(pairs), mode=2), n)  # noqa: B023
+                         if amx else None)
                 dp = timed(lambda: ops.packed_linear(x, pick(pairs), mode=1), n)  # noqa: B023
                 wide = timed(lambda: ops.packed_linear(x, pick(widened)), n)  # noqa: B023
-            rate = (f"{2 * O * K / amx / 1e9:.1f} GB/s" if N <= 4 else
-                    f"{2 * N * K * O / amx / 1e9:.0f} GFLOP/s")
-            rows.append(f"| {name} | {O}x{K} | {N} | {dnn * 1e3:.3f} | {amx * 1e3:.3f} | "
-                        f"{dp * 1e3:.3f} | {wide * 1e3:.3f} | {dnn / amx:.2f}x | {rate} |")
+            ours = tiles or dp
+            rate = (f"{2 * O * K / ours / 1e9:.1f} GB/s" if N <= 4 else
+                    f"{2 * N * K * O / ours / 1e9:.0f} GFLOP/s")
+            rows.append(f"| {name} | {O}x{K} | {N} | {dnn * 1e3:.3f} | "
+                        f"{'-' if tiles is None else f'{tiles * 1e3:.3f}'} | {dp * 1e3:.3f} | "
+                        f"{wide * 1e3:.3f} | {wide / dp:.2f}x | {dnn / ours:.2f}x | {rate} |")
     return rows
 
 
@@ -171,11 +178,14 @@ def main() -> None:
         raise SystemExit("the native kernels do not build here (see the log for why)")
     print(f"{args.threads} threads\n")
     if args.bf16:
-        if ops.pair_mode() < 2:
-            raise SystemExit("no AMX on this CPU: bfloat16 runs in float32 registers here")
+        if ops.cpu_pair_mode() < 1:
+            raise SystemExit("no AVX512-BF16 on this CPU: bfloat16 runs in float32 registers")
+        print(f"bfloat16 weights run on: {ops.linear_path('bfloat16')}\n"
+              f"vdpbf16ps / float32 FMA products a cycle: {ops.dp_rate():.2f}\n")
         print("| layer | out x in | rows | oneDNN bf16 ms | AMX ms | vdpbf16ps ms | "
-              "float32-register ms | oneDNN / ours | our rate |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "float32-register ms | vdpbf16ps / float32-register | oneDNN / ours (AMX, "
+              "else vdpbf16ps) | our rate |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(bf16_rows()))
         return
     print("| sequences | context | gather + SDPA ms | native ms | speedup | KV read GB/s |")

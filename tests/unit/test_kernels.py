@@ -128,14 +128,22 @@ def test_16_bit_weights_run_in_float32_registers(dtype, rows):
         assert ops.small_linear(x.to(dtype), w) is None  # activations stay float32
 
 
-def _rounded_as_the_kernel_reads(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def _rounded_as_the_kernel_reads(x: torch.Tensor, packed: torch.Tensor,
+                                 mode: int) -> torch.Tensor:
     """K-pair panels (bfloat16 dot products) take the activations rounded to bfloat16, but
-    int8 ones at a few rows (float32 registers there)."""
-    few_i8 = packed.dtype == torch.int8 and x.shape[0] <= ops.FEW_I8_ROWS
+    int8 ones at a few rows on AMX (float32 registers there)."""
+    few_i8 = packed.dtype == torch.int8 and x.shape[0] <= ops.FEW_I8_ROWS and mode == 2
     return x.bfloat16().float() if packed.dim() == 4 and not few_i8 else x
 
 
-@pytest.mark.skipif(ops.pair_mode() < 2, reason="no AMX here: no K-pair panels")
+def _skip_without_pairs(mode: int) -> None:
+    if ops.pair_mode() == 0:
+        pytest.skip("bfloat16 weights are not packed in K pairs here (no AMX, and vdpbf16ps "
+                    "no faster than float32 FMAs or absent)")
+    if ops.cpu_pair_mode() < mode:
+        pytest.skip(f"no {ops.PAIR_MODES[mode]} on this CPU")
+
+
 @pytest.mark.parametrize("mode", [1, 2], ids=lambda m: ops.PAIR_MODES[m])
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 31, 33, 64, 80, 130, 200, 300])
 @pytest.mark.parametrize("in_features", [32, 768, 1056])
@@ -144,8 +152,9 @@ def test_bfloat16_dot_products(mode, rows, in_features):
     activations rounded to bfloat16 once (round to nearest even, as ``Tensor.bfloat16``),
     products and sums float32, so the result is F.linear on those rounded activations up to
     the order of the float32 sums; at every AMX tile shape (16 / 32 rows, partial tiles) and
-    vdpbf16ps row count, with the bias and the int8 scales (int8 at 16 rows or fewer: float32
-    activations on float32 registers, at each of its 1-3 row tiles)."""
+    vdpbf16ps row count, with the bias and the int8 scales (int8 at 16 rows or fewer on AMX:
+    float32 activations on float32 registers, at each of its 1-3 row tiles)."""
+    _skip_without_pairs(mode)
     g = torch.Generator().manual_seed(rows * in_features + mode)
     w = torch.randn(3 * ops.PAIR_WIDTH - 5, in_features, generator=g)  # padded to panels
     b = torch.randn(w.shape[0], generator=g)
@@ -167,18 +176,18 @@ def test_bfloat16_dot_products(mode, rows, in_features):
         scale = torch.cat([scale, scale.new_ones(5)])
         assert packed.dim() == 4 and packed.dtype == torch.int8
         got = ops.packed_linear(x, packed, None, scale, mode=mode)[:, :w.shape[0]]
-        want = F.linear(_rounded_as_the_kernel_reads(x, packed),
+        want = F.linear(_rounded_as_the_kernel_reads(x, packed, mode),
                         ops.dequantize_int8(q, scale[:w.shape[0]]))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.skipif(ops.pair_mode() < 2, reason="no AMX here: no K-pair panels")
 @pytest.mark.parametrize("mode", [1, 2], ids=lambda m: ops.PAIR_MODES[m])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 128, 200])
 def test_gate_up_with_its_activation_fused(mode, rows):
     """``packed_linear(silu_mul=True)`` over gate and up rows interleaved every 32 features:
     exactly the plain GEMM's sums (put back in order) through the elementwise silu_mul, for
     bfloat16 and int8 panels (with a bias), at AMX, vdpbf16ps and few-row int8 row counts."""
+    _skip_without_pairs(mode)
     g = torch.Generator().manual_seed(rows + 100 * mode)
     inter, k = 96, 256  # 3 blocks of 32: gate and up share panels unevenly with the 64-wide
     w = torch.randn(2 * inter, k, generator=g)
@@ -215,7 +224,7 @@ def test_gate_up_layer_gives_gate_then_up_and_the_activation(dtype, inter):
     w = torch.randn(2 * inter, 64, generator=g).to(dtype)
     layer.weight.data = w.clone()
     layer.process_weights_after_loading()
-    fused = dtype == torch.bfloat16 and inter % 32 == 0 and ops.pair_mode() == 2
+    fused = dtype == torch.bfloat16 and inter % 32 == 0 and ops.pair_mode() > 0
     assert layer.interleaved == fused
     x = torch.randn(5, 64, generator=g)
     with torch.inference_mode():
@@ -253,7 +262,7 @@ def test_int8_packed_linear_equals_the_dequantized_weight(rows, in_features):
     packed = ops.pack_weight(q)
     assert packed is not None and packed.dtype == torch.int8
     want_w = ops.dequantize_int8(q, scale)
-    xr = _rounded_as_the_kernel_reads(x, packed)
+    xr = _rounded_as_the_kernel_reads(x, packed, ops.pair_mode())
     with torch.inference_mode():
         for bias in (None, b):
             got = ops.packed_linear(x, packed, bias, scale)
@@ -279,3 +288,23 @@ def test_int8_panels_need_their_scales():
     assert ops.packed_linear(x, ops.pack_weight(torch.randn(2 * nr, 64)), None,
                              scale) is None  # scales for float weights
     assert ops.small_linear(x, q) is None  # int8 only runs packed
+
+
+def test_pair_mode_follows_the_measured_rate_and_the_setting(monkeypatch):
+    """K-pair panels run on AMX where the CPU has it, on vdpbf16ps only where it measures at
+    least DP_RATE_MIN times float32 FMA's products a cycle; SHARDSERVE_BF16_GEMM overrides."""
+    cpu, rate = ops.cpu_pair_mode(), ops.dp_rate()
+    assert (rate == 0) == (cpu == 0)
+    if cpu:
+        assert 0.25 < rate < 8  # a ratio of two timings on this core, not a table
+    auto = 0 if cpu == 1 and rate < ops.DP_RATE_MIN else cpu
+    try:
+        for setting, want in (("off", 0), ("0", 0), ("on", cpu), ("", auto)):
+            monkeypatch.setenv("SHARDSERVE_BF16_GEMM", setting)
+            ops.pair_mode.cache_clear()
+            assert ops.pair_mode() == want, setting
+            assert ops.packs_in_pairs(torch.bfloat16, 64) == (want > 0)
+            assert not ops.packs_in_pairs(torch.float16, 64)
+    finally:
+        monkeypatch.undo()
+        ops.pair_mode.cache_clear()

@@ -113,7 +113,11 @@ def status() -> tuple[bool, str]:
         platform.machine()
     from shardserve.kernels import ops
 
-    bf16 = "AMX" if ops.pair_mode() == 2 else "widened to float32"
+    mode = ops.pair_mode()
+    bf16 = ("AMX" if mode == 2 else
+            f"vdpbf16ps, {ops.dp_rate():.1f}x float32 FMA's rate" if mode == 1 else
+            "widened to float32" if ops.cpu_pair_mode() == 0 else
+            f"widened to float32: vdpbf16ps at {ops.dp_rate():.1f}x float32 FMA's rate")
     return True, f"{', '.join(KERNELS)} built for {isa} (bfloat16: {bf16}) in {_cache_dir()}"
 
 

@@ -1,9 +1,11 @@
 /* y = x W^T (+ b) with bfloat16 (or int8) weights on the CPU's own bfloat16 dot products: AMX
- * tiles (Sapphire Rapids and later), and AVX512-BF16's vdpbf16ps for int8 layers of more than
- * 16 rows on CPUs without AMX. Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM (vLLM's
- * CPU backend) and transformers' bf16 matmul do: the activations are rounded to bfloat16 once
- * per call, the sums stay float32, x and y are float32. (Without AMX, ops.py keeps bfloat16 on
- * gemm.c's float32 registers: vdpbf16ps multiplies no faster than two float32 FMA ports.)
+ * tiles (Sapphire Rapids and later), or AVX512-BF16's vdpbf16ps where it multiplies at twice
+ * float32 FMA's rate (AMD Zen 4 and 5; ops.pair_mode decides from bf16_dp_rate, measured).
+ * Both multiply bfloat16 pairs and accumulate in float32, as oneDNN's bf16 GEMM (vLLM's CPU
+ * backend) and transformers' bf16 matmul do: the activations are rounded to bfloat16 once per
+ * call, the sums stay float32, x and y are float32. (Where neither holds, ops.py keeps
+ * bfloat16 on gemm.c's float32 registers: a Sapphire Rapids core without AMX runs one
+ * 32-product vdpbf16ps a cycle against two 16-product FMAs.)
  *
  * Weights are packed once at load in pairs along K, the layout both instruction sets read
  * (Intel calls it VNNI): P[q][k/2][j][k%2] = W[q * NR + j][k], panels of NR = 64 output
@@ -17,9 +19,9 @@
  * int8 weights (weight-only quantization, W = scale[o] * P, P in -127..127): bfloat16 holds
  * every integer of that range exactly, so for AMX each panel is widened to bfloat16 once per
  * work item (in L2) and runs the same tiles; vdpbf16ps widens each panel row in registers.
- * Calls of 16 rows or fewer (decode at small batch: one pass over the weights is the whole
- * cost) widen the int8 to float32 instead and keep x in float32 (f32pair_tile). The scales
- * come in with the bias.
+ * On AMX, calls of 16 rows or fewer (decode at small batch: one pass over the weights is the
+ * whole cost) widen the int8 to float32 instead and keep x in float32 (f32pair_tile). The
+ * scales come in with the bias.
  *
  * Work items: a chunk of up to MC rows against one panel, threads taking items as they finish;
  * the rows of a chunk run one after another against the same panel, which stays in L2.
@@ -38,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vecmath.h"
@@ -45,9 +48,11 @@
 #define NR 64
 #define MC 128
 #define MR 6
-/* int8 layers called with at most this many rows run on float32 registers (f32pair_tile),
- * with float32 activations: widening a whole panel to bfloat16 for the tiles, or pairs for
- * vdpbf16ps, costs more than the float32 FMAs there. */
+/* int8 layers called with at most this many rows on an AMX CPU run on float32 registers
+ * (f32pair_tile), with float32 activations: widening a whole panel to bfloat16 for the tiles,
+ * or pairs for vdpbf16ps at one instruction a cycle, costs more than the float32 FMAs there.
+ * Where vdpbf16ps runs at twice the FMAs' rate (mode AVX512_BF16 is chosen only there) it
+ * widens pairs faster at every row count (AMD Zen 5: 1.2-1.8x at 1-16 rows). */
 #define FEW_I8_ROWS 16
 /* Software prefetch this many bytes ahead in a panel streamed from memory (few rows). */
 #define PF_AHEAD 4096
@@ -72,6 +77,62 @@ int bf16_gemm_mode(void) {
 #else
     return MODE_AVX512_BF16;
 #endif
+}
+
+/* Products a cycle of vdpbf16ps over those of vfmadd231ps on this core, measured: 16
+ * independent sums of each (enough to cover either's latency on two pipes), the shortest of
+ * five alternating timings. ~1 on Sapphire Rapids (one 32-product vdpbf16ps a cycle against
+ * two 16-product FMAs), ~2 on AMD Zen 4 and 5 (as many vdpbf16ps as FMAs a cycle). */
+#define PROBE_CHAINS 16
+#define PROBE_STEPS 16384
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+__attribute__((noinline)) static float probe_dp(void) {
+    __m512 acc[PROBE_CHAINS];
+    const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
+    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f));
+    for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_set1_ps((float)c);
+    for (int s = 0; s < PROBE_STEPS; s++) {
+        for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
+        __asm__ __volatile__("" : "+v"(acc[0]), "+v"(acc[5]), "+v"(acc[10]), "+v"(acc[15]));
+    }
+    __m512 sum = acc[0];
+    for (int c = 1; c < PROBE_CHAINS; c++) sum = _mm512_add_ps(sum, acc[c]);
+    return _mm512_reduce_add_ps(sum);
+}
+
+__attribute__((noinline)) static float probe_fma(void) {
+    __m512 acc[PROBE_CHAINS];
+    const __m512 a = _mm512_set1_ps(1e-3f), b = _mm512_set1_ps(1.0f);
+    for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_set1_ps((float)c);
+    for (int s = 0; s < PROBE_STEPS; s++) {
+        for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_fmadd_ps(a, b, acc[c]);
+        __asm__ __volatile__("" : "+v"(acc[0]), "+v"(acc[5]), "+v"(acc[10]), "+v"(acc[15]));
+    }
+    __m512 sum = acc[0];
+    for (int c = 1; c < PROBE_CHAINS; c++) sum = _mm512_add_ps(sum, acc[c]);
+    return _mm512_reduce_add_ps(sum);
+}
+
+double bf16_dp_rate(void) {
+    double dp = 1e9, fma = 1e9;
+    volatile float sink = 0;
+    for (int round = 0; round < 5; round++) {
+        double t = seconds();
+        sink += probe_dp();
+        const double t_dp = seconds() - t;
+        t = seconds();
+        sink += probe_fma();
+        const double t_fma = seconds() - t;
+        if (t_dp < dp) dp = t_dp;
+        if (t_fma < fma) fma = t_fma;
+    }
+    (void)sink;
+    return 2.0 * fma / dp;  /* 32 products an instruction against 16 */
 }
 
 /* Rows of x in bfloat16 are XLD(K) apart, one line more than K: an AMX A tile's 16 rows at a
@@ -335,7 +396,7 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
         return -1;
     /* y's row stride and a panel's first output: 64 features, or 32 activations */
     const int64_t OY = act == ACT_SILU_MUL ? O / 2 : O, PY = act == ACT_SILU_MUL ? NR / 2 : NR;
-    const int widen = wtype == W_I8, few_i8 = widen && N <= FEW_I8_ROWS;
+    const int widen = wtype == W_I8, few_i8 = widen && N <= FEW_I8_ROWS && mode == MODE_AMX;
     const int tiles = mode == MODE_AMX && !few_i8;  /* AMX runs this call */
     /* x rounded to bfloat16, zero rows up to whole AMX tiles: all but few_i8 read it */
     const int64_t Np = (N + 15) / 16 * 16;
@@ -397,6 +458,8 @@ int bf16_gemm(const float *x, const void *p, const float *bias, const float *sca
 #else  /* no AVX512-BF16 in this build: ops.py keeps the float32-register kernels */
 
 int bf16_gemm_mode(void) { return MODE_NONE; }
+
+double bf16_dp_rate(void) { return 0.0; }
 
 int bf16_gemm(const float *x, const void *p, const float *bias, const float *scale, float *y,
               int64_t N, int64_t K, int64_t O, int num_threads, int wtype, int mode, int act) {

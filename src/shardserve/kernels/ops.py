@@ -15,7 +15,7 @@ from shardserve import kernels
 
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 SMALL_GEMM_MAX_ROWS = 8  # MAX_ROWS in small_gemm.c
-FEW_I8_ROWS = 16  # bf16_gemm.c: int8 K-pair calls of this many rows keep x in float32
+FEW_I8_ROWS = 16  # bf16_gemm.c: int8 calls of this many rows on AMX keep x in float32
 
 
 @functools.cache
@@ -103,21 +103,48 @@ def _pairs_fn():
 
 # bf16_gemm.c's modes: the CPU's own bfloat16 dot products.
 PAIR_MODES = {1: "AVX512-BF16", 2: "AMX"}
+# vdpbf16ps takes bfloat16 and int8 layers only where it completes at least this many times
+# float32 FMA's products a cycle (``dp_rate``); at ~1 reading the weights into float32
+# registers (gemm.c) is as fast and keeps the activations exact.
+DP_RATE_MIN = 1.5
+
+
+@functools.cache
+def cpu_pair_mode() -> int:
+    """The bfloat16 dot products this CPU and build have: 2 AMX tiles, 1 AVX512-BF16's
+    vdpbf16ps only, 0 none."""
+    handle = kernels.load("bf16_gemm")
+    return 0 if handle is None else int(handle.bf16_gemm_mode())
+
+
+@functools.cache
+def dp_rate() -> float:
+    """vdpbf16ps's products a cycle over vfmadd231ps's on this core, measured once (a few
+    hundred microseconds in ``bf16_gemm.c``): ~1 on Sapphire Rapids, ~2 on AMD Zen 4 and 5;
+    0 without AVX512-BF16."""
+    if cpu_pair_mode() < 1:
+        return 0.0
+    fn = kernels.load("bf16_gemm").bf16_dp_rate
+    fn.restype, fn.argtypes = ctypes.c_double, []
+    return float(fn())
 
 
 @functools.cache
 def pair_mode() -> int:
-    """The bfloat16 dot products this machine has (2: AMX tiles, 1: AVX512-BF16's vdpbf16ps
-    only, 0: none); ``SHARDSERVE_BF16_GEMM=off`` makes it 0. bfloat16 and int8 weights take
-    ``bf16_gemm.c`` only with AMX: vdpbf16ps alone multiplies no faster than float32 FMAs
-    (one instruction of 32 products per cycle against two of 16 on a Sapphire Rapids core,
-    and slower than ``gemm.c`` reading bfloat16 into float32 registers from 16 rows up,
-    benchmarks/kernels.py --bf16) while it rounds the activations; it serves the few-row
-    calls of int8 layers packed for AMX."""
-    handle = kernels.load("bf16_gemm")
-    if handle is None or os.environ.get("SHARDSERVE_BF16_GEMM", "").lower() in ("off", "0"):
+    """The kernel this process runs bfloat16 and int8 weights on, packed in K pairs
+    (``bf16_gemm.c``): 2 AMX tiles where the CPU has them; 1 AVX512-BF16's vdpbf16ps where it
+    multiplies at least ``DP_RATE_MIN`` times as fast as float32 FMAs (AMD Zen 4 and 5: twice;
+    on a Sapphire Rapids core without AMX it would be no faster, one instruction of 32
+    products a cycle against two of 16, benchmarks/kernels.py --bf16); else 0, and those
+    weights are read into float32 registers by ``gemm.c``. ``SHARDSERVE_BF16_GEMM=off``
+    makes it 0, ``=on`` takes vdpbf16ps whatever its rate."""
+    setting = os.environ.get("SHARDSERVE_BF16_GEMM", "").lower()
+    if setting in ("off", "0"):
         return 0
-    return int(handle.bf16_gemm_mode())
+    mode = cpu_pair_mode()
+    if mode == 1 and setting not in ("on", "1") and dp_rate() < DP_RATE_MIN:
+        return 0
+    return mode
 
 
 def linear_path(dtype: str, quantization: str | None = None) -> str:
@@ -126,11 +153,15 @@ def linear_path(dtype: str, quantization: str | None = None) -> str:
     if packed_width() is None:
         return "PyTorch GEMM"
     weights = quantization or dtype
+    odd = "a layer whose input width is not a multiple of 32 in float32 registers"
     if weights in ("int8", "bfloat16") and pair_mode() == 2:
         few = (f"; calls of {FEW_I8_ROWS} rows or fewer on float32 registers, activations "
                "float32" if weights == "int8" else "")
-        return ("AMX bfloat16 dot products, float32 sums (activations rounded to bfloat16; a "
-                f"layer whose input width is not a multiple of 32 in float32 registers{few})")
+        return ("AMX bfloat16 dot products, float32 sums (activations rounded to bfloat16; "
+                f"{odd}{few})")
+    if weights in ("int8", "bfloat16") and pair_mode() == 1:
+        return (f"AVX512-BF16 vdpbf16ps bfloat16 dot products at {dp_rate():.1f}x float32 "
+                f"FMA's rate, float32 sums (activations rounded to bfloat16; {odd})")
     isa = "AVX-512" if packed_width() == 64 else "AVX2"
     if weights == "float32":
         return f"{isa} float32 FMA"
@@ -230,7 +261,7 @@ def pack_weight(weight: torch.Tensor, pad: bool = False) -> torch.Tensor | None:
     it does not apply: no kernel, not on the CPU, O not a multiple of the panel width (with
     ``pad``, zero rows make it one: the caller drops the extra outputs).
 
-    - bfloat16 and int8 weights on a CPU with AMX (``pair_mode``), K a multiple of 32: panels
+    - bfloat16 and int8 weights where ``pair_mode`` runs them, K a multiple of 32: panels
       of K pairs ``(O / 64, K / 2, 64, 2)`` for ``bf16_gemm.c``.
     - otherwise ``(O / NR, K, NR)`` for ``gemm.c``, which at 16-64 rows beats PyTorch's
       float32 GEMM (MKL) by 1.5-2x on AVX2 and at one row streams weights within 10% of the
@@ -257,7 +288,7 @@ PAIR_WIDTH = 64  # NR in bf16_gemm.c
 def packs_in_pairs(dtype: torch.dtype, K: int) -> bool:
     """Whether ``pack_weight`` lays a CPU weight of ``dtype`` with ``K`` inputs out in K pairs
     for ``bf16_gemm.c``."""
-    return dtype in (torch.bfloat16, torch.int8) and K % 32 == 0 and pair_mode() == 2
+    return dtype in (torch.bfloat16, torch.int8) and K % 32 == 0 and pair_mode() > 0
 
 
 def packed_features(packed: torch.Tensor) -> int:

@@ -6,15 +6,17 @@ label), so no deployment is ever silently slow.
 - CPU with the native kernels: a decoder's linear and embedding weights and its KV cache stay
   in the checkpoint's dtype (half the bytes of float32 to stream per step), while activations,
   norms and biases are float32. bfloat16 weights run on AMX's bfloat16 tiles where the CPU
-  has them (activations rounded to bfloat16 at each linear layer, float32 sums, as oneDNN
-  and transformers' bf16 matmul); float16 weights, and bfloat16 ones elsewhere, are read into
+  has them, or on vdpbf16ps where it multiplies at twice float32 FMA's rate (``ops.pair_mode``;
+  activations rounded to bfloat16 at each linear layer, float32 sums, as oneDNN and
+  transformers' bf16 matmul); float16 weights, and bfloat16 ones elsewhere, are read into
   float32 registers (float32 arithmetic).
 - CPU without them (no compiler, ``SHARDSERVE_KERNELS=0``), encoders, CUDA: PyTorch's kernels
   in the checkpoint's dtype.
 - ``quantization: int8`` (decoders on the CPU with the native kernels): the linear layers and
-  the LM head quantized at load to int8 with a float32 scale per output feature, read into
-  float32 registers by the packed GEMM (a quarter of float32's bytes per step). Anywhere else
-  it is refused when the deployment is created, with the reason, rather than served slowly.
+  the LM head quantized at load to int8 with a float32 scale per output feature, widened in
+  the packed GEMM (to bfloat16 for the bfloat16 dot products, else to float32; a quarter of
+  float32's bytes per step). Anywhere else it is refused when the deployment is created,
+  with the reason, rather than served slowly.
 """
 
 from __future__ import annotations
