@@ -81,11 +81,21 @@ static inline __attribute__((always_inline)) void weigh_values(
     default: { const int NC = QC; call; } break;               \
     }
 
+/* Prefetch the rows of KV heads [g0, g1) of a block's tokens, keys and values. */
+static inline void fetch_block(const void *k_cache, const void *v_cache, int64_t base,
+                               int64_t row, int g0, int g1, int hd, int bs, int64_t esize) {
+    for (int t = 0; t < bs; t++)
+        for (int64_t i = g0 * hd * esize; i < g1 * hd * esize; i += 64) {
+            __builtin_prefetch((const char *)k_cache + (base + t * row) * esize + i);
+            __builtin_prefetch((const char *)v_cache + (base + t * row) * esize + i);
+        }
+}
+
 /* KV heads [g0, g1) of one sequence and their query heads (q and out start at head g0 * G). */
 static inline __attribute__((always_inline)) void attend(
         const float *restrict q, const void *restrict k_cache, const void *restrict v_cache,
         const int64_t *restrict table, int64_t first, int64_t last, int g0, int g1, int G,
-        int bs, int nkv, int hd, float scale, float *restrict out, int kvt) {
+        int bs, int nkv, int hd, float scale, float *restrict out, int kvt, int fetch) {
     const int64_t esize = kvt == W_F32 ? 4 : 2;
     const int H = (g1 - g0) * G;
     float acc[H * hd], m[H], l[H], s[H * bs];
@@ -95,17 +105,30 @@ static inline __attribute__((always_inline)) void attend(
     }
     memset(acc, 0, sizeof(acc));
     const int64_t row = (int64_t)nkv * hd;  /* floats between two tokens of a block */
-    for (int64_t pos = first - first % bs; pos < last; pos += bs) {
+    const int64_t start = first - first % bs;
+    if (fetch && start < last) fetch_block(k_cache, v_cache, table[start / bs] * bs * row, row, g0, g1,
+                                  hd, bs, esize);
+    for (int64_t pos = start; pos < last; pos += bs) {
         const int64_t base = table[pos / bs] * bs * row;
         const int t0 = pos < first ? (int)(first - pos) : 0;
         const int t1 = last - pos < bs ? (int)(last - pos) : bs;
+        /* With few sequences (fetch), the next block's keys and values are requested now, all
+         * at once: a decode step's cache was evicted by the weights streamed since this layer
+         * last ran, and read row by row (a KV head's share of a token: 128 bytes of every 512
+         * in llama-110m) the misses went one after another (batch 1, 200 tokens: 43-67 -> 29-31
+         * us a layer in a bfloat16 decode step). With a sequence an item the prefetches cost
+         * more than they hid (16-64 sequences: 10-20% slower). */
+        if (fetch && pos + bs < last)
+            fetch_block(k_cache, v_cache, table[(pos + bs) / bs] * bs * row, row, g0, g1, hd,
+                        bs, esize);
         /* Scores token by token, so the block's keys are read in address order (a pass per KV
-         * head would stride through it, and the prefetchers lose it); the values are fetched
-         * alongside for the pass below. */
+         * head would stride through it); without fetch, the values are fetched alongside for
+         * the pass below. */
         for (int t = t0; t < t1; t++) {
             const int64_t kt = base + t * row;
-            for (int64_t i = g0 * hd * esize; i < g1 * hd * esize; i += 64)
-                __builtin_prefetch((const char *)v_cache + (base + t * row) * esize + i);
+            if (!fetch)
+                for (int64_t i = g0 * hd * esize; i < g1 * hd * esize; i += 64)
+                    __builtin_prefetch((const char *)v_cache + kt * esize + i);
             for (int g = g0; g < g1; g++)
                 for (int c0 = 0; c0 < G; c0 += QC) {
                     const int h = (g - g0) * G + c0;
@@ -151,12 +174,12 @@ static inline __attribute__((always_inline)) void attend(
 }
 
 typedef void (*attend_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
-                          int64_t, int, int, int, int, int, int, float, float *);
+                          int64_t, int, int, int, int, int, int, float, float *, int);
 #define ATTEND(NAME, KVT)                                                                   \
     static void NAME(const float *q, const void *k, const void *v, const int64_t *table,    \
                      int64_t first, int64_t last, int g0, int g1, int G, int bs, int nkv,   \
-                     int hd, float scale, float *out) {                                     \
-        attend(q, k, v, table, first, last, g0, g1, G, bs, nkv, hd, scale, out, KVT);       \
+                     int hd, float scale, float *out, int fetch) {                          \
+        attend(q, k, v, table, first, last, g0, g1, G, bs, nkv, hd, scale, out, KVT, fetch); \
     }
 ATTEND(attend_f32, W_F32)
 ATTEND(attend_bf16, W_BF16)
@@ -187,7 +210,8 @@ int paged_decode_attention(const float *q, const void *k_cache, const void *v_ca
         const int64_t first = window > 0 && last > window ? last - window : 0;
         const int64_t head = (int64_t)g0 * G * hd;  /* q's rows q_stride apart, out's packed */
         attend_one(q + d * q_stride + head, k_cache, v_cache, tables + d * max_blocks, first,
-                   last, g0, g0 + per, G, bs, nkv, hd, scale, out + d * nh * hd + head);
+                   last, g0, g0 + per, G, bs, nkv, hd, scale, out + d * nh * hd + head,
+                   splits > 1);
     }
     return 0;
 }
