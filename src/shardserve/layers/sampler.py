@@ -14,6 +14,7 @@ are sampled as usual. One request's numbers never fail the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -54,10 +55,12 @@ class Sampler:
         # native kernel finds argmax, max and min in one pass.
         argmax, hi, lo = ops.row_argmax(logits) or (
             logits.argmax(dim=-1), logits.amax(dim=-1), logits.amin(dim=-1))
-        finite = torch.isfinite(hi) & torch.isfinite(lo)
-        bad = (~finite).nonzero()[:, 0].tolist()
+        # on B floats in Python: five tensor operations here cost ~0.1 ms a decode step, each
+        # meeting caches the weights have just been streamed through
+        extremes = zip(hi.tolist(), lo.tolist(), strict=True)
         result.failed.update((i, "the model's logits for this sequence are not finite")
-                             for i in bad)
+                             for i, (h, low) in enumerate(extremes)
+                             if not (math.isfinite(h) and math.isfinite(low)))
         greedy = [i for i, r in enumerate(rows) if r.params["temperature"] == 0]
         if len(greedy) == len(rows):
             result.token_ids = argmax
