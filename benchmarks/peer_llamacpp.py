@@ -58,6 +58,9 @@ def write_gguf(model: Path, out: Path, ftype: str) -> Path:
     nkv, vocab = cfg.get("num_key_value_heads", nh), cfg["vocab_size"]
     qtype, file_type = FTYPES[ftype]
     path = out / f"{model.name}-{ftype}.gguf"
+    if path.is_file() and path.stat().st_mtime >= max(
+            f.stat().st_mtime for f in model.iterdir()):  # written from this checkpoint
+        return path
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(model.name)
     w.add_context_length(cfg.get("max_position_embeddings", 2048))

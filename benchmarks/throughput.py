@@ -9,7 +9,8 @@ Model (``--shape``): llama-110m (hidden 768, 12 layers, 12 heads, 4 KV heads, in
 intermediate 5632), random weights, stored in each of ``--dtypes`` (the same seed: a bfloat16
 checkpoint is the float32 one rounded), EOS ignored. transformers runs in the checkpoint's
 dtype; shardserve takes it with dtype auto (runtime/precision.py: AMX tiles where the CPU has
-them, else 16-bit weights read into float32 registers), and the ratio of each 16-bit row to
+them, vdpbf16ps where it runs at twice float32 FMA's rate, else 16-bit weights read into
+float32 registers), and the ratio of each 16-bit row to
 the float32 row of the same workload and tp is printed too. ``int8`` is the float32
 checkpoint served with ``quantization="int8"`` (weight-only, float32 arithmetic) against
 transformers with PyTorch's dynamic int8 quantization of its linear layers
@@ -36,7 +37,10 @@ tokens of B agree.
 benchmarks/.venv-llamacpp by ``make peer-llamacpp``; benchmarks/peer_llamacpp.py): the
 float32 checkpoint written as GGUF in f32, bf16 or q8_0 beside our float32, bfloat16 and int8
 rows; it prints decode time per token (after the first) for both, end-to-end tok/s, TTFT and
-whether the first 16 greedy tokens agree.
+whether the first 16 greedy tokens agree. The machines this runs on drift in speed by 20-50%
+within minutes, so the two are measured in turn (``--pairs``, default 3: llama.cpp, then our
+engine, still loaded, on the same request) and the pair with the median ratio is reported,
+with every pair's figures beside it.
 
 The machine's limits are measured in the same run (benchmarks/machine.py): float32 GEMM
 FLOP/s for A and M, where a generated or prompt token costs 2 x (matmul parameters) FLOPs
@@ -94,6 +98,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-110m", choices=["llama-110m", "tinyllama"],
                     help="test_models shape: tinyllama is the 1.1B one (hidden 2048, 22 "
                     "layers), for batch-1 rows (B)")
+    ap.add_argument("--pairs", type=int, default=3, help="batch-1 runs against llama.cpp: "
+                    "this many turns of llama.cpp then our engine (the pair with the median "
+                    "ratio is reported)")
     args = ap.parse_args()
     names, tps = args.workloads.split(","), [int(t) for t in args.tps.split(",")]
 
@@ -104,7 +111,8 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)", flush=True)
     rows = []
     for dtype in args.dtypes.split(","):
-        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw, args.peers, args.shape)
+        rows += run_dtype(Path(args.out), dtype, names, tps, flops, bw, args.peers, args.shape,
+                          args.pairs)
     print("\n| workload | dtype | tp | transformers tok/s | shardserve tok/s | speedup | "
           "machine fraction (shardserve / transformers) | steps | per-step control overhead |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -134,7 +142,9 @@ def main() -> None:
                   f"({p['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x); end to end "
                   f"{r['shardserve_tok_s']:.1f} vs {p['tokens'] / p['seconds']:.1f} tok/s; "
                   f"TTFT {r['ttft_ms']:.1f} vs {p['ttft_s'] * 1e3:.1f} ms; first 16 greedy "
-                  f"tokens agree: {r['greedy_agree_llamacpp']}/16")
+                  f"tokens agree: {r['greedy_agree_llamacpp']}/16; each pair (ours / llama.cpp "
+                  "ms): " + ", ".join(f"{a:.2f} / {b:.2f} ({b / a:.2f}x)"
+                                      for a, b in r["llamacpp_pairs"]))
     for r in rows:
         if r["dtype"] != "float32" and (r["workload"], r["tp"]) in f32:
             print(f"{r['workload']} tp={r['tp']}: shardserve {r['dtype']} / shardserve float32 "
@@ -142,7 +152,7 @@ def main() -> None:
 
 
 def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
-              shape: str = "llama-110m") -> list[dict]:
+              shape: str = "llama-110m", pairs: int = 3) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from shardserve.config import ModelConfig
@@ -168,10 +178,20 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
               flush=True)
     del hf
     gc.collect()
+    llamacpp = None
+    if "llamacpp" in peers and "B" in names:
+        ftype = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}.get(dtype)
+        f32_path = root / f"{shape}-random-f32"
+        if ftype and not (f32_path / "config.json").is_file():
+            test_models.write(f32_path, "llama", shape, seed=0, dtype="float32",
+                              tokenizer=False)
+        if ftype:
+            llamacpp = lambda: run_llamacpp(f32_path, ftype, root)  # noqa: E731
     rows = []
     for tp in tps:
         rows += [{"dtype": dtype, **r} for r in run_engine(
-            path, tp, names, base, flops, bw, weight_bytes, matmul_params, quantization)]
+            path, tp, names, base, flops, bw, weight_bytes, matmul_params, quantization,
+            llamacpp if tp == 1 else None, pairs)]
     if "vllm" in peers and not quantization:
         for peer in run_vllm(path, stored, names):
             for r in rows:
@@ -180,18 +200,6 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
                     if "ttft_s" in peer:
                         r["vllm_ttft_ms"] = peer["ttft_s"] * 1e3
                         r["greedy_agree_vllm"] = _agreed(r["greedy"], peer["greedy"])
-    if "llamacpp" in peers and "B" in names:
-        ftype = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}.get(dtype)
-        f32_path = root / f"{shape}-random-f32"
-        if ftype and not (f32_path / "config.json").is_file():
-            test_models.write(f32_path, "llama", shape, seed=0, dtype="float32",
-                              tokenizer=False)
-        if ftype:
-            peer = run_llamacpp(f32_path, ftype, root)
-            for r in rows:
-                if peer and r["workload"] == "B" and r["tp"] == 1:
-                    r["llamacpp"] = peer
-                    r["greedy_agree_llamacpp"] = _agreed(r["greedy"], peer["greedy"])
     return rows
 
 
@@ -245,8 +253,16 @@ def run_vllm(path: Path, dtype: str, names) -> list[dict]:
     return peers
 
 
+def decode_ms(llm: LLM, prompts, outs, dt: float | None = None) -> float:
+    """Decode time per token after the first of B (timed now unless ``dt`` is given): the
+    whole run less the median of five 1-token runs (the cached prompt's first token)."""
+    dt = run_shardserve(llm, prompts, outs) if dt is None else dt
+    warm = statistics.median(run_shardserve(llm, prompts, [1]) for _ in range(5))
+    return (1e3 * dt - 1e3 * warm) / (sum(outs) - 1)
+
+
 def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
-               quantization=None) -> list[dict]:
+               quantization=None, llamacpp=None, pairs: int = 3) -> list[dict]:
     rows = []
     with LLM(str(path), tensor_parallel_size=tp, devices=f"cpu:{tp}",
              max_model_len=1024, quantization=quantization) as llm:
@@ -271,8 +287,7 @@ def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
             if name == "B":
                 # The timed run found its prompt cached (the warm-up): its first token is
                 # taken out at that price; TTFT is a whole prefill, on prompts never seen.
-                warm = statistics.median(run_shardserve(llm, prompts, [1]) for _ in range(5))
-                row["decode_ms_per_token"] = (1e3 * dt - 1e3 * warm) / (tokens - 1)
+                row["decode_ms_per_token"] = decode_ms(llm, prompts, outs, dt)
                 row["ttft_ms"] = 1e3 * statistics.median(
                     run_shardserve(llm, [p], [1]) for p in cold_prompts(prompts[0], 5))
                 res = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
@@ -280,6 +295,18 @@ def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
                 row["greedy"] = res[0].outputs[0].token_ids
                 row["bandwidth_fraction"] = (tokens / dt) * weight_bytes / bw
                 row["transformers_bandwidth_fraction"] = (tokens / base[name]) * weight_bytes / bw
+                turns = []  # llama.cpp, then ours, in turn: each pair close in time
+                for _ in range(pairs if llamacpp else 0):
+                    peer = llamacpp()
+                    if peer is None:
+                        break
+                    turns.append((decode_ms(llm, prompts, outs), peer))
+                if turns:
+                    turns.sort(key=lambda t: t[1]["decode_ms_per_token"] / t[0])
+                    ours, peer = turns[len(turns) // 2]
+                    row["decode_ms_per_token"], row["llamacpp"] = ours, peer
+                    row["llamacpp_pairs"] = [(a, p["decode_ms_per_token"]) for a, p in turns]
+                    row["greedy_agree_llamacpp"] = _agreed(row["greedy"], peer["greedy"])
             else:
                 row["gemm_fraction"] = all_tokens * 2 * matmul_params / dt / flops
                 row["transformers_gemm_fraction"] = (
