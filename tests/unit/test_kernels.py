@@ -1,6 +1,10 @@
 """The native linear kernels (small-batch and packed) against ``F.linear``, and where they
 decline."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,6 +309,15 @@ def test_pair_mode_follows_the_measured_rate_and_the_setting(monkeypatch):
             assert ops.pair_mode() == want, setting
             assert ops.packs_in_pairs(torch.bfloat16, 64) == (want > 0)
             assert not ops.packs_in_pairs(torch.float16, 64)
+            # what a worker process on this machine is started with, and what it then runs
+            env = ops.pair_mode_env()
+            assert env == ({} if cpu != 1 else
+                           {"SHARDSERVE_BF16_GEMM": "on" if want == 1 else "off"})
+            child = subprocess.run(
+                [sys.executable, "-c", "from shardserve.kernels import ops; "
+                 "print(ops.pair_mode())"], env={**os.environ, **env}, capture_output=True,
+                text=True, check=True)
+            assert int(child.stdout) == want, setting
     finally:
         monkeypatch.undo()
         ops.pair_mode.cache_clear()

@@ -147,6 +147,15 @@ def pair_mode() -> int:
     return mode
 
 
+def pair_mode_env() -> dict[str, str]:
+    """The environment that makes a worker process on this machine run what ``pair_mode``
+    chose here, without measuring again: every rank of a deployment, and the path it reports,
+    then agree (empty where there is nothing to decide: AMX, or no vdpbf16ps)."""
+    if cpu_pair_mode() != 1:
+        return {}
+    return {"SHARDSERVE_BF16_GEMM": "on" if pair_mode() == 1 else "off"}
+
+
 def linear_path(dtype: str, quantization: str | None = None) -> str:
     """The kernel the packed linear layers run for weights of ``dtype`` ("bfloat16", ...; or
     int8 ``quantization``), in words."""

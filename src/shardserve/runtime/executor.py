@@ -38,6 +38,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from shardserve.config import ModelConfig, ParallelConfig
+from shardserve.kernels import ops
 from shardserve.runtime import shm
 from shardserve.runtime.devices import Device
 from shardserve.runtime.messages import (
@@ -69,8 +70,11 @@ class RemoteError(RuntimeError):
 class _Worker:
     def __init__(self, rank: int, device: Device, label: str) -> None:
         self.rank, self.device = rank, device
+        # a CPU worker on this machine runs the bfloat16 kernel chosen here (ops.pair_mode)
+        kernels = ops.pair_mode_env() if device.kind == "cpu" else {}
         env = dict(os.environ, OMP_NUM_THREADS=str(len(device.cores) or 1),
-                   GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo")
+                   GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", TP_SOCKET_IFNAME="lo",
+                   **kernels)
         self.child = Child("shardserve.runtime.worker", f"{label}:rank{rank}", env)
         self.proc, self.conn_in, self.conn_out = self.child.proc, self.child.conn_in, \
             self.child.conn_out
