@@ -40,7 +40,10 @@ rows; it prints decode time per token (after the first) for both, end-to-end tok
 whether the first 16 greedy tokens agree. The machines this runs on drift in speed by 20-50%
 within minutes, so the two are measured in turn (``--pairs``, default 3: llama.cpp, then our
 engine, still loaded, on the same request) and the pair with the median ratio is reported,
-with every pair's figures beside it.
+with every pair's figures beside it. For the same reason, when ``--dtypes`` names float32
+and others, B's decode time per token is measured once more for every dtype in turns (one
+engine each, all loaded at once, ``--pairs`` rounds), and each dtype's speed over float32's
+printed per round with the median.
 
 The machine's limits are measured in the same run (benchmarks/machine.py): float32 GEMM
 FLOP/s for A and M, where a generated or prompt token costs 2 x (matmul parameters) FLOPs
@@ -149,6 +152,9 @@ def main() -> None:
         if r["dtype"] != "float32" and (r["workload"], r["tp"]) in f32:
             print(f"{r['workload']} tp={r['tp']}: shardserve {r['dtype']} / shardserve float32 "
                   f"= {r['shardserve_tok_s'] / f32[(r['workload'], r['tp'])]:.2f}x")
+    dtypes = args.dtypes.split(",")
+    if "B" in names and "float32" in dtypes and len(dtypes) > 1 and args.pairs > 1:
+        b_in_turns(Path(args.out), dtypes, args.shape, args.pairs)
 
 
 def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
@@ -259,6 +265,34 @@ def decode_ms(llm: LLM, prompts, outs, dt: float | None = None) -> float:
     dt = run_shardserve(llm, prompts, outs) if dt is None else dt
     warm = statistics.median(run_shardserve(llm, prompts, [1]) for _ in range(5))
     return (1e3 * dt - 1e3 * warm) / (sum(outs) - 1)
+
+
+def b_in_turns(root: Path, dtypes: list[str], shape: str, turns: int) -> None:
+    """B's decode time per token in each dtype, one engine per dtype loaded at once and
+    measured in turns (``turns`` rounds), so each 16-bit / int8 over float32 ratio compares
+    runs seconds apart: the rows above measure the dtypes minutes apart."""
+    prompts, outs = workload("B")
+    paths = {d: root / (f"{shape}-random-f32" if d in ("float32", "int8") else f"{shape}-{d}")
+             for d in dtypes}
+    llms = {d: LLM(str(paths[d]), devices="cpu:1", max_model_len=1024,
+                   quantization="int8" if d == "int8" else None) for d in dtypes}
+    try:
+        for llm in llms.values():
+            run_shardserve(llm, prompts, outs)  # warm up
+        ms = {d: [] for d in dtypes}
+        for _ in range(turns):
+            for d, llm in llms.items():
+                ms[d].append(decode_ms(llm, prompts, outs))
+    finally:
+        for llm in llms.values():
+            llm.close()
+    for d in dtypes:
+        if d != "float32":
+            ratios = [a / b for a, b in zip(ms["float32"], ms[d], strict=True)]
+            print(f"B in turns: float32 / {d} decode ms per token = "
+                  + ", ".join(f"{a:.2f} / {b:.2f} ({r:.2f}x)"
+                              for a, b, r in zip(ms["float32"], ms[d], ratios, strict=True))
+                  + f"; median {statistics.median(ratios):.2f}x", flush=True)
 
 
 def run_engine(path, tp, names, base, flops, bw, weight_bytes, matmul_params,
