@@ -129,24 +129,28 @@ def linear_rows() -> list[str]:
     return rows
 
 
-def bf16_rows() -> list[str]:
+def _packed(ws: list[torch.Tensor], setting: str) -> list[torch.Tensor]:
+    """``ws`` packed as under ``SHARDSERVE_BF16_GEMM=setting`` (on: K-pair panels, off: the
+    float32-register layout)."""
     import os
 
+    os.environ["SHARDSERVE_BF16_GEMM"] = setting
+    ops.pair_mode.cache_clear()
+    try:
+        return [ops.pack_weight(w) for w in ws]
+    finally:
+        os.environ.pop("SHARDSERVE_BF16_GEMM")
+        ops.pair_mode.cache_clear()
+
+
+def bf16_rows() -> list[str]:
     rows = []
     amx = ops.cpu_pair_mode() == 2
     shapes = [("qkv 110m", 2304, 768), ("down 110m", 768, 2048), ("LM head 110m", 32000, 768)]
     for name, O, K in shapes:
         copies = max(2, (256 << 20) // (2 * O * K))
         ws = [torch.randn(O, K).bfloat16() for _ in range(copies)]
-        for setting in ("on", "off"):  # K-pair panels, then the float32-register layout
-            os.environ["SHARDSERVE_BF16_GEMM"] = setting
-            ops.pair_mode.cache_clear()
-            if setting == "on":
-                pairs = [ops.pack_weight(w) for w in ws]
-            else:
-                widened = [ops.pack_weight(w) for w in ws]
-        os.environ.pop("SHARDSERVE_BF16_GEMM")
-        ops.pair_mode.cache_clear()
+        pairs, widened = _packed(ws, "on"), _packed(ws, "off")
         for N in (1, 4, 16, 64, 128, 512, 2048):
             x = torch.randn(N, K)
             xb = x.bfloat16()

@@ -157,6 +157,13 @@ def main() -> None:
         b_in_turns(Path(args.out), dtypes, args.shape, args.pairs)
 
 
+def _checkpoint(root: Path, shape: str, dtype: str) -> Path:
+    """The checkpoint a dtype's rows run: stored in it, or float32 for int8 (quantized at
+    load)."""
+    stored = "float32" if dtype == "int8" else dtype
+    return root / (f"{shape}-random-f32" if stored == "float32" else f"{shape}-{stored}")
+
+
 def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
               shape: str = "llama-110m", pairs: int = 3) -> list[dict]:
     from transformers import AutoModelForCausalLM
@@ -166,7 +173,7 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
 
     quantization = "int8" if dtype == "int8" else None
     stored = "float32" if quantization else dtype
-    path = root / (f"{shape}-random-f32" if stored == "float32" else f"{shape}-{stored}")
+    path = _checkpoint(root, shape, dtype)
     if not (path / "config.json").is_file():
         test_models.write(path, "llama", shape, seed=0, dtype=stored, tokenizer=False)
     spec = ModelConfig(str(path)).spec
@@ -187,7 +194,7 @@ def run_dtype(root: Path, dtype: str, names, tps, flops, bw, peers: str = "",
     llamacpp = None
     if "llamacpp" in peers and "B" in names:
         ftype = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}.get(dtype)
-        f32_path = root / f"{shape}-random-f32"
+        f32_path = _checkpoint(root, shape, "float32")
         if ftype and not (f32_path / "config.json").is_file():
             test_models.write(f32_path, "llama", shape, seed=0, dtype="float32",
                               tokenizer=False)
@@ -272,9 +279,7 @@ def b_in_turns(root: Path, dtypes: list[str], shape: str, turns: int) -> None:
     measured in turns (``turns`` rounds), so each 16-bit / int8 over float32 ratio compares
     runs seconds apart: the rows above measure the dtypes minutes apart."""
     prompts, outs = workload("B")
-    paths = {d: root / (f"{shape}-random-f32" if d in ("float32", "int8") else f"{shape}-{d}")
-             for d in dtypes}
-    llms = {d: LLM(str(paths[d]), devices="cpu:1", max_model_len=1024,
+    llms = {d: LLM(str(_checkpoint(root, shape, d)), devices="cpu:1", max_model_len=1024,
                    quantization="int8" if d == "int8" else None) for d in dtypes}
     try:
         for llm in llms.values():

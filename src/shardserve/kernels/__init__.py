@@ -113,11 +113,10 @@ def status() -> tuple[bool, str]:
         platform.machine()
     from shardserve.kernels import ops
 
-    mode = ops.pair_mode()
-    bf16 = ("AMX" if mode == 2 else
-            f"vdpbf16ps, {ops.dp_rate():.1f}x float32 FMA's rate" if mode == 1 else
-            "widened to float32" if ops.cpu_pair_mode() == 0 else
-            f"widened to float32: vdpbf16ps at {ops.dp_rate():.1f}x float32 FMA's rate")
+    rate = f"vdpbf16ps at {ops.dp_rate():.1f}x float32 FMA's rate"
+    bf16 = {2: "AMX", 1: rate}.get(ops.pair_mode(), "widened to float32")
+    if ops.pair_mode() == 0 and ops.cpu_pair_mode() == 1:
+        bf16 += f": {rate}"  # there, but not taken: too slow, or turned off
     return True, f"{', '.join(KERNELS)} built for {isa} (bfloat16: {bf16}) in {_cache_dir()}"
 
 

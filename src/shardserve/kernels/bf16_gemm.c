@@ -91,32 +91,28 @@ static double seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-__attribute__((noinline)) static float probe_dp(void) {
-    __m512 acc[PROBE_CHAINS];
-    const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f));
-    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f));
-    for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_set1_ps((float)c);
-    for (int s = 0; s < PROBE_STEPS; s++) {
-        for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
-        __asm__ __volatile__("" : "+v"(acc[0]), "+v"(acc[5]), "+v"(acc[10]), "+v"(acc[15]));
+/* 16 chains of one instruction (STEP updates acc[c] from the constants a and b), PROBE_STEPS
+ * times; the asm keeps the compiler from folding the chains. */
+#define DEFINE_PROBE(NAME, AB, A, B, STEP)                                                  \
+    __attribute__((noinline)) static float NAME(void) {                                   \
+        __m512 acc[PROBE_CHAINS];                                                         \
+        const AB a = A, b = B;                                                            \
+        for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_set1_ps((float)c);         \
+        for (int s = 0; s < PROBE_STEPS; s++) {                                           \
+            for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = STEP;                         \
+            __asm__ __volatile__("" : "+v"(acc[0]), "+v"(acc[5]), "+v"(acc[10]),          \
+                                 "+v"(acc[15]));                                          \
+        }                                                                                 \
+        __m512 sum = acc[0];                                                              \
+        for (int c = 1; c < PROBE_CHAINS; c++) sum = _mm512_add_ps(sum, acc[c]);          \
+        return _mm512_reduce_add_ps(sum);                                                 \
     }
-    __m512 sum = acc[0];
-    for (int c = 1; c < PROBE_CHAINS; c++) sum = _mm512_add_ps(sum, acc[c]);
-    return _mm512_reduce_add_ps(sum);
-}
-
-__attribute__((noinline)) static float probe_fma(void) {
-    __m512 acc[PROBE_CHAINS];
-    const __m512 a = _mm512_set1_ps(1e-3f), b = _mm512_set1_ps(1.0f);
-    for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_set1_ps((float)c);
-    for (int s = 0; s < PROBE_STEPS; s++) {
-        for (int c = 0; c < PROBE_CHAINS; c++) acc[c] = _mm512_fmadd_ps(a, b, acc[c]);
-        __asm__ __volatile__("" : "+v"(acc[0]), "+v"(acc[5]), "+v"(acc[10]), "+v"(acc[15]));
-    }
-    __m512 sum = acc[0];
-    for (int c = 1; c < PROBE_CHAINS; c++) sum = _mm512_add_ps(sum, acc[c]);
-    return _mm512_reduce_add_ps(sum);
-}
+DEFINE_PROBE(probe_dp, __m512bh,
+             _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(1e-3f)),
+             _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f)),
+             _mm512_dpbf16_ps(acc[c], a, b))
+DEFINE_PROBE(probe_fma, __m512, _mm512_set1_ps(1e-3f), _mm512_set1_ps(1.0f),
+             _mm512_fmadd_ps(a, b, acc[c]))
 
 double bf16_dp_rate(void) {
     double dp = 1e9, fma = 1e9;

@@ -106,8 +106,8 @@ static inline __attribute__((always_inline)) void attend(
     memset(acc, 0, sizeof(acc));
     const int64_t row = (int64_t)nkv * hd;  /* floats between two tokens of a block */
     const int64_t start = first - first % bs;
-    if (fetch && start < last) fetch_block(k_cache, v_cache, table[start / bs] * bs * row, row, g0, g1,
-                                  hd, bs, esize);
+    if (fetch && start < last)
+        fetch_block(k_cache, v_cache, table[start / bs] * bs * row, row, g0, g1, hd, bs, esize);
     for (int64_t pos = start; pos < last; pos += bs) {
         const int64_t base = table[pos / bs] * bs * row;
         const int t0 = pos < first ? (int)(first - pos) : 0;
