@@ -241,6 +241,9 @@ class SchedulerConfig:
         "help": "most sequences running at once"})
     max_num_batched_tokens: int = field(default=2048, metadata={
         "help": "most tokens in one step; longer prompts are prefilled in chunks"})
+    async_scheduling: bool = field(default=True, metadata={
+        "help": "with one worker, schedule the next step while this one runs (the worker "
+                "feeds itself the tokens it samples); no effect with tp or pp > 1"})
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -283,6 +286,7 @@ class DeploymentConfig:
     max_model_len: int | None = field(default=None, metadata={"help": "as ModelConfig"})
     max_num_seqs: int = field(default=16, metadata={"help": "as SchedulerConfig"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "as SchedulerConfig"})
+    async_scheduling: bool = field(default=True, metadata={"help": "as SchedulerConfig"})
     block_size: int = field(default=16, metadata={"help": "as CacheConfig"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "as CacheConfig"})
     max_batch_size: int = field(default=32, metadata={
@@ -311,7 +315,8 @@ class DeploymentConfig:
         return CacheConfig(self.block_size, None, self.enable_prefix_caching)
 
     def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,
+                               self.async_scheduling)
 
     @staticmethod
     def from_folder(folder: str) -> DeploymentConfig:

@@ -198,3 +198,63 @@ def test_allowed_token_ids_restrict_each_step_to_them(checkpoints):
     assert set(greedy.outputs[0].token_ids + sampled.outputs[0].token_ids) <= set(allowed)
     assert len(set(sampled.outputs[0].token_ids)) > 1  # sampled among them, not one forced
     assert free.outputs[0].token_ids[0] == best[0]  # a batch-mate is not restricted
+
+
+def test_one_worker_schedules_a_step_ahead_with_the_outputs_of_one_step_at_a_time(checkpoints):
+    """Async scheduling: the next step is sent before this one's output is read. Greedy,
+    seeded n > 1 with logprobs, a stop token and a stop string give what the engine that
+    waits for each step gives; the token a stop cut is dropped, and a request id reused the
+    moment its request ends gets only its own tokens."""
+    path = str(checkpoints["llama"])
+    prompts = [[1, 9, 9], [1, 50, 60, 70] * 10, [3, 4] * 20]
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=3, n=2,
+                             ignore_eos=True, logprobs=2)
+
+    def run(llm):
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy)
+        ref = outs[0].outputs[0]
+        stop_tok = ref.token_ids[5]
+        needle = next(p for p in (llm.tokenizer.decode([t]) for t in ref.token_ids[3:])
+                      if p.strip() and p in ref.text)
+        cut = llm.generate(prompt_token_ids=[prompts[0]] * 2, sampling_params=[
+            SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                           stop_token_ids=[stop_tok]),
+            SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[needle])])
+        seeded = llm.generate(prompt_token_ids=prompts[1:], sampling_params=sampled)
+        return ([o.outputs[0].token_ids for o in outs],
+                [(o.outputs[0].token_ids, o.outputs[0].text) for o in cut],
+                [[(c.token_ids, c.logprobs) for c in o.outputs] for o in seeded])
+
+    with LLM(path, async_scheduling=False) as llm:
+        assert llm.engine.depth == 1
+        want = run(llm)
+    with LLM(path) as llm:
+        engine = llm.engine
+        assert engine.feeds and engine.depth == 2
+        got = run(llm)
+        # a stop token ends "a"; a new "a" comes at once, while a step holding the old is out
+        stop_tok = want[0][0][5]
+        engine.add_request("a", prompts[0], SamplingParams(
+            max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[stop_tok]))
+        engine.add_request("b", prompts[1], greedy)
+        tokens, ahead = {"a": [], "b": [], "a again": []}, 0
+        while engine.has_unfinished():
+            for d in engine.step():
+                key = "a again" if d.request_id == "a" and tokens["a"][-1:] == [stop_tok] \
+                    else d.request_id
+                tokens[key] += d.seqs[0].token_ids if d.seqs else []
+                if key == "a" and d.finished:
+                    engine.add_request("a", prompts[2], greedy)
+            ahead = max(ahead, engine.executor.steps_in_flight)
+        assert ahead == 2
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        assert engine.executor.collective_rpc("stats")[0]["num_seqs"] == 0
+    assert got[0] == want[0] and got[1] == want[1]
+    for ours, theirs in zip(got[2], want[2], strict=True):
+        assert [t for t, _ in ours] == [t for t, _ in theirs]
+        for (_, lp), (_, ref) in zip(ours, theirs, strict=True):
+            assert [e.keys() for e in lp] == [e.keys() for e in ref]
+            assert all(abs(a[k] - b[k]) < 1e-4 for a, b in zip(lp, ref, strict=True) for k in a)
+    first = want[0][0].index(stop_tok)
+    assert tokens == {"a": want[0][0][:first + 1], "b": want[0][1], "a again": want[0][2]}

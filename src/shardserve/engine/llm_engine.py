@@ -14,7 +14,15 @@ here only to match stop strings.
 With pipeline parallelism the engine keeps up to ``pp`` batches in flight (micro-batches,
 as vLLM's virtual engines): ``step()`` sends new batches of the sequences no in-flight batch
 holds while there is room, then takes the oldest batch's output, so every stage has work.
-At pp=1 that is one batch at a time, as before.
+
+With one worker the engine schedules one step ahead (vLLM's async scheduling): while the
+worker computes step N, this process has already sent step N+1, in which every running
+sequence computes the token step N samples; the worker appends its own samples to its
+sequences (``StepInput.feed_samples``), so N+1 starts the moment N ends, and this process
+takes N's output, appends the tokens, checks the stops and schedules N+2 while N+1 runs. A
+sequence that N ends (a stop token, a stop string, an error) has computed one token for
+nothing in N+1, which is dropped; one that N ends by its length is not scheduled in N+1.
+A tensor-parallel group keeps one step at a time: only rank 0 samples.
 
 A request's failure is that request's: a sequence the sampler could not serve, or whose
 postprocessing raised, ends its request with an error and the batch goes on; a step the
@@ -117,17 +125,19 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler, self.blocks)
+        self.scheduler = Scheduler(scheduler, self.blocks, self.max_len)
         self.requests: dict[str, _Request] = {}
         self.seqs: dict[str, Sequence] = {}
         self._known: dict[str, int] = {}  # seq id -> tokens the workers have (if running)
         self._on_workers: set[str] = set()  # seq ids workers hold any state for (RNG too)
         self._finished_ids: list[str] = []  # to tell the workers with the next step
         self._arrivals = 0
-        self.depth = parallel.pipeline_parallel_size  # batches in flight
+        self.pp = parallel.pipeline_parallel_size
+        # one worker samples and feeds itself: schedule a step ahead (see the module's note)
+        self.feeds = len(devices) == 1 and scheduler.async_scheduling
+        self.depth = self.pp if not self.feeds else 2  # batches in flight
         self._inflight: deque[tuple[SchedulerOutput, StepInput, float]] = deque()
         self._failure: WorkerError | None = None  # met after a step's outputs were made
-        self._busy: set[str] = set()  # seq ids of the batches in flight
         self.stats = EngineStats()
 
     def _plan(self, model: ModelConfig, parallel: ParallelConfig,
@@ -236,7 +246,6 @@ class LLMEngine:
         if not self._inflight:
             return []
         sched, inp, t0 = self._inflight.popleft()
-        self._busy.difference_update(inp.req_ids)
         t1 = time.perf_counter()
         try:
             out = self.executor.next_output()
@@ -248,7 +257,7 @@ class LLMEngine:
         t2 = time.perf_counter()
         outputs = self._postprocess(sched, out)
         self._release_if_idle()
-        if self.depth > 1:  # the first stage waits for these sequences' next batch: send it
+        if self.depth > 1:  # the worker or first stage waits for these sequences: send it
             try:
                 self._fill()
             except WorkerError as e:  # these outputs are delivered; the next step raises it
@@ -267,21 +276,22 @@ class LLMEngine:
             pass
 
     def _submit(self) -> bool:
-        """Schedule a batch of the sequences no batch in flight holds, and send it."""
+        """Schedule a batch (of the sequences no batch in flight holds, or ahead of the one
+        in flight), and send it."""
         t0 = time.perf_counter()
-        cap = -(-self.scheduler.config.max_num_seqs // self.depth)  # per micro-batch
-        sched = self.scheduler.schedule(self._busy, cap)
+        cap = -(-self.scheduler.config.max_num_seqs // self.pp)  # per micro-batch
+        sched = self.scheduler.schedule(cap, ahead=self.feeds)
         if not sched.scheduled:
             return False
         inp = self._step_input(sched)
-        self._busy.update(inp.req_ids)
         self.executor.submit_step(inp)
         self._inflight.append((sched, inp, time.perf_counter() - t0))
         return True
 
     def _step_input(self, sched: SchedulerOutput) -> StepInput:
         inp = StepInput(finished_ids=self._finished_ids,
-                        preempted_ids=[s.seq_id for s in sched.preempted])
+                        preempted_ids=[s.seq_id for s in sched.preempted],
+                        feed_samples=self.feeds)
         self._finished_ids = []
         for seq in sched.preempted:
             self._known.pop(seq.seq_id, None)
@@ -297,10 +307,10 @@ class LLMEngine:
                 inp.cached_ids.append(seq.seq_id)
                 inp.cached_new_tokens.append(seq.tokens_from(self._known[seq.seq_id]))
                 inp.cached_new_blocks.append(item.new_blocks)
-            self._known[seq.seq_id] = seq.num_tokens
+            self._known[seq.seq_id] = seq.num_tokens + seq.num_fed
             inp.req_ids.append(seq.seq_id)
             inp.num_tokens.append(item.num_tokens)
-            prompt_left = len(seq.prompt_token_ids) - seq.num_computed
+            prompt_left = len(seq.prompt_token_ids) - item.start
             self.stats.prompt_tokens_computed += max(0, min(item.num_tokens, prompt_left))
         return inp
 
@@ -312,22 +322,27 @@ class LLMEngine:
     def _postprocess(self, sched: SchedulerOutput, out: StepOutput) -> list[RequestDelta]:
         for item in sched.scheduled:
             seq = item.seq
-            if seq.finished:  # aborted while its batch was in flight
+            if seq.finished:  # ended while its batch was in flight
                 continue
-            seq.num_computed += item.num_tokens
+            self.scheduler.computed(item)
             if self.blocks.has_new_full_blocks(seq.seq_id, seq.num_computed):
                 self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
         updated: dict[str, _Request] = {}
+        appended = 0
+        batch = {item.seq.seq_id: item.seq for item in sched.scheduled}  # not a reused id's
         for row, (seq_id, token) in enumerate(zip(out.req_ids, out.token_ids.tolist(),
                                                   strict=True)):
-            seq = self.seqs.get(seq_id)
-            if seq is None:  # its request failed earlier in this loop (a sibling's error)
-                continue
+            seq = batch.get(seq_id)
+            if seq is None or seq.finished:  # it ended after this batch went out, or its
+                continue  # request failed earlier in this loop (a sibling's error)
             req = updated[seq.request_id] = self.requests[seq.request_id]
+            if self.feeds:
+                seq.num_fed -= 1
             try:
                 if seq_id in out.failed:
                     raise _SequenceFailed(out.failed[seq_id])
                 self._append(seq, token, out, row)
+                appended += 1
             except Exception as e:  # this request's failure, not the batch's
                 self._fail_request(req, e)
                 continue
@@ -335,7 +350,7 @@ class LLMEngine:
                 for sib in reversed(req.pending):
                     self.scheduler.add(sib, front=True)
                 req.pending = []
-        self.stats.generation_tokens += len(out.req_ids) - len(out.failed)
+        self.stats.generation_tokens += appended
         deltas = []
         for req in updated.values():
             if all(s.finished for s in req.seqs):

@@ -9,9 +9,14 @@ caching usually gives most of them back). Then, if nothing was preempted, waitin
 are admitted in order while the budget, ``max_num_seqs`` and the cache allow, each taking the
 longest cached prefix of its tokens first.
 
-With several batches in flight (pipeline parallelism), a step skips the sequences another
-in-flight batch holds (``busy``) and takes at most ``max_seqs`` of them, so the running
-sequences spread over the micro-batches; a preemption victim is never a busy sequence.
+With several batches in flight, a sequence a batch in flight holds is ``busy``
+(``num_ahead`` of its tokens are being computed) and is never a preemption victim. Pipeline
+micro-batches skip busy sequences and take at most ``max_seqs`` each, so the running sequences
+spread over them. Scheduling ``ahead`` (one worker, vLLM's async scheduling) instead gives a
+busy sequence its next tokens at once: a decoding sequence computes the token the workers
+sample in the batch before (``num_fed``, which they feed themselves), a chunked prompt its
+next chunk. A step ahead never preempts, and a sequence whose fed token certainly ends it
+(its length) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class Scheduled:
     num_tokens: int  # tokens computed for it in this step
     new_blocks: list[int]
     is_new: bool  # workers have no state for it (first run, or resumed after preemption)
+    start: int = 0  # position of its first token
+    samples: bool = False  # computes all its known tokens: a token is sampled for it
 
 
 @dataclass
@@ -43,8 +50,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
-        self.config, self.blocks = config, blocks
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
+                 max_len: int = 1 << 62) -> None:
+        self.config, self.blocks, self.max_len = config, blocks, max_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -59,37 +67,44 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, busy: set[str] | frozenset[str] = frozenset(),
-                 max_seqs: int | None = None) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None, ahead: bool = False) -> SchedulerOutput:
         out = SchedulerOutput()
         cap = max_seqs or self.config.max_num_seqs
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, cap, ahead)
         if not out.preempted:
-            self._schedule_waiting(out, budget, cap)
+            self._schedule_waiting(out, budget, cap, ahead)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, busy, cap: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, cap: int,
+                          ahead: bool) -> int:
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             seq = self.running[i]
-            if seq.seq_id in busy:
-                i += 1
+            i += 1
+            if seq.busy and not ahead:
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
-                victim = next(s for s in reversed(self.running) if s.seq_id not in busy)
+            start = seq.num_computed + seq.num_ahead
+            n = min(seq.num_tokens + seq.num_fed - start, budget)
+            if n <= 0 or seq.stops_at_fed(self.max_len):
+                continue
+            while not self.blocks.can_allocate(seq.seq_id, start + n):
+                if seq.busy:  # no room for a step ahead: it waits for its batch instead
+                    break
+                victim = next(s for s in reversed(self.running) if not s.busy)
                 self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     return budget
-            out.scheduled.append(Scheduled(
-                seq, n, self.blocks.allocate(seq.seq_id, seq.num_computed + n), False))
-            budget -= n
-            i += 1
+                i = self.running.index(seq) + 1
+            else:
+                self._take(out, seq, n, self.blocks.allocate(seq.seq_id, start + n), False,
+                           start, ahead)
+                budget -= n
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int,
+                          ahead: bool) -> None:
         bs = self.blocks.block_size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and len(out.scheduled) < cap:
@@ -106,8 +121,23 @@ class Scheduler:
             seq.num_cached_prompt += min(cached, len(seq.prompt_token_ids))
             seq.status = Status.RUNNING
             self.running.append(seq)
-            out.scheduled.append(Scheduled(seq, n, new_blocks, True))
+            self._take(out, seq, n, new_blocks, True, cached, ahead)
             budget -= n
+
+    @staticmethod
+    def _take(out: SchedulerOutput, seq: Sequence, n: int, new_blocks: list[int],
+              is_new: bool, start: int, ahead: bool) -> None:
+        samples = start + n == seq.num_tokens + seq.num_fed
+        seq.num_ahead += n
+        if samples and ahead:  # the workers append the token they sample
+            seq.num_fed += 1
+        out.scheduled.append(Scheduled(seq, n, new_blocks, is_new, start, samples))
+
+    @staticmethod
+    def computed(item: Scheduled) -> None:
+        """``item``'s batch is back: its tokens are in the cache."""
+        item.seq.num_ahead -= item.num_tokens
+        item.seq.num_computed += item.num_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free_seq(seq.seq_id)

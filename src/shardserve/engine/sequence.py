@@ -28,6 +28,8 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)  # not yet reported
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose KV is in the cache
+    num_ahead: int = 0  # tokens of batches in flight: computed once their output is back
+    num_fed: int = 0  # tokens the workers sampled and feed themselves, not yet appended
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_text_len: int | None = None  # output text is cut here when a stop string matched
     detok: Detokenizer | None = None  # the output's text, kept only to match stop strings
@@ -54,6 +56,18 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def busy(self) -> bool:
+        """A batch in flight holds it."""
+        return self.num_ahead > 0
+
+    def stops_at_fed(self, max_len: int) -> bool:
+        """Whether the last token the workers feed themselves certainly ends the sequence
+        (its length, whatever the token): nothing after it is worth scheduling."""
+        return self.num_fed > 0 and (
+            len(self.output_token_ids) + self.num_fed >= self.params.max_tokens
+            or self.num_tokens + self.num_fed >= max_len)
 
     def check_stop(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> None:
         """After appending ``token``: finish on EOS, a stop token, max_tokens or context."""

@@ -43,6 +43,9 @@ class StepInput:
     num_tokens: list[int] = field(default_factory=list)  # tokens to compute for each
     preempted_ids: list[str] = field(default_factory=list)  # drop their blocks, keep RNG
     finished_ids: list[str] = field(default_factory=list)  # drop everything
+    # the one worker appends each token it samples to its sequence (the next step, sent
+    # before this one's answer, computes it)
+    feed_samples: bool = False
 
 
 @dataclass

@@ -258,7 +258,15 @@ class ModelRunner:
         """Run one batch; the answering rank returns the sampled tokens, others ``None``."""
         t0 = time.perf_counter()
         try:
-            return self._step(inp, t0)
+            out = self._step(inp, t0)
+        except BaseException:
+            if inp.feed_samples:
+                self._feed_placeholders(inp)
+            raise
+        else:
+            if inp.feed_samples:
+                self._feed(out)
+            return out
         finally:
             self.step_seconds += time.perf_counter() - t0
 
@@ -290,6 +298,24 @@ class ModelRunner:
         if not self.answers:
             return None
         return self._sample(order, done, logits, comm0, t0)
+
+    def _feed(self, out: StepOutput | None) -> None:
+        """Append each sampled token to its sequence: the step sent behind this one computes
+        it. A row the sampler failed gets token 0, so that step still runs; the engine has
+        ended that sequence and drops what it computes."""
+        if out is None or self.group.size > 1 or self.link is not None:
+            raise RuntimeError("feed_samples needs a single worker that samples every step")
+        for req_id, token in zip(out.req_ids, out.token_ids.tolist(), strict=True):
+            self.seqs[req_id].tokens.append(max(token, 0))
+
+    def _feed_placeholders(self, inp: StepInput) -> None:
+        """After a failed step: each of its sequences whose tokens are all computed gets a
+        placeholder token, so the step already sent behind this one runs for its other
+        sequences (the engine fails these and drops what they compute)."""
+        for req_id in inp.req_ids:
+            seq = self.seqs.get(req_id)
+            if seq is not None and seq.num_computed >= len(seq.tokens):
+                seq.tokens.append(0)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  run=None) -> torch.Tensor:
