@@ -258,3 +258,37 @@ def test_one_worker_schedules_a_step_ahead_with_the_outputs_of_one_step_at_a_tim
             assert all(abs(a[k] - b[k]) < 1e-4 for a, b in zip(lp, ref, strict=True) for k in a)
     first = want[0][0].index(stop_tok)
     assert tokens == {"a": want[0][0][:first + 1], "b": want[0][1], "a again": want[0][2]}
+
+
+def test_a_failed_step_feeds_placeholders_so_the_step_sent_behind_it_runs(checkpoints):
+    """On the worker: with ``feed_samples`` each sampled token is appended to its sequence;
+    a step that raises leaves a placeholder instead, so the step the engine already sent
+    behind it runs, and a new sequence in that step gets its own right token."""
+    from shardserve.config import ModelConfig
+    from shardserve.runtime.group import FakeGroup
+    from shardserve.runtime.messages import NewRequest, StepInput
+    from shardserve.runtime.model_runner import ModelRunner
+
+    greedy = SamplingParams(temperature=0, max_tokens=8).to_wire()
+    with torch.inference_mode():
+        r = ModelRunner(ModelConfig(str(checkpoints["llama"])), FakeGroup(0, 1),
+                        torch.device("cpu"), 1 << 30)
+        r.allocate_kv_cache(64, 16, max_seqs=4)
+        out = r.step(StepInput(new_requests=[NewRequest("a", [1, 5, 6, 7], 4, [0], 0, greedy)],
+                               req_ids=["a"], num_tokens=[4], feed_samples=True))
+        assert r.seqs["a"].tokens == [1, 5, 6, 7, int(out.token_ids[0])]
+        ahead = StepInput(cached_ids=["a"], cached_new_tokens=[[]], cached_new_blocks=[[]],
+                          req_ids=["a"], num_tokens=[1], feed_samples=True)
+        sample, r._sample = r._sample, None  # the step fails after computing its tokens
+        with pytest.raises(TypeError):
+            r.step(ahead)
+        r._sample = sample
+        assert r.seqs["a"].tokens[-1] == 0 and r.seqs["a"].num_computed == 5
+        prompt = [1, 40, 41, 42, 43]
+        behind = StepInput(new_requests=[NewRequest("b", prompt, 5, [1], 0, greedy)],
+                           cached_ids=["a"], cached_new_tokens=[[]], cached_new_blocks=[[]],
+                           req_ids=["a", "b"], num_tokens=[1, 5], feed_samples=True)
+        out = r.step(behind)
+        assert out.req_ids == ["a", "b"] and not out.failed
+        want = int(r.prompt_logits(prompt)[-1].argmax())
+        assert int(out.token_ids[1]) == want and r.seqs["b"].tokens == prompt + [want]
