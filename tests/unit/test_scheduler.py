@@ -97,7 +97,6 @@ def _run_ahead(sched, seqs, token=lambda seq: 7, eos=(), max_steps=10_000):
             sched.computed(item)
             sched.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)
             if item.samples:
-                seq.num_fed -= 1
                 t = token(seq)
                 seq.output_token_ids.append(t)
                 seq.check_stop(t, eos, 10_000)

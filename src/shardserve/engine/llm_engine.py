@@ -336,8 +336,6 @@ class LLMEngine:
             if seq is None or seq.finished:  # it ended after this batch went out, or its
                 continue  # request failed earlier in this loop (a sibling's error)
             req = updated[seq.request_id] = self.requests[seq.request_id]
-            if self.feeds:
-                seq.num_fed -= 1
             try:
                 if seq_id in out.failed:
                     raise _SequenceFailed(out.failed[seq_id])

@@ -37,6 +37,7 @@ class Scheduled:
     is_new: bool  # workers have no state for it (first run, or resumed after preemption)
     start: int = 0  # position of its first token
     samples: bool = False  # computes all its known tokens: a token is sampled for it
+    fed: bool = False  # ... which the workers append themselves (counted in num_fed)
 
 
 @dataclass
@@ -128,16 +129,18 @@ class Scheduler:
     def _take(out: SchedulerOutput, seq: Sequence, n: int, new_blocks: list[int],
               is_new: bool, start: int, ahead: bool) -> None:
         samples = start + n == seq.num_tokens + seq.num_fed
+        fed = samples and ahead
         seq.num_ahead += n
-        if samples and ahead:  # the workers append the token they sample
-            seq.num_fed += 1
-        out.scheduled.append(Scheduled(seq, n, new_blocks, is_new, start, samples))
+        seq.num_fed += fed
+        out.scheduled.append(Scheduled(seq, n, new_blocks, is_new, start, samples, fed))
 
     @staticmethod
     def computed(item: Scheduled) -> None:
-        """``item``'s batch is back: its tokens are in the cache."""
+        """``item``'s batch is back: its tokens are in the cache, and the token the workers
+        fed themselves is the caller's to append."""
         item.seq.num_ahead -= item.num_tokens
         item.seq.num_computed += item.num_tokens
+        item.seq.num_fed -= item.fed
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free_seq(seq.seq_id)

@@ -65,14 +65,17 @@ class Sequence:
     def stops_at_fed(self, max_len: int) -> bool:
         """Whether the last token the workers feed themselves certainly ends the sequence
         (its length, whatever the token): nothing after it is worth scheduling."""
-        return self.num_fed > 0 and (
-            len(self.output_token_ids) + self.num_fed >= self.params.max_tokens
-            or self.num_tokens + self.num_fed >= max_len)
+        return self.num_fed > 0 and self._at_length(max_len, self.num_fed)
+
+    def _at_length(self, max_len: int, more: int = 0) -> bool:
+        """max_tokens or the context reached, with ``more`` tokens still to append."""
+        return (len(self.output_token_ids) + more >= self.params.max_tokens
+                or self.num_tokens + more >= max_len)
 
     def check_stop(self, token: int, eos_ids: tuple[int, ...], max_len: int) -> None:
         """After appending ``token``: finish on EOS, a stop token, max_tokens or context."""
         p = self.params
         if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_set:
             self.finish_reason = "stop"
-        elif len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= max_len:
+        elif self._at_length(max_len):
             self.finish_reason = "length"
